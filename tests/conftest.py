@@ -1,0 +1,42 @@
+"""Hardware markers, defined once. Nothing here queries a device at import time."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+
+@functools.lru_cache(maxsize=None)
+def has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def interpret():
+    """Skip a Triton-on-CPU test when the interpreter is off (and no GPU is present)."""
+    if not triton_interpret() and not has_cuda():
+        pytest.skip("Triton kernels run on the CPU only with TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def device():
+    """cuda when a GPU is present, else cpu (Triton then runs under the interpreter)."""
+    return "cuda" if has_cuda() else "cpu"
