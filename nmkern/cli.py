@@ -35,7 +35,11 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as first:
         try:
-            obj = torch.jit.load(str(p), map_location="cpu")
+            import warnings
+
+            with warnings.catch_warnings():  # "torch.jit.load is deprecated": still the way to read TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                obj = torch.jit.load(str(p), map_location="cpu")
         except Exception:
             raise UsageError(
                 f"{path} is not a checkpoint torch can load safely ({type(first).__name__}: {first}); "
@@ -98,14 +102,16 @@ def describe_tensor(name: str, t: torch.Tensor) -> dict:
     if t.dim() < 2 or not t.is_floating_point() or t.numel() == 0:
         info["pattern"] = "-"
         return info
-    nm = detect_nm(t)
-    if nm is not None:
-        info["pattern"] = f"{nm[0]}:{nm[1]}"
-        return info
+    # 1xN first: a block-sparse weight often satisfies some N:M pattern by chance, while a
+    # random N:M weight practically never has uniform N x 1 blocks.
     blk = detect_1xn(t)
     if blk is not None:
         info["pattern"] = f"1x{blk[0]}"
         info["block_sparsity"] = round(blk[1], 6)
+        return info
+    nm = detect_nm(t)
+    if nm is not None:
+        info["pattern"] = f"{nm[0]}:{nm[1]}"
         return info
     if info.get("sparsity", 0) > 0:
         info["pattern"] = "unstructured"
