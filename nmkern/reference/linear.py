@@ -1,0 +1,81 @@
+"""Reference sparse linear and conv over packed weights: decompress, then the dense op.
+
+These are the semantics the Triton kernels (``kernels/nm_linear.py``,
+``kernels/bsr_linear.py``, ``kernels/sparse_conv2d.py``) must reproduce; tests and
+benchmarks import them. No input checks (the public ops validate first).
+
+Weight layouts:
+
+* N:M (:class:`nmkern.NMPacked` tensors): ``values (out, K*n/m)`` and ``indices``
+  of the dense weight viewed 2-D with the grouped dim innermost. For a Linear
+  weight ``(out, in)`` that is the weight itself; for a conv weight
+  ``(O, I, kh, kw)`` grouped along ``I`` it is ``(O, kh*kw*I)`` in NHWC order.
+* 2:4 CUTLASS: ``values (out, in/2)`` and ``meta (out, in/16)`` int16
+  (:func:`nmkern.compress_24`).
+* 1xN BSR, blocksize ``(block, 1)``: ``crow (out/block + 1,)``, ``col (nnzb,)``,
+  ``values (nnzb, block)`` of the weight viewed ``(out, K)`` (conv: PyTorch's own
+  ``(O, I*kh*kw)`` flattening).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .nm_pack import from_rows, unpack_nm_ref
+from .semi24 import decompress_24_ref
+
+
+def nm_dense_rows_ref(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The dense ``(rows, K)`` matrix of packed N:M values/indices."""
+    return unpack_nm_ref(values, indices, n, m)
+
+
+def bsr_dense_ref(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out_features: int,
+                  in_features: int) -> torch.Tensor:
+    """The dense ``(out, K)`` matrix of 1xN BSR buffers (blocksize ``(block, 1)``)."""
+    nnzb, block = values.shape
+    counts = crow[1:] - crow[:-1]
+    block_row = torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts)
+    dense = torch.zeros(out_features // block, in_features, block, dtype=values.dtype, device=values.device)
+    dense[block_row, col.long()] = values
+    return dense.permute(0, 2, 1).reshape(out_features, in_features)
+
+
+def nm_linear_ref(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + b`` with W the unpacked ``(out, in)`` N:M weight."""
+    return F.linear(x, nm_dense_rows_ref(values, indices, n, m), bias)
+
+
+def semi24_linear_ref(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + b`` with W the decompressed CUTLASS 2:4 weight."""
+    return F.linear(x, decompress_24_ref(values, meta), bias)
+
+
+def bsr_linear_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                   out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + b`` with W the dense form of 1xN BSR buffers."""
+    return F.linear(x, bsr_dense_ref(crow, col, values, out_features, x.shape[-1]), bias)
+
+
+def conv_weight_from_rows(w_rows: torch.Tensor, weight_shape) -> torch.Tensor:
+    """``(O, kh*kw*I)`` NHWC rows -> the ``(O, I, kh, kw)`` conv weight."""
+    return from_rows(w_rows, torch.Size(weight_shape), 1)
+
+
+def nm_conv2d_ref(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, weight_shape,
+                  bias: torch.Tensor | None = None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
+    """``conv2d(x, W, b)`` with W unpacked from N:M groups along input channels (NHWC rows)."""
+    w = conv_weight_from_rows(nm_dense_rows_ref(values, indices, n, m), weight_shape)
+    return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def bsr_conv2d_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, weight_shape,
+                   bias: torch.Tensor | None = None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
+    """``conv2d(x, W, b)`` with W the dense form of 1xN BSR buffers over ``(O, I*kh*kw)``."""
+    o = weight_shape[0]
+    k = int(torch.Size(weight_shape).numel()) // o
+    w = bsr_dense_ref(crow, col, values, o, k).reshape(weight_shape)
+    return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
