@@ -1,0 +1,177 @@
+"""SR-STE forward and backward, each one fused pass over the weight.
+
+Semantics: :mod:`nmkern.reference.srste`.
+
+forward:  out = w where w is among the n largest |w| of its group of m, else 0
+backward: dw  = grad + lambda_w * (1 - mask) * w, the mask recomputed from w
+
+The backward recomputes the mask instead of saving it: ranking m <= 16 values is a
+handful of compares per element, cheaper than writing and re-reading a mask tensor
+(one byte per weight, i.e. 50% extra traffic on an fp16 weight).
+
+Ranking: element i of a group is kept when ``#{j: |w_j| > |w_i|} + #{j < i: |w_j| ==
+|w_i|} < n`` - the position a stable descending sort gives it, so ties go to the lower
+index exactly as in the reference. The rivals j are walked one column at a time
+(static loop over m), so a program holds only (BLOCK_G, MP) values plus an int32 rank.
+
+Rounding (why the backward casts between steps): torch evaluates the reference as
+three ops, ``(lambda_w * notmask)`` then ``* w`` then ``grad +``, each rounded to the
+weight dtype (fp16/bf16 through fp32 arithmetic on the CPU). The kernel rounds after
+each of the same three steps, so its result is bit-identical to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK_ELEMS = 1024  # BLOCK_G * MP: 8 values per thread over 4 warps
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _srste_keep(w_ptr, offs_row, g_ok, ok, lane, n, M: tl.constexpr):
+    """Bool (BLOCK_G, MP): which lanes of each group are among the n largest |w|."""
+    w = tl.load(w_ptr + offs_row[:, None] + lane[None, :], mask=ok, other=0)
+    mag = tl.abs(w)
+    rank = tl.zeros(mag.shape, dtype=tl.int32)
+    for j in tl.static_range(M):
+        # (BLOCK_G, 1) loaded straight into the 2-D layout: no layout conversion through shared memory
+        rival = tl.abs(tl.load(w_ptr + offs_row[:, None] + j, mask=g_ok[:, None], other=0))
+        beats = (rival > mag) | ((rival == mag) & (j < lane[None, :]))
+        rank += beats.to(tl.int32)
+    return w, rank < n
+
+
+@triton.jit
+def srste_forward_kernel(
+    w_ptr,  # contiguous, num_groups * M elements
+    out_ptr,  # same shape and dtype: the masked weight
+    num_groups,
+    n,
+    M: tl.constexpr,
+    MP: tl.constexpr,  # next power of two >= M
+    BLOCK_G: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
+    lane = tl.arange(0, MP)
+    ok = (g[:, None] < num_groups) & (lane[None, :] < M)
+    offs_row = g * M
+    w, keep = _srste_keep(w_ptr, offs_row, g < num_groups, ok, lane, n, M)
+    tl.store(out_ptr + offs_row[:, None] + lane[None, :], tl.where(keep, w, tl.zeros_like(w)), mask=ok)
+
+
+@triton.jit
+def srste_backward_kernel(
+    grad_ptr,  # gradient w.r.t. the masked weight, contiguous like w
+    w_ptr,
+    out_ptr,  # gradient w.r.t. the dense weight
+    num_groups,
+    n,
+    lambda_w,  # fp32 scalar
+    M: tl.constexpr,
+    MP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
+    lane = tl.arange(0, MP)
+    ok = (g[:, None] < num_groups) & (lane[None, :] < M)
+    offs_row = g * M
+    offs = offs_row[:, None] + lane[None, :]
+    w, keep = _srste_keep(w_ptr, offs_row, g < num_groups, ok, lane, n, M)
+    grad = tl.load(grad_ptr + offs, mask=ok, other=0)
+    # Round to the weight dtype after each step, as torch does with three separate ops.
+    lam = _round_to(tl.where(keep, 0.0, lambda_w), w.dtype)
+    decay = _round_to(lam * w.to(tl.float32), w.dtype)
+    out = _round_to(grad.to(tl.float32) + decay, w.dtype).to(w.dtype)
+    tl.store(out_ptr + offs, out, mask=ok)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (round to nearest even), returned as fp32.
+
+    bf16 is rounded with integer ops because Triton's interpreter truncates on an
+    fp32 -> bf16 cast (checked: it disagrees with torch on ~10% of random values),
+    while CUDA rounds to nearest even; the integer form is exact on both.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+def _config(m: int) -> tuple[int, int]:
+    mp = triton.next_power_of_2(m)
+    return mp, max(1, _BLOCK_ELEMS // mp)
+
+
+def srste_forward_triton(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Masked copy of contiguous ``w`` grouped in runs of m along its flat layout.
+
+    The caller (:func:`nmkern.autograd.srste_weight`) validated dtype, m | size and n.
+    """
+    mp, block_g = _config(m)
+    out = torch.empty_like(w)
+    num_groups = w.numel() // m
+    if num_groups:
+        grid = (triton.cdiv(num_groups, block_g),)
+        srste_forward_kernel[grid](w, out, num_groups, n, M=m, MP=mp, BLOCK_G=block_g, num_warps=_NUM_WARPS)
+    return out
+
+
+def srste_backward_triton(grad: torch.Tensor, w: torch.Tensor, n: int, m: int, lambda_w: float) -> torch.Tensor:
+    """``grad + lambda_w * (1 - mask(w)) * w`` for contiguous ``grad`` and ``w`` of one shape and dtype."""
+    mp, block_g = _config(m)
+    out = torch.empty_like(w)
+    num_groups = w.numel() // m
+    if num_groups:
+        grid = (triton.cdiv(num_groups, block_g),)
+        srste_backward_kernel[grid](grad, w, out, num_groups, n, float(lambda_w), M=m, MP=mp, BLOCK_G=block_g,
+                                    num_warps=_NUM_WARPS, enable_fp_fusion=False)
+    return out
+
+
+def _spec_forward(dtype: str, n: int, m: int) -> dict:
+    mp, block_g = _config(m)
+    return {
+        "name": f"srste_forward_{dtype}_{n}of{m}",
+        "fn": srste_forward_kernel,
+        "signature": {"w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "num_groups": "i64", "n": "i32",
+                      "M": "constexpr", "MP": "constexpr", "BLOCK_G": "constexpr"},
+        "constexprs": {"M": m, "MP": mp, "BLOCK_G": block_g},
+        "num_warps": _NUM_WARPS,
+        "enable_fp_fusion": False,
+    }
+
+
+def _spec_backward(dtype: str, n: int, m: int) -> dict:
+    mp, block_g = _config(m)
+    return {
+        "name": f"srste_backward_{dtype}_{n}of{m}",
+        "fn": srste_backward_kernel,
+        "signature": {"grad_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "num_groups": "i64",
+                      "n": "i32", "lambda_w": "fp32", "M": "constexpr", "MP": "constexpr", "BLOCK_G": "constexpr"},
+        "constexprs": {"M": m, "MP": mp, "BLOCK_G": block_g},
+        "num_warps": _NUM_WARPS,
+        "enable_fp_fusion": False,
+    }
+
+
+# Representative configs: 2:4 in fp16/bf16 (the tensor-core training case), the widest
+# group m = 16 (DominoSearch schemes), a non-power-of-two m, and fp32 weights. fp64
+# weights take the reference: lambda_w arrives as an fp32 scalar, too coarse for them.
+AOT_SPECS = [
+    _spec_forward("fp16", 2, 4),
+    _spec_forward("bf16", 2, 4),
+    _spec_forward("fp32", 4, 16),
+    _spec_backward("fp16", 2, 4),
+    _spec_backward("bf16", 8, 16),
+    _spec_backward("fp32", 1, 16),
+    _spec_backward("fp32", 2, 6),
+]
