@@ -1,0 +1,96 @@
+"""Triton: ``y = x @ W^T + b`` with W 1xN block-sparse, stored as BSR with blocksize (N, 1).
+
+One program owns one block row (N consecutive output channels) and ``BLOCK_B``
+batch rows, and walks only that row's stored blocks ``crow[r]:crow[r+1]``: pruned
+blocks are never read. Per step it gathers ``BLOCK_NNZ`` input columns of ``x``
+(one per stored block) and the matching ``(BLOCK_NNZ, N)`` weight values and
+accumulates their product in fp32 with ``tl.dot``. ``tl.dot`` needs every dim
+>= 16, so the N outputs are padded to ``BLOCK_N = max(16, next_pow2(N))`` lanes
+(masked loads, never stored).
+
+Buffers (see :mod:`nmkern.reference.linear`): ``crow (O/N + 1,)``, ``col (nnzb,)``
+(int32 or int64), ``values (nnzb, N)`` contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nmkern.kernels.nm_linear import dot_precision, interpreter_upcast
+
+
+@triton.jit
+def bsr_linear_kernel(x_ptr, crow_ptr, col_ptr, values_ptr, bias_ptr, y_ptr,
+                      B, stride_xb, stride_xk, stride_yb, stride_yo,
+                      BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NNZ: tl.constexpr):
+    pid_b = tl.program_id(0)
+    block_row = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_n = tl.arange(0, BLOCK_N)
+    b_ok = offs_b < B
+    n_ok = offs_n < BLOCK
+    start = tl.load(crow_ptr + block_row).to(tl.int32)
+    end = tl.load(crow_ptr + block_row + 1).to(tl.int32)
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_NNZ):
+        offs_p = p0 + tl.arange(0, BLOCK_NNZ)
+        p_ok = offs_p < end
+        cols = tl.load(col_ptr + offs_p, mask=p_ok, other=0)
+        xt = tl.load(x_ptr + offs_b[:, None].to(tl.int64) * stride_xb + cols[None, :] * stride_xk,
+                     mask=b_ok[:, None] & p_ok[None, :], other=0.0)
+        vt = tl.load(values_ptr + offs_p[:, None].to(tl.int64) * BLOCK + offs_n[None, :],
+                     mask=p_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:  # bf16 tl.dot is wrong under the 3.9 interpreter: see nm_linear.interpreter_upcast
+            xt = xt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        acc += tl.dot(xt, vt, input_precision=PRECISION)
+    offs_o = block_row * BLOCK + offs_n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_b[:, None].to(tl.int64) * stride_yb + offs_o[None, :] * stride_yo
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=b_ok[:, None] & n_ok[None, :])
+
+
+def bsr_blocks(batch: int, block: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_NNZ)."""
+    block_b = 16 if batch <= 16 else (32 if batch <= 32 else 64)
+    return block_b, max(16, triton.next_power_of_2(block)), 32
+
+
+def bsr_linear_triton(x2d: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                      out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2d (B, K) @ W^T + bias`` with W the ``(out_features, K)`` 1xN BSR matrix."""
+    batch = x2d.shape[0]
+    block = values.shape[1]
+    y = torch.empty(batch, out_features, dtype=x2d.dtype, device=x2d.device)
+    if batch == 0:
+        return y
+    block_b, block_n, block_nnz = bsr_blocks(batch, block)
+    grid = (triton.cdiv(batch, block_b), out_features // block)
+    has_bias = bias is not None
+    values = values.contiguous()
+    bsr_linear_kernel[grid](
+        x2d, crow.contiguous(), col.contiguous(), values, bias if has_bias else values, y,
+        batch, x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
+        BLOCK=block, HAS_BIAS=has_bias, PRECISION=dot_precision(x2d.dtype), UPCAST=interpreter_upcast(x2d.dtype),
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_NNZ=block_nnz,
+    )
+    return y
+
+
+# Representative configs for the sm_80 / sm_90 AOT compile checks: 1x4 and 1x16 blocks.
+AOT_SPECS = [
+    {
+        "name": f"bsr_linear_1x{block}_{dt}",
+        "fn": bsr_linear_kernel,
+        "signature": {"x_ptr": f"*{dt}", "crow_ptr": "*i32", "col_ptr": "*i32", "values_ptr": f"*{dt}",
+                      "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "B": "i32", "stride_xb": "i32", "stride_xk": "i32",
+                      "stride_yb": "i32", "stride_yo": "i32"},
+        "constexprs": {"BLOCK": block, "HAS_BIAS": True, "PRECISION": "tf32", "UPCAST": False,
+                       "BLOCK_B": 16, "BLOCK_N": max(16, block), "BLOCK_NNZ": 32},
+    }
+    for block, dt in ((4, "fp16"), (16, "bf16"))
+]
