@@ -4,3 +4,10 @@ Each file holds the ``@triton.jit`` kernel and its launcher (validate, allocate,
 launch). Launchers assume the public op in :mod:`nmkern.functional` already
 checked its input.
 """
+
+from .block_1xn import block_scores_1xn_triton
+from .compress_24 import compress_24_triton
+from .decompress_24 import decompress_24_triton
+from .nm_mask import nm_mask_triton
+from .pack_nm import pack_nm_triton
+from .unpack_nm import unpack_nm_triton
