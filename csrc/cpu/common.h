@@ -1,0 +1,68 @@
+// Helpers shared by the nmkern CPU kernels (internal; not part of the C ABI).
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(NMKERN_ISA_AVX2) || defined(NMKERN_ISA_AVX512)
+#include <immintrin.h>
+#define NMKERN_HAVE_AVX2 1
+#endif
+
+namespace nmkern {
+
+// Batch columns per x panel in the large-batch kernels: 3 AVX vectors, so a
+// 4-row x 3-vector register tile uses 12 of the 16 ymm registers.
+constexpr int kPanel = 24;
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// 64-byte aligned float scratch, zero-filled; p == nullptr on allocation failure.
+struct FloatBuf {
+  float* p = nullptr;
+  explicit FloatBuf(int64_t count) {
+    size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(count, 16) * 4, 64));
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (p) std::memset(p, 0, bytes);
+  }
+  ~FloatBuf() { std::free(p); }
+  FloatBuf(const FloatBuf&) = delete;
+  FloatBuf& operator=(const FloatBuf&) = delete;
+};
+
+inline int resolve_threads(int nthreads) { return nthreads > 0 ? nthreads : omp_get_max_threads(); }
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// x (B, K) row-major -> panels: panel p holds batch columns [24p, 24p + width) as a
+// (K, W) row-major block, W = width rounded up to 8 (zero-padded columns), at
+// xt + p * K * kPanel. Column order inside a panel row is the batch order.
+inline void transpose_to_panels(const float* x, int64_t batch, int64_t k, float* xt, int nthreads) {
+  const int64_t panels = ceil_div(batch, kPanel);
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t k0 = 0; k0 < k; k0 += 256) {
+      const int64_t b0 = p * kPanel;
+      const int64_t width = std::min<int64_t>(kPanel, batch - b0);
+      const int64_t w = round_up(width, 8);
+      float* dst = xt + p * k * kPanel;
+      const int64_t k1 = std::min<int64_t>(k, k0 + 256);
+      for (int64_t kk = k0; kk < k1; ++kk) {
+        float* row = dst + kk * w;
+        for (int64_t c = 0; c < width; ++c) row[c] = x[(b0 + c) * k + kk];
+        for (int64_t c = width; c < w; ++c) row[c] = 0.0f;
+      }
+    }
+  }
+}
+
+}  // namespace nmkern

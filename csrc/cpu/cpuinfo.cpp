@@ -1,0 +1,39 @@
+// Library identity and cpuid queries (every ISA variant exports them; the Python
+// loader asks the generic library which variant the running CPU can execute).
+#include "nmkern_cpu.h"
+
+extern "C" int nmkern_cpu_abi_version(void) { return NMKERN_CPU_ABI_VERSION; }
+
+extern "C" const char* nmkern_cpu_isa(void) {
+#if defined(NMKERN_ISA_AVX512)
+  return "avx512";
+#elif defined(NMKERN_ISA_AVX2)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
+// __builtin_cpu_supports checks both the cpuid bit and that the OS saves the wide
+// registers (XGETBV), so a true answer means the instructions may run.
+extern "C" int nmkern_cpu_supports_avx2(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+extern "C" int nmkern_cpu_supports_avx512(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+             ? 1
+             : 0;
+#else
+  return 0;
+#endif
+}

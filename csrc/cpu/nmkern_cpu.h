@@ -1,0 +1,62 @@
+// nmkern CPU kernels: plain C ABI, called through ctypes from nmkern/_cpu.py.
+//
+// Every entry point takes raw pointers plus sizes; nmkern/_cpu.py validates shapes,
+// dtypes and contiguity before calling, and the kernels re-check the scalar
+// arguments (returning NMKERN_EBADARG instead of touching memory) as a second line.
+//
+// Packed layouts (built in Python by nmkern/reference/cpu_layouts.py):
+//
+// N:M "row-tile" layout (n kept of every m along K, m <= 16):
+//   rows are cut into tiles of 8 consecutive rows (the last tile zero-padded);
+//   J = K / m * n kept slots per row. For tile t, slot j, lane l (row 8t+l):
+//     values[(t * J + j) * 8 + l]                      fp32
+//     index bits: bits = ceil(log2 m) (1..4); the 8 lanes of slot j of tile t are
+//       one little-endian bit field of 8*bits bits starting at byte
+//       t * J * bits + j * bits, lane l at bit l * bits; the buffer carries 4
+//       trailing pad bytes so a 32-bit load of the last slot stays in bounds.
+//   The in-group index of slot j is the kept column minus m * (j / n).
+//   Why: one 256-bit load gives one kept weight of 8 rows, and one 32-bit load
+//   gives their 8 indices, which vpermps turns into the 8 matching x values.
+//
+// 1xN block layout (BSR, blocks of N consecutive output rows x 1 input column):
+//   rowptr int32 [O/N + 1], col (uint16 when K <= 65536, else int32) [nnzb],
+//   values fp32 [nnzb][N]; columns ascending within a block row.
+#pragma once
+
+#include <cstdint>
+
+#define NMKERN_CPU_ABI_VERSION 1
+
+#define NMKERN_OK 0
+#define NMKERN_EBADARG 1
+#define NMKERN_ENOMEM 2
+
+// Kernel choice for the linear entry points.
+#define NMKERN_ALGO_AUTO 0
+#define NMKERN_ALGO_SMALL_BATCH 1  // x read in (B, K) order; best for batch 1..~8
+#define NMKERN_ALGO_LARGE_BATCH 2  // x transposed into (K, batch-tile) panels; batch >= ~8
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int nmkern_cpu_abi_version(void);
+// Which instruction set this library was compiled for: "avx512", "avx2" or "generic".
+const char* nmkern_cpu_isa(void);
+// cpuid: 1 if the running CPU (and OS) support the instruction set, else 0.
+int nmkern_cpu_supports_avx2(void);
+int nmkern_cpu_supports_avx512(void);
+
+// y (B, O) = x (B, K) @ W^T + bias, W in the N:M row-tile layout above.
+// bias may be NULL. nthreads <= 0 uses the OpenMP default.
+int nmkern_nm_linear_f32(const float* x, int64_t batch, int64_t k, const float* values, const uint8_t* index_bytes,
+                         int64_t out_features, int n, int m, const float* bias, float* y, int nthreads, int algo);
+
+// y (B, O) = x (B, K) @ W^T + bias, W in the 1xN BSR layout above (col_bytes 2 or 4).
+int nmkern_bsr_linear_f32(const float* x, int64_t batch, int64_t k, const float* values, const int32_t* rowptr,
+                          const void* col, int col_bytes, int64_t nnzb, int64_t out_features, int block,
+                          const float* bias, float* y, int nthreads, int algo);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,388 @@
+"""CPU sparse kernels (csrc/cpu) through ctypes: N:M (incl. 2:4) and 1xN linear / conv2d.
+
+``setup.py`` builds ``nmkern/_lib/libnmkern_cpu_<isa>.so`` for ``avx512``, ``avx2``
+and ``generic``; :func:`available` loads the best one the running CPU supports
+(asked through the generic library's cpuid query), or the one named by
+``NMKERN_CPU_ISA=avx512|avx2|generic``. A missing or broken library makes
+:func:`available` return False with one warning; nothing here raises at import.
+
+Every pointer handed to C comes from a tensor this module checked (dtype, device,
+shape) and made contiguous; the C side re-checks its scalar arguments.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import _validate as v
+from .reference.cpu_layouts import bsr_1xn_pack_ref, nm_tile_pack_ref
+from .reference.nm_pack import index_bits
+
+ABI_VERSION = 1  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
+LIB_DIR = Path(__file__).resolve().parent / "_lib"
+ENV_ISA = "NMKERN_CPU_ISA"
+
+
+class CpuIsa(str, enum.Enum):
+    AVX512 = "avx512"
+    AVX2 = "avx2"
+    GENERIC = "generic"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SparseKind(str, enum.Enum):
+    NM = "nm"  # n kept of every m along in_features (2:4 is n=2, m=4)
+    ONE_BY_N = "1xn"  # blocks of `block` output channels x 1 input column
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Algo(enum.IntEnum):
+    """Kernel choice (NMKERN_ALGO_* in nmkern_cpu.h)."""
+
+    AUTO = 0
+    SMALL_BATCH = 1
+    LARGE_BATCH = 2
+
+
+_ERRORS = {1: "invalid argument", 2: "out of memory"}
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "isa": None, "error": None}
+
+
+def _lib_path(isa: CpuIsa) -> Path:
+    return LIB_DIR / f"libnmkern_cpu_{isa.value}.so"
+
+
+def _declare(lib) -> None:
+    c_i64, c_int, c_vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.nmkern_cpu_abi_version.restype = c_int
+    lib.nmkern_cpu_abi_version.argtypes = []
+    lib.nmkern_cpu_isa.restype = ctypes.c_char_p
+    lib.nmkern_cpu_isa.argtypes = []
+    for name in ("nmkern_cpu_supports_avx2", "nmkern_cpu_supports_avx512"):
+        getattr(lib, name).restype = c_int
+        getattr(lib, name).argtypes = []
+    lib.nmkern_nm_linear_f32.restype = c_int
+    lib.nmkern_nm_linear_f32.argtypes = [c_vp, c_i64, c_i64, c_vp, c_vp, c_i64, c_int, c_int, c_vp, c_vp, c_int, c_int]
+    lib.nmkern_bsr_linear_f32.restype = c_int
+    lib.nmkern_bsr_linear_f32.argtypes = [
+        c_vp, c_i64, c_i64, c_vp, c_vp, c_vp, c_int, c_i64, c_i64, c_int, c_vp, c_vp, c_int, c_int,
+    ]
+
+
+def _open(isa: CpuIsa):
+    path = _lib_path(isa)
+    if not path.exists():
+        raise OSError(f"{path} is missing (build it with `pip install -e .` or setup.build_native)")
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    if lib.nmkern_cpu_abi_version() != ABI_VERSION:
+        raise OSError(f"{path} has ABI {lib.nmkern_cpu_abi_version()}, expected {ABI_VERSION}; rebuild it")
+    return lib
+
+
+def _best_isa(generic) -> CpuIsa:
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    if is_x86 and generic.nmkern_cpu_supports_avx512() and _lib_path(CpuIsa.AVX512).exists():
+        return CpuIsa.AVX512
+    if is_x86 and generic.nmkern_cpu_supports_avx2() and _lib_path(CpuIsa.AVX2).exists():
+        return CpuIsa.AVX2
+    return CpuIsa.GENERIC
+
+
+def _load():
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        _state["tried"] = True
+        try:
+            forced = os.environ.get(ENV_ISA, "").strip().lower()
+            generic = _open(CpuIsa.GENERIC)
+            if forced:
+                try:
+                    isa = CpuIsa(forced)
+                except ValueError:
+                    raise OSError(f"{ENV_ISA}={forced!r} is not one of {[i.value for i in CpuIsa]}") from None
+                supported = {
+                    CpuIsa.GENERIC: True,
+                    CpuIsa.AVX2: bool(generic.nmkern_cpu_supports_avx2()),
+                    CpuIsa.AVX512: bool(generic.nmkern_cpu_supports_avx512()),
+                }[isa]
+                if not supported:
+                    raise OSError(f"{ENV_ISA}={forced}: this CPU does not support {forced}")
+            else:
+                isa = _best_isa(generic)
+            lib = generic if isa is CpuIsa.GENERIC else _open(isa)
+            _state.update(lib=lib, isa=isa)
+        except OSError as e:
+            _state["error"] = str(e)
+            warnings.warn(f"nmkern: the cpu backend is unavailable ({e}); dense / reference paths are used", RuntimeWarning,
+                          stacklevel=3)
+        return _state["lib"]
+
+
+def _reset() -> None:
+    """Forget the loaded library so the next call re-reads NMKERN_CPU_ISA (tests)."""
+    with _lock:
+        _state.update(tried=False, lib=None, isa=None, error=None)
+
+
+def available() -> bool:
+    """True when a CPU kernel library is loaded (never raises)."""
+    try:
+        return _load() is not None
+    except Exception:  # pragma: no cover - defensive: available() must never raise
+        return False
+
+
+def isa() -> CpuIsa | None:
+    """The instruction set of the loaded library, None when unavailable."""
+    return _state["isa"] if available() else None
+
+
+def _require(op: str):
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"{op}: the nmkern CPU library is unavailable ({_state['error']}); use the dense path")
+    return lib
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _check_status(op: str, rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{op}: CPU kernel failed ({_ERRORS.get(rc, rc)})")
+
+
+def _parse_kind(op: str, kind) -> SparseKind:
+    if isinstance(kind, SparseKind):
+        return kind
+    if isinstance(kind, str):
+        try:
+            return SparseKind(kind.lower())
+        except ValueError:
+            pass
+    raise ValueError(f"{op}: kind must be one of {[k.value for k in SparseKind]}, got {kind!r}")
+
+
+def _check_block(op: str, block, out_features: int) -> int:
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"{op}: block must be an int, got {type(block).__name__} {block!r}")
+    if not 1 <= block <= 64:
+        raise ValueError(f"{op}: block={block} must lie in [1, 64]")
+    if out_features % block:
+        raise ValueError(
+            f"{op}: out_features={out_features} is not divisible by block={block}; "
+            f"1xN blocks span {block} consecutive output channels"
+        )
+    return block
+
+
+def _check_nm_sparse(op: str, w2: torch.Tensor, n: int, m: int) -> None:
+    counts = (w2 != 0).reshape(w2.shape[0], -1, m).sum(-1)
+    bad = (counts > n).nonzero()
+    if bad.numel():
+        row, group = bad[0].tolist()
+        raise ValueError(
+            f"{op}: weight is not {n}:{m} sparse: row {row}, group {group} has {int(counts[row, group])} "
+            f"non-zeros (at most {n} allowed); mask it first with nmkern.apply_nm(w, {n}, {m})"
+        )
+
+
+class CpuLinear:
+    """A packed sparse weight plus its kernel: ``y = layer(x2d, bias)``.
+
+    Build with :func:`prepare_cpu_linear`. ``x2d`` is fp32 ``(B, in_features)``
+    on the CPU; the result is fp32 ``(B, out_features)``.
+    """
+
+    def __init__(self, kind: SparseKind, n: int, m: int, block: int, out_features: int, in_features: int,
+                 tensors: dict[str, torch.Tensor]):
+        self.kind, self.n, self.m, self.block = kind, n, m, block
+        self.out_features, self.in_features = out_features, in_features
+        self._t = tensors
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight (values + indices)."""
+        return sum(t.numel() * t.element_size() for t in self._t.values())
+
+    @property
+    def density(self) -> float:
+        """Stored weights / dense weights (1xN: stored blocks; N:M: n/m)."""
+        if self.kind is SparseKind.NM:
+            return self.n / self.m
+        return self._t["values"].numel() / max(1, self.out_features * self.in_features)
+
+    def __repr__(self) -> str:
+        pat = f"{self.n}:{self.m}" if self.kind is SparseKind.NM else f"1x{self.block}"
+        return f"CpuLinear({pat}, out={self.out_features}, in={self.in_features}, nbytes={self.nbytes})"
+
+    def _check_input(self, op: str, x, bias):
+        v.check_tensor(op, "x", x, (torch.float32,), ndim=2)
+        if x.device.type != "cpu":
+            raise ValueError(f"{op}: x is on {x.device}; the cpu backend needs a CPU tensor (x.cpu())")
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"{op}: x has shape {tuple(x.shape)} but the weight has in_features={self.in_features}; "
+                f"pass x of shape (batch, {self.in_features})"
+            )
+        if bias is not None:
+            v.check_tensor(op, "bias", bias, (torch.float32,), ndim=1)
+            if bias.device.type != "cpu":
+                raise ValueError(f"{op}: bias is on {bias.device}; the cpu backend needs a CPU tensor")
+            if bias.shape[0] != self.out_features:
+                raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+            bias = bias.contiguous()
+        return x.contiguous(), bias
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
+                 num_threads: int | None = None) -> torch.Tensor:
+        op = "nmkern cpu sparse linear"
+        x, bias = self._check_input(op, x, bias)
+        lib = _require(op)
+        batch = x.shape[0]
+        y = torch.empty(batch, self.out_features, dtype=torch.float32)
+        if batch == 0:
+            return y
+        threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+        t = self._t
+        with torch.no_grad():
+            if self.kind is SparseKind.NM:
+                rc = lib.nmkern_nm_linear_f32(
+                    _ptr(x), batch, self.in_features, _ptr(t["values"]), _ptr(t["index"]), self.out_features, self.n,
+                    self.m, _ptr(bias), _ptr(y), threads, int(algo),
+                )
+            else:
+                rc = lib.nmkern_bsr_linear_f32(
+                    _ptr(x), batch, self.in_features, _ptr(t["values"]) if t["values"].numel() else None,
+                    _ptr(t["rowptr"]), _ptr(t["col"]) if t["col"].numel() else None, t["col"].element_size(),
+                    t["col"].numel(), self.out_features, self.block, _ptr(bias), _ptr(y), threads, int(algo),
+                )
+        _check_status(op, rc)
+        return y
+
+
+def _weight_rows(op: str, w, ndim: int) -> torch.Tensor:
+    v.check_tensor(op, "weight", w, v.FLOAT_DTYPES, ndim=ndim)
+    if w.device.type != "cpu":
+        raise ValueError(f"{op}: weight is on {w.device}; pack CPU weights (w.cpu())")
+    if w.numel() == 0:
+        raise ValueError(f"{op}: weight of shape {tuple(w.shape)} is empty")
+    if w.dtype == torch.float64 or w.dtype in v.HALF_DTYPES:
+        # fp16/bf16 values are exact in fp32; fp64 is rounded once, like a .float() call.
+        w = w.to(torch.float32)
+    return w.detach()
+
+
+def _prepare_rows(op: str, w2: torch.Tensor, kind, n, m, block) -> CpuLinear:
+    kind = _parse_kind(op, kind)
+    out_features, in_features = w2.shape
+    if kind is SparseKind.NM:
+        n, m = v.check_nm(op, n, m)
+        if in_features % m:
+            raise ValueError(
+                f"{op}: in_features={in_features} is not divisible by m={m}; N:M groups run along in_features"
+            )
+        _check_nm_sparse(op, w2, n, m)
+        values, index = nm_tile_pack_ref(w2, n, m)
+        return CpuLinear(kind, n, m, 0, out_features, in_features, {"values": values, "index": index})
+    block = _check_block(op, block, out_features)
+    rowptr, col, values = bsr_1xn_pack_ref(w2.contiguous(), block)
+    return CpuLinear(kind, 0, 0, block, out_features, in_features, {"values": values, "rowptr": rowptr, "col": col})
+
+
+def prepare_cpu_linear(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: int = 0, block: int = 0) -> CpuLinear:
+    """Pack a masked dense ``(out, in)`` weight for the CPU kernel (lossless).
+
+    ``kind="nm"``: every group of ``m`` along ``in`` holds at most ``n`` non-zeros
+    (2:4 is n=2, m=4). ``kind="1xn"``: blocks of ``block`` consecutive output rows
+    x 1 input column; all-zero blocks are dropped.
+    """
+    op = "prepare_cpu_linear"
+    w2 = _weight_rows(op, dense_masked_weight, 2)
+    return _prepare_rows(op, w2, kind, n, m, block)
+
+
+def _pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
+    vals = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value) if isinstance(
+        value, (tuple, list)) else None
+    if vals is None or len(vals) != 2 or any(isinstance(x, bool) or not isinstance(x, int) for x in vals):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if any(x < minimum for x in vals):
+        raise ValueError(f"{op}: {name}={value!r} must be >= {minimum}")
+    return vals
+
+
+class CpuConv2d:
+    """Sparse conv2d (groups=1) as NHWC im2col + the sparse linear kernel.
+
+    The weight ``(O, I, kh, kw)`` is flattened to ``(O, kh*kw*I)`` (input channels
+    innermost, the NHWC order N:M groups run along), and the unfolded input is
+    reordered to match.
+    """
+
+    def __init__(self, weight_shape, linear: CpuLinear):
+        self.out_channels, self.in_channels, self.kh, self.kw = weight_shape
+        self.linear = linear
+
+    @property
+    def nbytes(self) -> int:
+        return self.linear.nbytes
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+                 **kwargs) -> torch.Tensor:
+        op = "nmkern cpu sparse conv2d"
+        v.check_tensor(op, "x", x, (torch.float32,), ndim=4)
+        if x.device.type != "cpu":
+            raise ValueError(f"{op}: x is on {x.device}; the cpu backend needs a CPU tensor (x.cpu())")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{op}: x has {x.shape[1]} channels (shape {tuple(x.shape)}) but the weight expects "
+                f"{self.in_channels}; pass NCHW input"
+            )
+        stride = _pair(op, "stride", stride, 1)
+        padding = _pair(op, "padding", padding, 0)
+        dilation = _pair(op, "dilation", dilation, 1)
+        batch, _, h, w = x.shape
+        oh = (h + 2 * padding[0] - dilation[0] * (self.kh - 1) - 1) // stride[0] + 1
+        ow = (w + 2 * padding[1] - dilation[1] * (self.kw - 1) - 1) // stride[1] + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(
+                f"{op}: input {h}x{w} with kernel {self.kh}x{self.kw}, padding {padding}, dilation {dilation} "
+                "gives an empty output; pad the input or use a smaller kernel"
+            )
+        cols = F.unfold(x, (self.kh, self.kw), dilation=dilation, padding=padding, stride=stride)  # (B, I*kh*kw, L)
+        cols = cols.view(batch, self.in_channels, self.kh * self.kw, oh * ow).permute(0, 3, 2, 1)
+        y = self.linear(cols.reshape(batch * oh * ow, -1), bias, **kwargs)  # (B*L, O)
+        return y.view(batch, oh, ow, self.out_channels).permute(0, 3, 1, 2).contiguous()
+
+
+def prepare_cpu_conv2d(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: int = 0, block: int = 0) -> CpuConv2d:
+    """Pack a masked conv weight ``(O, I, kh, kw)``; N:M groups run along input channels (dim 1)."""
+    op = "prepare_cpu_conv2d"
+    w = _weight_rows(op, dense_masked_weight, 4)
+    kind = _parse_kind(op, kind)
+    if kind is SparseKind.NM:
+        v.check_nm(op, n, m)
+        if w.shape[1] % m:
+            raise ValueError(
+                f"{op}: in_channels={w.shape[1]} is not divisible by m={m}; conv N:M groups run along input channels"
+            )
+    rows = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+    return CpuConv2d(tuple(w.shape), _prepare_rows(op, rows, kind, n, m, block))
