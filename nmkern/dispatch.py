@@ -10,7 +10,8 @@ The native kernels are optional and found lazily:
 
 * ``nmkern._cpu`` (csrc/cpu through ctypes): ``available()``,
   ``prepare_cpu_linear(dense_masked_weight, kind, n, m, block)``,
-  ``prepare_cpu_conv2d(dense_masked_weight, kind, n, m, block, stride=, padding=, dilation=)``,
+  ``prepare_cpu_conv2d(dense_masked_weight, kind, n, m, block)`` (called with
+  ``(x, bias, stride, padding, dilation)``), fp32 only,
   ``cpu_beats_dense(kind, n, m, block, sparsity, batch, out_features, in_features)``;
 * ``nmkern._cuda`` (csrc/cuda through CuPy): ``available()``,
   ``sparse24_linear(x2d, values, meta, bias)``;
@@ -153,6 +154,8 @@ def _why_not(path: ExecPath, x: torch.Tensor, layer: LayerInfo) -> str | None:
             return f"the cpu backend needs a CPU tensor (got one on {dev})"
         if cpu_kernels() is None:
             return "nmkern's native CPU kernels (nmkern._cpu) are not built or do not load here"
+        if layer.dtype != torch.float32:
+            return f"the native CPU kernels take fp32, not {str(layer.dtype).replace('torch.', '')}"
         return None
     # CUDA and cuSPARSELt: 2:4 tensor cores only.
     if dev != "cuda":
@@ -171,10 +174,11 @@ def _auto(x: torch.Tensor, layer: LayerInfo, rows: int) -> ExecPath:
     dev = x.device.type
     if dev == "cpu":
         cpu = cpu_kernels()
-        if cpu is not None and (layer.op is LayerOp.LINEAR or hasattr(cpu, "prepare_cpu_conv2d")):
-            if cpu.cpu_beats_dense(layer.kind, layer.n, layer.m, layer.block, layer.sparsity, rows,
-                                   layer.out_features, layer.in_features):
-                return ExecPath.CPU
+        beats = getattr(cpu, "cpu_beats_dense", None)
+        if beats is not None and layer.dtype == torch.float32 and beats(
+            layer.kind, layer.n, layer.m, layer.block, layer.sparsity, rows, layer.out_features, layer.in_features
+        ):
+            return ExecPath.CPU
         return ExecPath.DENSE
     if dev != "cuda" or rows > SMALL_BATCH or layer.packed_bytes_ratio() > MAX_BYTES_RATIO:
         return ExecPath.DENSE

@@ -1,0 +1,589 @@
+"""Drop-in sparse modules: :class:`SparseLinear` and :class:`SparseConv2d`.
+
+Each module has two forms.
+
+* Training form (after construction / ``from_dense``): keeps the dense ``weight``
+  Parameter. N:M: forward uses :func:`nmkern.autograd.srste_weight` (mask
+  recomputed every step; SR-STE gradient with ``lambda_w``, plain STE when
+  ``srste=False``). 1xN: a fixed block keep-mask buffer ``weight_mask`` (from
+  :func:`nmkern.block_mask_1xn` at creation, replaceable with :meth:`set_mask`).
+* Packed form (:meth:`pack`): buffers only, no dense weight. N:M: ``packed_values``
+  and ``packed_indices`` (:class:`nmkern.NMPacked` tensors of the weight's rows;
+  conv rows are NHWC ``(O, kh*kw*I)``). 1xN: BSR ``bsr_crow``, ``bsr_col``,
+  ``bsr_values (nnzb, block)`` over ``(O, K)``. 2:4 fp16/bf16 weights that fit the
+  CUTLASS layout also get the ``compress_24`` form in memory when the CUDA kernel
+  runs (never in the ``state_dict``). Each call goes where
+  :func:`nmkern.dispatch.choose_linear_backend` says; where no sparse kernel wins,
+  the dense op runs on a cached decompressed weight (never slower than dense).
+
+``state_dict`` round trips for both forms into a fresh module: the config rides in
+the extra state, and loading a packed state into a training-form module (or the
+reverse) switches the module's form first.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _validate as v
+from . import ops  # noqa: F401  (registers torch.ops.nmkern.*)
+from .autograd import srste_weight
+from .dispatch import ExecPath, LayerInfo, LayerOp, choose_linear_backend, cpu_kernels, cuda_kernels, parse_path
+from .formats import NMPacked
+from .functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
+from .reference.linear import bsr_dense_ref
+from .reference.semi24 import COL_ALIGN, ROW_ALIGN
+from .reference.srste import DEFAULT_LAMBDA_W
+
+
+class Pattern(str, enum.Enum):
+    """Sparsity pattern of a sparse module."""
+
+    NM = "nm"  # n kept of every m consecutive input features / channels
+    ONE_BY_N = "1xn"  # blocks of `block` output channels x 1 input column, `sparsity` of them pruned
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_pattern(op: str, pattern) -> Pattern:
+    if isinstance(pattern, Pattern):
+        return pattern
+    if isinstance(pattern, str):
+        try:
+            return Pattern(pattern.lower())
+        except ValueError:
+            pass
+    raise ValueError(f"{op}: unknown pattern {pattern!r}; choose 'nm' (N:M) or '1xn' (1xN blocks)")
+
+
+def _mask_backend(t: torch.Tensor) -> str:
+    # Masks are computed once per layer (or per training step on small CPU models):
+    # the Triton interpreter, which "auto" picks under TRITON_INTERPRET=1, costs
+    # seconds per call on the CPU; CUDA tensors get the kernels.
+    return "auto" if t.is_cuda else "reference"
+
+
+def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Pattern, n: int, m: int, block: int,
+               groups: int = 1) -> str | None:
+    """Why a layer of this shape cannot take this pattern, or None when it can."""
+    if groups != 1:
+        kind = "depthwise" if groups == in_channels else "grouped"
+        return (f"{kind} conv (groups={groups}) is left dense: N:M and 1xN groups run along all input channels, "
+                "which needs groups=1")
+    if pattern is Pattern.NM and in_channels % m:
+        what = "in_features" if op is LayerOp.LINEAR else "in_channels"
+        return f"{what}={in_channels} is not divisible by m={m}"
+    if pattern is Pattern.ONE_BY_N and out_channels % block:
+        what = "out_features" if op is LayerOp.LINEAR else "out_channels"
+        return f"{what}={out_channels} is not divisible by the 1xN block size {block}"
+    return None
+
+
+_CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache")
+
+
+class _SparseLayer(nn.Module):
+    """Shared machinery of SparseLinear / SparseConv2d (weight geometry is the subclass's)."""
+
+    _op: LayerOp
+
+    def _init_sparse(self, op_name: str, n, m, pattern, block, sparsity, backend, srste, lambda_w) -> None:
+        self.pattern = parse_pattern(op_name, pattern)
+        if self.pattern is Pattern.NM:
+            v.check_nm(op_name, n, m)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"{op_name}: block must be a positive int, got {block!r}")
+        self.sparsity = v.check_fraction(op_name, "sparsity", sparsity)
+        parse_path(op_name, backend)
+        if isinstance(lambda_w, bool) or not isinstance(lambda_w, (int, float)) or not lambda_w >= 0:
+            raise ValueError(f"{op_name}: lambda_w must be a float >= 0, got {lambda_w!r}")
+        self.n, self.m, self.block = int(n), int(m), int(block)
+        self.backend = backend
+        self.srste = bool(srste)
+        self.lambda_w = float(lambda_w)
+        self._packed = False
+        self._clear_caches()
+
+    # -- geometry (subclasses) -------------------------------------------------
+    @property
+    def weight_shape(self) -> torch.Size:
+        raise NotImplementedError
+
+    def _gemm_k(self) -> int:
+        return int(math.prod(self.weight_shape[1:]))
+
+    # -- state -------------------------------------------------------------------
+    @property
+    def is_packed(self) -> bool:
+        return self._packed
+
+    def _clear_caches(self) -> None:
+        for name in _CACHES:
+            self.__dict__[name] = None
+
+    def _apply(self, fn, recurse=True):
+        self._clear_caches()  # .to(), .half(), .cuda(): caches follow the buffers lazily
+        return super()._apply(fn, recurse)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        t = self.weight if not self._packed else (self.packed_values if self.pattern is Pattern.NM else self.bsr_values)
+        return t.dtype
+
+    @property
+    def device(self) -> torch.device:
+        t = self.weight if not self._packed else (self.packed_values if self.pattern is Pattern.NM else self.bsr_values)
+        return t.device
+
+    def _layer_info(self) -> LayerInfo:
+        return LayerInfo(op=self._op, pattern=self.pattern.value, n=self.n, m=self.m, block=self.block,
+                         sparsity=self.sparsity, in_features=self._gemm_k(), out_features=self.weight_shape[0],
+                         dtype=self.dtype, semi24_fits=self._semi24_fits())
+
+    def _semi24_fits(self) -> bool:
+        o, k = self.weight_shape[0], self._gemm_k()
+        return (self._op is LayerOp.LINEAR and self.pattern is Pattern.NM and (self.n, self.m) == (2, 4)
+                and self.dtype in v.HALF_DTYPES and o % ROW_ALIGN == 0 and k % COL_ALIGN == 0)
+
+    # -- masks and weights --------------------------------------------------------
+    def mask(self) -> torch.Tensor:
+        """The current boolean keep-mask, shaped like the dense weight."""
+        if not self._packed:
+            if self.pattern is Pattern.NM:
+                w = self.weight.detach()
+                return nm_mask(w, self.n, self.m, dim=1, backend=_mask_backend(w))
+            return self.weight_mask.clone()
+        if self.pattern is Pattern.NM:
+            ones = torch.ones_like(self.packed_values)
+            kept = unpack_nm(self._nm_packed(values=ones), backend="reference")
+            return kept != 0
+        ones = torch.ones_like(self.bsr_values)
+        kept = bsr_dense_ref(self.bsr_crow, self.bsr_col, ones, self.weight_shape[0], self._gemm_k())
+        return (kept != 0).reshape(self.weight_shape)
+
+    def set_mask(self, mask: torch.Tensor) -> "_SparseLayer":
+        """Replace the fixed 1xN keep-mask (training form, pattern='1xn' only)."""
+        op = f"{type(self).__name__}.set_mask"
+        if self.pattern is not Pattern.ONE_BY_N:
+            raise ValueError(f"{op}: N:M masks are recomputed from the weight every step; set_mask is for pattern='1xn'")
+        if self._packed:
+            raise ValueError(f"{op}: the module is packed; masks are fixed in its BSR buffers")
+        v.check_tensor(op, "mask", mask, (torch.bool,))
+        if mask.shape != self.weight_shape:
+            raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected the weight's {tuple(self.weight_shape)}")
+        o = self.weight_shape[0]
+        rows = mask.reshape(o // self.block, self.block, -1)
+        if not bool((rows == rows[:, :1]).all()):
+            raise ValueError(f"{op}: mask is not a 1x{self.block} block mask: the {self.block} output channels of a "
+                             "block must share keep/prune for every input column (use nmkern.block_mask_1xn)")
+        self.weight_mask.copy_(mask.to(self.weight_mask.device))
+        return self
+
+    def _nm_packed(self, values=None) -> NMPacked:
+        return NMPacked(values=self.packed_values if values is None else values, indices=self.packed_indices,
+                        n=self.n, m=self.m, shape=self.weight_shape, dim=1)
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The masked dense weight (a new tensor, no grad), from either form."""
+        if not self._packed:
+            return self.weight.detach() * self.mask()
+        if self.pattern is Pattern.NM:
+            return unpack_nm(self._nm_packed(), backend="reference")
+        dense = bsr_dense_ref(self.bsr_crow, self.bsr_col, self.bsr_values, self.weight_shape[0], self._gemm_k())
+        return dense.reshape(self.weight_shape)
+
+    def _train_weight(self) -> torch.Tensor:
+        if self.pattern is Pattern.NM:
+            lam = self.lambda_w if self.srste else 0.0
+            return srste_weight(self.weight, self.n, self.m, 1, lam, backend=_mask_backend(self.weight))
+        return self.weight * self.weight_mask
+
+    # -- packing ------------------------------------------------------------------
+    def _drop_weight(self) -> None:
+        del self._parameters["weight"]
+        self.register_parameter("weight", None)
+        if "weight_mask" in self._buffers:
+            del self._buffers["weight_mask"]
+
+    def _set_buffer(self, name: str, t: torch.Tensor) -> None:
+        if name in self._buffers:
+            del self._buffers[name]
+        self.register_buffer(name, t)
+
+    @torch.no_grad()
+    def pack(self) -> "_SparseLayer":
+        """Switch in place to the compressed inference form (buffers only); returns self."""
+        if self._packed:
+            return self
+        w = self.dense_weight()
+        if self.pattern is Pattern.NM:
+            packed = pack_nm(w, self.n, self.m, dim=1, backend=_mask_backend(w))
+            self._set_buffer("packed_values", packed.values.contiguous())
+            self._set_buffer("packed_indices", packed.indices.contiguous())
+        else:
+            bsr = to_bsr_1xn(w.reshape(w.shape[0], -1), self.block)
+            self._set_buffer("bsr_crow", bsr.crow_indices().to(torch.int32))
+            self._set_buffer("bsr_col", bsr.col_indices().to(torch.int32))
+            self._set_buffer("bsr_values", bsr.values().reshape(-1, self.block).contiguous())
+        self._drop_weight()
+        self._packed = True
+        self._clear_caches()
+        return self
+
+    def _packed_shell(self, shapes: dict) -> None:
+        """Become a packed module whose buffers have the given shapes (for loading)."""
+        dev = self.weight.device
+        for name, (shape, dt) in shapes.items():
+            self._set_buffer(name, torch.empty(shape, dtype=dt, device=dev))
+        self._drop_weight()
+        self._packed = True
+        self._clear_caches()
+
+    def _training_shell(self) -> None:
+        """Become a training-form module with an uninitialised weight (for loading)."""
+        dev, dtype = self.device, self.dtype
+        for name in ("packed_values", "packed_indices", "bsr_crow", "bsr_col", "bsr_values"):
+            self._buffers.pop(name, None)
+        del self._parameters["weight"]
+        self.weight = nn.Parameter(torch.empty(self.weight_shape, device=dev, dtype=dtype))
+        if self.pattern is Pattern.ONE_BY_N:
+            self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=dev))
+        self._packed = False
+        self._clear_caches()
+
+    def get_extra_state(self):
+        return {"pattern": self.pattern.value, "n": self.n, "m": self.m, "block": self.block,
+                "sparsity": self.sparsity, "packed": self._packed}
+
+    def set_extra_state(self, state) -> None:
+        pass  # adopted in _load_from_state_dict, before the tensors are copied
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):
+            self.pattern = parse_pattern(type(self).__name__, extra.get("pattern", self.pattern))
+            self.n, self.m = int(extra.get("n", self.n)), int(extra.get("m", self.m))
+            self.block, self.sparsity = int(extra.get("block", self.block)), float(extra.get("sparsity", self.sparsity))
+        names = (("packed_values", "packed_indices") if self.pattern is Pattern.NM
+                 else ("bsr_crow", "bsr_col", "bsr_values"))
+        if all(prefix + k in state_dict for k in names):
+            # Packed state: take its shapes (1xN nnzb varies) and dtypes (values may be fp16 in an fp32 module).
+            shapes = {k: (state_dict[prefix + k].shape, state_dict[prefix + k].dtype) for k in names}
+            if not self._packed or any(getattr(self, k, None) is None or getattr(self, k).shape != s[0]
+                                       or getattr(self, k).dtype != s[1] for k, s in shapes.items()):
+                if self._packed:
+                    self._training_shell()
+                self._packed_shell(shapes)
+        elif prefix + "weight" in state_dict and self._packed:
+            self._training_shell()
+        elif (prefix + "weight" in state_dict and self.pattern is Pattern.ONE_BY_N
+              and getattr(self, "weight_mask", None) is None):
+            self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=self.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._clear_caches()
+
+    def packed_nbytes(self) -> int:
+        """Bytes of the tensors the packed form stores (weight part; bias excluded)."""
+        if not self._packed:
+            raise ValueError(f"{type(self).__name__}.packed_nbytes: the module is not packed; call .pack() first")
+        names = (("packed_values", "packed_indices") if self.pattern is Pattern.NM
+                 else ("bsr_crow", "bsr_col", "bsr_values"))
+        return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in names)
+
+    # -- packed execution -------------------------------------------------------------
+    def _dense_cached(self) -> torch.Tensor:
+        if self._dense_cache is None:
+            self.__dict__["_dense_cache"] = self.dense_weight()
+        return self._dense_cache
+
+    def _semi24_cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._semi24_cache is None:
+            self.__dict__["_semi24_cache"] = compress_24(self._dense_cached())
+        return self._semi24_cache
+
+    def _cslt_cached(self):
+        if self._cslt_cache is None:
+            self.__dict__["_cslt_cache"] = torch.sparse.to_sparse_semi_structured(self._dense_cached())
+        return self._cslt_cache
+
+    def _choose(self, x: torch.Tensor, rows: int) -> ExecPath:
+        return choose_linear_backend(self.backend, x, self._layer_info(), rows)
+
+    def _check_device_dtype(self, op: str, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{op}: input has dtype {x.dtype} but the layer's weight is {self.dtype}; "
+                            f"cast the input with .to({self.dtype}) or the layer with .to(dtype)")
+        if x.device != self.device:
+            raise ValueError(f"{op}: input is on {x.device} but the layer is on {self.device}; "
+                             "move one of them with .to(device)")
+
+    def _sparse_repr(self) -> str:
+        pat = f"{self.n}:{self.m}" if self.pattern is Pattern.NM else f"1x{self.block}, sparsity={self.sparsity}"
+        return f"pattern={pat}, packed={self._packed}, backend={self.backend}"
+
+
+class SparseLinear(_SparseLayer):
+    """``nn.Linear`` with an N:M or 1xN sparse weight (groups along ``in_features``).
+
+    Args:
+        in_features, out_features, bias: as for ``nn.Linear``.
+        n, m: N:M pattern (``pattern="nm"``): n kept of every m consecutive inputs.
+        pattern: ``"nm"`` or ``"1xn"`` (:class:`Pattern`).
+        block, sparsity: 1xN block size (output channels per block) and pruned block fraction.
+        backend: ``"auto"`` or a forced execution path for the packed form
+            (:class:`nmkern.dispatch.ExecPath` values: reference, triton, dense, cuda, cusparselt, cpu).
+        srste, lambda_w: SR-STE gradient term in the training form (``srste=False``: plain STE).
+    """
+
+    _op = LayerOp.LINEAR
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, n: int = 2, m: int = 4,
+                 pattern="nm", block: int = 4, sparsity: float = 0.5, backend="auto", srste: bool = True,
+                 lambda_w: float = DEFAULT_LAMBDA_W, device=None, dtype=None):
+        super().__init__()
+        op = "SparseLinear"
+        for name, val in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{op}: {name} must be a positive int, got {val!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self._init_sparse(op, n, m, pattern, block, sparsity, backend, srste, lambda_w)
+        reason = fit_reason(LayerOp.LINEAR, in_features, out_features, self.pattern, self.n, self.m, self.block)
+        if reason:
+            raise ValueError(f"{op}: {reason}")
+        proto = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)  # torch's own init
+        self.weight = proto.weight
+        self.bias = proto.bias
+        if self.pattern is Pattern.ONE_BY_N:
+            self.register_buffer("weight_mask", block_mask_1xn(self.weight.detach(), self.block, self.sparsity,
+                                                               backend=_mask_backend(self.weight)))
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, n: int = 2, m: int = 4, pattern="nm", block: int = 4,
+                   sparsity: float = 0.5, **kw) -> "SparseLinear":
+        """A training-form SparseLinear holding ``linear``'s weight and bias (copied; same dtype/device)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseLinear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, n=n, m=m, pattern=pattern,
+                  block=block, sparsity=sparsity, device=w.device, dtype=w.dtype, **kw)
+        with torch.no_grad():
+            mod.weight.copy_(w)
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias)
+            if mod.pattern is Pattern.ONE_BY_N:
+                mod.weight_mask.copy_(block_mask_1xn(w.detach(), mod.block, mod.sparsity, backend=_mask_backend(w)))
+        return mod
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the masked weight (and a copy of the bias)."""
+        w = self.dense_weight()
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def _check_input(self, x) -> None:
+        op = "SparseLinear"
+        self._check_device_dtype(op, x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{op}: input has shape {tuple(x.shape)} but in_features={self.in_features}; "
+                             f"the last dimension must be {self.in_features}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self._packed:
+            return F.linear(x, self._train_weight(), self.bias)
+        rows = x.numel() // self.in_features
+        path = self._choose(x, rows)
+        if path is ExecPath.DENSE:
+            return F.linear(x, self._dense_cached(), self.bias)
+        if path is ExecPath.CUSPARSELT:
+            return F.linear(x, self._cslt_cached(), self.bias)
+        x2 = x.reshape(rows, self.in_features)
+        if path is ExecPath.CPU:
+            y = _run_cpu(self, x2)
+        elif path is ExecPath.CUDA:
+            values, meta = self._semi24_cached()
+            y = cuda_kernels().sparse24_linear(x2, values, meta, self.bias)
+        elif self.pattern is Pattern.NM:
+            y = torch.ops.nmkern.nm_linear(x2, self.packed_values, self.packed_indices, self.n, self.m, self.bias,
+                                           path.value)
+        else:
+            y = torch.ops.nmkern.bsr_linear(x2, self.bsr_crow, self.bsr_col, self.bsr_values, self.out_features,
+                                            self.bias, path.value)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                + self._sparse_repr())
+
+
+@torch.compiler.disable
+def _run_cpu(layer: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
+    # The native CPU kernels are ctypes calls on a prepared handle: opaque to Dynamo,
+    # so under torch.compile they run eagerly (one graph break per layer).
+    cpu = cpu_kernels()
+    if layer._cpu_cache is None:
+        dense = layer._dense_cached()
+        if isinstance(layer, SparseConv2d):
+            conv = cpu.prepare_cpu_conv2d(dense, layer.pattern.value, layer.n, layer.m, layer.block)
+            prepared = lambda x, bias: conv(x, bias, layer.stride, layer.padding, layer.dilation)  # noqa: E731
+        else:
+            prepared = cpu.prepare_cpu_linear(dense, layer.pattern.value, layer.n, layer.m, layer.block)
+        layer.__dict__["_cpu_cache"] = prepared
+    return layer._cpu_cache(x, layer.bias)
+
+
+def _conv_padding(op: str, padding, kernel_size, stride, dilation) -> tuple[int, int]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{op}: padding='same' needs stride 1, got stride={stride}")
+            total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+            if any(t % 2 for t in total):
+                raise ValueError(f"{op}: padding='same' with kernel {kernel_size} and dilation {dilation} needs "
+                                 "asymmetric padding, which the sparse conv does not support; pad the input yourself")
+            return (total[0] // 2, total[1] // 2)
+        raise ValueError(f"{op}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    return _pair2(op, "padding", padding, minimum=0)
+
+
+def _pair2(op: str, name: str, val, minimum: int) -> tuple[int, int]:
+    pair = (val, val) if isinstance(val, int) and not isinstance(val, bool) else tuple(val) if isinstance(val, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or any(isinstance(e, bool) or not isinstance(e, int) or e < minimum for e in pair):
+        raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {val!r}")
+    return pair
+
+
+class SparseConv2d(_SparseLayer):
+    """``nn.Conv2d`` (groups=1, zero padding) with N:M groups along input channels (NHWC order) or 1xN blocks.
+
+    Same sparsity keywords as :class:`SparseLinear`. Grouped / depthwise convs are
+    refused (:func:`nmkern.sparsify` leaves them dense and reports why).
+    """
+
+    _op = LayerOp.CONV2D
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, n: int = 2, m: int = 4, pattern="nm", block: int = 4,
+                 sparsity: float = 0.5, backend="auto", srste: bool = True, lambda_w: float = DEFAULT_LAMBDA_W,
+                 padding_mode: str = "zeros", device=None, dtype=None):
+        super().__init__()
+        op = "SparseConv2d"
+        for name, val in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{op}: {name} must be a positive int, got {val!r}")
+        if padding_mode != "zeros":
+            raise ValueError(f"{op}: padding_mode={padding_mode!r} is not supported; only 'zeros'")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair2(op, "kernel_size", kernel_size, minimum=1)
+        self.stride = _pair2(op, "stride", stride, minimum=1)
+        self.dilation = _pair2(op, "dilation", dilation, minimum=1)
+        self.padding = _conv_padding(op, padding, self.kernel_size, self.stride, self.dilation)
+        self._init_sparse(op, n, m, pattern, block, sparsity, backend, srste, lambda_w)
+        reason = fit_reason(LayerOp.CONV2D, in_channels, out_channels, self.pattern, self.n, self.m, self.block, groups)
+        if reason:
+            raise ValueError(f"{op}: {reason}")
+        proto = nn.Conv2d(in_channels, out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                          bias=bias, device=device, dtype=dtype)
+        self.weight = proto.weight
+        self.bias = proto.bias
+        if self.pattern is Pattern.ONE_BY_N:
+            self.register_buffer("weight_mask", block_mask_1xn(self.weight.detach(), self.block, self.sparsity,
+                                                               backend=_mask_backend(self.weight)))
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return torch.Size((self.out_channels, self.in_channels, *self.kernel_size))
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, *, n: int = 2, m: int = 4, pattern="nm", block: int = 4,
+                   sparsity: float = 0.5, **kw) -> "SparseConv2d":
+        """A training-form SparseConv2d holding ``conv``'s weight and bias (copied; same dtype/device)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"SparseConv2d.from_dense: expected an nn.Conv2d, got {type(conv).__name__}")
+        w = conv.weight
+        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, n=n, m=m, pattern=pattern, block=block, sparsity=sparsity,
+                  padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype, **kw)
+        with torch.no_grad():
+            mod.weight.copy_(w)
+            if conv.bias is not None:
+                mod.bias.copy_(conv.bias)
+            if mod.pattern is Pattern.ONE_BY_N:
+                mod.weight_mask.copy_(block_mask_1xn(w.detach(), mod.block, mod.sparsity, backend=_mask_backend(w)))
+        return mod
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the masked weight (and a copy of the bias)."""
+        w = self.dense_weight()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+
+    def _check_input(self, x) -> None:
+        op = "SparseConv2d"
+        self._check_device_dtype(op, x)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"{op}: input has shape {tuple(x.shape)}; expected (batch, {self.in_channels}, H, W) "
+                             f"or ({self.in_channels}, H, W)")
+        for d, name in ((0, "height"), (1, "width")):
+            size = x.shape[-2 + d]
+            span = self.dilation[d] * (self.kernel_size[d] - 1) + 1
+            if size + 2 * self.padding[d] < span:
+                raise ValueError(f"{op}: input {name} {size} (padded {size + 2 * self.padding[d]}) is smaller than the "
+                                 f"dilated kernel ({span})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self._packed:
+            return self._conv(x, self._train_weight())
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        oh = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        ow = (x.shape[3] + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        path = self._choose(x, x.shape[0] * oh * ow)
+        if path is ExecPath.DENSE:
+            y = self._conv(x, self._dense_cached())
+        elif path is ExecPath.CPU:
+            y = _run_cpu(self, x)
+        elif self.pattern is Pattern.NM:
+            y = torch.ops.nmkern.nm_conv2d(x, self.packed_values, self.packed_indices, self.n, self.m,
+                                           list(self.weight_shape), self.bias, list(self.stride), list(self.padding),
+                                           list(self.dilation), path.value)
+        else:
+            y = torch.ops.nmkern.bsr_conv2d(x, self.bsr_crow, self.bsr_col, self.bsr_values, list(self.weight_shape),
+                                            self.bias, list(self.stride), list(self.padding), list(self.dilation))
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                + self._sparse_repr())
