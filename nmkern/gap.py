@@ -310,9 +310,10 @@ class _GaPBase:
                 loss = self._grow_train_prune(model, data, masks, targets, parts, p, seed, label, callback, progress)
                 self._log_sparsity(history, label, model, parts, masks, loss)
                 checkpoint(index)
-            elif kind == "worker":
-                # All worker jobs of a round, then the merge (the next phase).
-                _, r, p0 = phase
+            elif kind in ("worker", "merge"):
+                # All worker jobs of a round, then the merge. A resumed run can land on any of them.
+                r = phase[1]
+                p0 = phase[2] if kind == "worker" else len(parts)
                 first = index - p0  # p0 > 0 when resuming in the middle of a round
                 base_state, base_masks = _clone_state(model), masks.state()
                 for p in range(len(parts)):
@@ -470,10 +471,13 @@ class _DistContext:
 
     @staticmethod
     def _float_keys(model):
-        return [k for k, t in model.state_dict().items() if t.is_floating_point()]
+        # Every state tensor travels as float64: exact for fp32/fp16/bf16 values and for
+        # integer buffers below 2**53 (BatchNorm's num_batches_tracked).
+        return [k for k, t in model.state_dict().items() if t.is_floating_point() or t.dtype in
+                (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)]
 
     def sync_model(self, model: nn.Module) -> None:
-        """Broadcast rank 0's floating state to every rank."""
+        """Broadcast rank 0's state to every rank."""
         if not self.active:
             return
         state = model.state_dict()
