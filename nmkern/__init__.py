@@ -31,6 +31,10 @@ from .functional import (
     unpack_nm,
 )
 
+from .dispatch import ExecPath  # noqa: E402
+from .nn import Pattern, SparseConv2d, SparseLinear  # noqa: E402
+from .sparsify import SparsifyReport, sparsify  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -46,4 +50,10 @@ __all__ = [
     "pack_nm",
     "to_bsr_1xn",
     "unpack_nm",
+    "ExecPath",
+    "Pattern",
+    "SparseConv2d",
+    "SparseLinear",
+    "SparsifyReport",
+    "sparsify",
 ]
