@@ -64,8 +64,11 @@ def cuda_gencode_flags(archs: str) -> list[str]:
     flags = []
     for a in names:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    newest = names[-1]
-    flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    # PTX of the newest arch lets newer GPUs JIT the kernels. Arch-specific targets (90a, 100a)
+    # are not forward compatible, so the PTX uses the plain arch (compute_90 for 90a).
+    newest = max(names, key=lambda a: int("".join(ch for ch in a if ch.isdigit())))
+    portable = newest.rstrip("af")
+    flags += ["-gencode", f"arch=compute_{portable},code=compute_{portable}"]
     return flags
 
 

@@ -1,0 +1,224 @@
+"""CUDA build checks without a GPU (marker ``aot``).
+
+* every csrc/cuda/*.cu compiles with nvcc for every arch of the default list, and ptxas
+  (``-Xptxas -v``) reports no spills and no stack frame (local memory) for any kernel;
+* ``pip wheel .`` ships nmkern/_lib/nmkern_cuda.fatbin with one cubin per default arch plus
+  portable PTX, and the sources for the NVRTC fallback;
+* the SASS of every GEMM kernel in that fatbin runs on sparse tensor cores (HMMA.SP.16832)
+  with both sparsity selectors, and stages tiles with cp.async (LDGSTS) and ldmatrix (LDSM).
+
+Each expensive step (nvcc per source, the wheel build) runs once per session.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from nmkern import _cuda
+
+pytestmark = pytest.mark.aot
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("nmkern_setup_py", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # setup() runs only under __main__
+    return mod
+
+
+SETUP = _setup_module()
+ARCHS = [a for a in SETUP.DEFAULT_CUDA_ARCHS.split(";") if a]
+GEMM_KERNELS = [f"nmkern_sp24_gemm_{c}_{t}" for c in _cuda.CONFIGS for t in ("f16", "bf16")]
+ALL_KERNELS = GEMM_KERNELS + [
+    "nmkern_sp24_splitk_reduce_f16", "nmkern_sp24_splitk_reduce_bf16",
+    "nmkern_sp24_prune_compress_f16", "nmkern_sp24_prune_compress_bf16",
+]
+
+
+def _nvcc() -> str:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and os.environ.get("CUDA_HOME"):
+        cand = Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"
+        nvcc = str(cand) if cand.exists() else None
+    if nvcc is None:
+        pytest.skip("nvcc not found: the CUDA build checks need the CUDA toolkit")
+    return nvcc
+
+
+def _tool_path() -> str:
+    """PATH with cuobjdump + nvdisasm: PATH itself, the nvidia-cuda-* wheels, or Triton's copies."""
+    dirs = []
+    try:
+        import nvidia  # namespace package of the nvidia-cuda-cuobjdump / -nvdisasm wheels
+
+        dirs += [str(Path(p) / sub / "bin") for p in nvidia.__path__ for sub in ("cu13", "cu12", "cuda_cuobjdump")]
+    except ImportError:
+        pass
+    try:
+        import triton
+
+        dirs.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin"))
+    except ImportError:
+        pass
+    return os.pathsep.join([os.environ.get("PATH", ""), *dirs])
+
+
+def _cuobjdump(*args) -> str:
+    path = _tool_path()
+    exe = shutil.which("cuobjdump", path=path)
+    if exe is None or shutil.which("nvdisasm", path=path) is None:
+        pytest.skip("cuobjdump/nvdisasm not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, env=dict(os.environ, PATH=path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+# ---- per-source compile with ptxas statistics ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ptxas_reports(tmp_path_factory) -> dict[str, str]:
+    """nvcc -Xptxas -v output per .cu file, all default archs in one invocation per file."""
+    nvcc = _nvcc()
+    out_dir = tmp_path_factory.mktemp("nvcc")
+    sources = sorted(CUDA_DIR.glob("*.cu"))
+    assert sources, "csrc/cuda has no .cu files"
+
+    def compile_one(src: Path):
+        cmd = [nvcc, "-fatbin", "-O3", "-std=c++17", f"-I{CUDA_DIR}", *SETUP.cuda_gencode_flags(";".join(ARCHS)),
+               "-Xptxas", "-v", "-o", str(out_dir / (src.stem + ".fatbin")), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return src.name, proc
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(compile_one, sources))
+    for name, proc in results.items():
+        assert proc.returncode == 0, f"nvcc failed on {name}:\n{proc.stderr}"
+    return {name: proc.stdout + proc.stderr for name, proc in results.items()}
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _parse_ptxas(text: str) -> dict[tuple[str, str], tuple[int, int, int]]:
+    stats, current = {}, None
+    for line in text.splitlines():
+        if m := _ENTRY.search(line):
+            current = (m.group(1), m.group(2))
+        elif (m := _FRAME.search(line)) and current is not None:
+            stats[current] = tuple(int(g) for g in m.groups())
+            current = None
+    return stats
+
+
+def test_every_kernel_compiles_for_every_arch(ptxas_reports):
+    stats = {}
+    for text in ptxas_reports.values():
+        stats.update(_parse_ptxas(text))
+    for kernel in ALL_KERNELS:
+        archs = sorted(a for (k, a) in stats if k == kernel)
+        assert archs == sorted(f"sm_{a}" for a in ARCHS), f"{kernel}: ptxas compiled it for {archs}"
+
+
+def test_no_spills_or_local_memory(ptxas_reports):
+    bad = []
+    for src, text in ptxas_reports.items():
+        stats = _parse_ptxas(text)
+        assert stats, f"no ptxas statistics for {src}"
+        for (kernel, arch), (frame, spill_st, spill_ld) in sorted(stats.items()):
+            if frame or spill_st or spill_ld:
+                bad.append(f"{src}:{kernel}@{arch}: {frame} B stack frame, {spill_st} B spill stores, {spill_ld} B spill loads")
+    assert not bad, "kernels use local memory:\n" + "\n".join(bad)
+
+
+# ---- the wheel ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def wheel_fatbin(tmp_path_factory) -> tuple[Path, set[str]]:
+    """Build the wheel from a copy of the tree (no build/ clash with other runs); return its fatbin."""
+    _nvcc()
+    work = tmp_path_factory.mktemp("wheel")
+    src = work / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "_lib", ".pytest_cache", ".benchmarks"))
+    env = dict(os.environ, NMKERN_SKIP_CPU_BUILD="1")
+    env.pop("NMKERN_SKIP_CUDA_BUILD", None)
+    env.pop("NMKERN_CUDA_ARCHS", None)  # the default list is what ships
+    out = work / "dist"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(out), "-q"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wheel = next(out.glob("nmkern-*.whl"))
+    zf = zipfile.ZipFile(wheel)
+    names = set(zf.namelist())
+    assert "nmkern/_lib/nmkern_cuda.fatbin" in names, f"no fatbin in {wheel.name}: {sorted(n for n in names if '_lib' in n)}"
+    fatbin = work / "nmkern_cuda.fatbin"
+    fatbin.write_bytes(zf.read("nmkern/_lib/nmkern_cuda.fatbin"))
+    return fatbin, names
+
+
+def test_wheel_ships_sources_for_nvrtc(wheel_fatbin):
+    _, names = wheel_fatbin
+    for p in list(CUDA_DIR.glob("*.cu")) + list(CUDA_DIR.glob("*.cuh")):
+        assert f"nmkern/_lib/cuda_src/{p.name}" in names
+    assert "nmkern/_cuda.py" in names
+
+
+def test_fatbin_has_cubin_per_arch_and_portable_ptx(wheel_fatbin):
+    fatbin, _ = wheel_fatbin
+    elfs = set(re.findall(r"\.(sm_\w+)\.cubin", _cuobjdump("--list-elf", str(fatbin))))
+    assert elfs == {f"sm_{a}" for a in ARCHS}
+    assert {"sm_80", "sm_90a"} <= elfs
+    ptx = set(re.findall(r"\.(sm_\w+)\.ptx", _cuobjdump("--list-ptx", str(fatbin))))
+    newest = max(ARCHS, key=lambda a: int("".join(c for c in a if c.isdigit())))
+    assert ptx == {f"sm_{newest.rstrip('af')}"}  # compute_90, not the non-portable compute_90a
+
+
+def _sass_by_arch_and_function(sass: str) -> dict[tuple[str, str], str]:
+    out, arch, func, buf = {}, None, None, []
+    for line in sass.splitlines():
+        if m := re.match(r"\s*arch = (sm_\w+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\w+)", line):
+            if func is not None:
+                out[(arch_of_func, func)] = "\n".join(buf)
+            func, arch_of_func, buf = m.group(1), arch, []
+        elif func is not None:
+            buf.append(line)
+    if func is not None:
+        out[(arch_of_func, func)] = "\n".join(buf)
+    return out
+
+
+def test_fatbin_sass_uses_sparse_tensor_cores(wheel_fatbin):
+    fatbin, _ = wheel_fatbin
+    funcs = _sass_by_arch_and_function(_cuobjdump("-sass", str(fatbin)))
+    for arch in ARCHS:
+        for kernel in GEMM_KERNELS:
+            body = funcs.get((f"sm_{arch}", kernel))
+            assert body is not None, f"{kernel} missing from the sm_{arch} cubin"
+            op = "HMMA.SP.16832.F32.BF16" if kernel.endswith("bf16") else "HMMA.SP.16832.F32 "
+            mmas = [ln for ln in body.splitlines() if op in ln]
+            assert mmas, f"{kernel}@sm_{arch}: no {op.strip()} in SASS"
+            # both m16 halves of a 32-row metadata block: sparsity selectors 0 and 1
+            assert any(ln.rstrip().rstrip(";").split(",")[-1].strip().startswith("0x0") for ln in mmas)
+            assert any(ln.rstrip().rstrip(";").split(",")[-1].strip().startswith("0x1") for ln in mmas)
+            assert "LDGSTS" in body, f"{kernel}@sm_{arch}: no cp.async (LDGSTS)"
+            assert "LDSM" in body, f"{kernel}@sm_{arch}: no ldmatrix (LDSM)"
