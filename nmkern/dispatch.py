@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import importlib
 import os
 
@@ -100,16 +99,23 @@ def _native(name: str):
         return None
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once per process. A plain dict, not functools.lru_cache: Dynamo traces
+# through this lookup at every torch.compile, and it warns about lru_cache wrappers.
+_NATIVE_CACHE: dict[str, object] = {}
+
+
 def cpu_kernels():
     """``nmkern._cpu`` when it is importable and its library loads, else None."""
-    return _native("_cpu")
+    if "_cpu" not in _NATIVE_CACHE:
+        _NATIVE_CACHE["_cpu"] = _native("_cpu")
+    return _NATIVE_CACHE["_cpu"]
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_kernels():
     """``nmkern._cuda`` when it is importable and a GPU can run it, else None."""
-    return _native("_cuda")
+    if "_cuda" not in _NATIVE_CACHE:
+        _NATIVE_CACHE["_cuda"] = _native("_cuda")
+    return _NATIVE_CACHE["_cuda"]
 
 
 def cusparselt_available() -> bool:

@@ -31,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _validate as v
-from . import ops  # noqa: F401  (registers torch.ops.nmkern.*)
+from . import dispatch, ops  # noqa: F401  (ops registers torch.ops.nmkern.*)
 from .autograd import srste_weight
-from .dispatch import ExecPath, LayerInfo, LayerOp, choose_linear_backend, cpu_kernels, cuda_kernels, parse_path
+from .dispatch import ExecPath, LayerInfo, LayerOp, parse_path
 from .formats import NMPacked
 from .functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
 from .reference.linear import bsr_dense_ref
@@ -235,6 +235,7 @@ class _SparseLayer(nn.Module):
         self._drop_weight()
         self._packed = True
         self._clear_caches()
+        dispatch.cpu_kernels(), dispatch.cuda_kernels()  # look the native kernels up now, outside any compile
         return self
 
     def _packed_shell(self, shapes: dict) -> None:
@@ -316,7 +317,7 @@ class _SparseLayer(nn.Module):
         return self._cslt_cache
 
     def _choose(self, x: torch.Tensor, rows: int) -> ExecPath:
-        return choose_linear_backend(self.backend, x, self._layer_info(), rows)
+        return dispatch.choose_linear_backend(self.backend, x, self._layer_info(), rows)
 
     def _check_device_dtype(self, op: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -421,7 +422,7 @@ class SparseLinear(_SparseLayer):
             y = _run_cpu(self, x2)
         elif path is ExecPath.CUDA:
             values, meta = self._semi24_cached()
-            y = cuda_kernels().sparse24_linear(x2, values, meta, self.bias)
+            y = dispatch.cuda_kernels().sparse24_linear(x2, values, meta, self.bias)
         elif self.pattern is Pattern.NM:
             y = torch.ops.nmkern.nm_linear(x2, self.packed_values, self.packed_indices, self.n, self.m, self.bias,
                                            path.value)
@@ -439,7 +440,7 @@ class SparseLinear(_SparseLayer):
 def _run_cpu(layer: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
     # The native CPU kernels are ctypes calls on a prepared handle: opaque to Dynamo,
     # so under torch.compile they run eagerly (one graph break per layer).
-    cpu = cpu_kernels()
+    cpu = dispatch.cpu_kernels()
     if layer._cpu_cache is None:
         dense = layer._dense_cached()
         if isinstance(layer, SparseConv2d):
