@@ -34,8 +34,10 @@ INT_VIEW = {
     torch.int8: (torch.int8, -1),
 }
 _TRITON_INT = {torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
+SHORT_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+              torch.int8: "int8"}
 
-_SLOT_TILE = 2048  # BLOCK_W * PER_P2 * MP elements per program (16 per thread at 4 warps)
+_SLOT_TILE = 1024  # BLOCK_W * PER_P2 * MP elements per program (8 per thread at 4 warps)
 _NUM_WARPS = 4
 _NO_BAD = 2**62
 
@@ -75,12 +77,15 @@ def pack_nm_kernel(
     ok3 = slot_ok[:, :, None] & lane_ok
     x = tl.load(w_ptr + base[:, :, None] + lane, mask=ok3, other=0)
     nz = (((x & NONZERO_BITS) != 0) & ok3).to(tl.int32)
-    zero = (lane_ok & (nz == 0)).to(tl.int32)  # padding lanes are no candidates
     count = tl.sum(nz, axis=2)
-    rank = tl.where(nz != 0, tl.cumsum(nz, axis=2) - nz, count[:, :, None] + tl.cumsum(zero, axis=2) - zero)
-    keep = ((rank < n) & lane_ok).to(tl.int32)
-    out_pos = tl.cumsum(keep, axis=2) - keep  # position among the group's kept slots
-    pick = (keep != 0) & (out_pos == t[:, :, None])
+    nz_before = tl.cumsum(nz, axis=2) - nz
+    zeros_before = lane - nz_before
+    # The group keeps all its non-zeros and its first max(n - count, 0) zeros, so a
+    # lane's position among the kept slots is nz_before + min(zeros_before, zeros_kept).
+    zeros_kept = tl.maximum(n - count, 0)[:, :, None]
+    keep = lane_ok & ((nz != 0) | (zeros_before < zeros_kept))
+    out_pos = nz_before + tl.minimum(zeros_before, zeros_kept)
+    pick = keep & (out_pos == t[:, :, None])
     idx = tl.sum(tl.where(pick, lane, 0), axis=2)  # (BLOCK_W, PER_P2) in-group index
     val = tl.load(w_ptr + base + idx, mask=slot_ok)
     tl.store(values_ptr + r[:, None] * L + j, val, mask=slot_ok)
@@ -131,7 +136,7 @@ def _spec(dtype: torch.dtype, n: int, m: int) -> dict:
            "rows": "i32", "K": "i32", "n": "i32", "L": "i32", "W": "i32"}
     sig.update({name: "constexpr" for name in ("NONZERO_BITS", *cfg)})
     return {
-        "name": f"pack_nm_{str(dtype).replace('torch.', '')}_{n}of{m}",
+        "name": f"pack_nm_{SHORT_NAME[dtype]}_{n}of{m}",
         "fn": pack_nm_kernel,
         "signature": sig,
         "constexprs": {"NONZERO_BITS": nonzero_bits, **cfg},

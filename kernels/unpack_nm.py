@@ -16,7 +16,7 @@ import triton.language as tl
 
 from nmkern.reference.nm_pack import index_bits, indices_per_word
 
-from .pack_nm import _TRITON_INT, INT_VIEW
+from .pack_nm import _TRITON_INT, INT_VIEW, SHORT_NAME
 
 _SELECT_TILE = 2048  # BLOCK_G * MP * NP elements per program
 _NUM_WARPS = 4
@@ -86,7 +86,7 @@ def _spec(dtype: torch.dtype, n: int, m: int) -> dict:
            "groups_per_row": "i32", "n": "i32", "L": "i32", "W": "i32"}
     sig.update({name: "constexpr" for name in cfg})
     return {
-        "name": f"unpack_nm_{str(dtype).replace('torch.', '')}_{n}of{m}",
+        "name": f"unpack_nm_{SHORT_NAME[dtype]}_{n}of{m}",
         "fn": unpack_nm_kernel,
         "signature": sig,
         "constexprs": cfg,
