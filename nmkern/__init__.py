@@ -34,6 +34,9 @@ from .functional import (
 from .dispatch import ExecPath  # noqa: E402
 from .nn import Pattern, SparseConv2d, SparseLinear  # noqa: E402
 from .sparsify import SparsifyReport, sparsify  # noqa: E402
+from .masking import Distribution, Target  # noqa: E402
+from .gap import GaPMethod, GaPResult, PGaP, SGaP, gap_train, make_partitions  # noqa: E402
+from .blockprune import BlockPruneResult, prune_1xn  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -56,4 +59,14 @@ __all__ = [
     "SparseLinear",
     "SparsifyReport",
     "sparsify",
+    "Distribution",
+    "Target",
+    "GaPMethod",
+    "GaPResult",
+    "PGaP",
+    "SGaP",
+    "gap_train",
+    "make_partitions",
+    "BlockPruneResult",
+    "prune_1xn",
 ]
