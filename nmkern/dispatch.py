@@ -188,7 +188,7 @@ def _auto(x: torch.Tensor, layer: LayerInfo, rows: int) -> ExecPath:
         return ExecPath.DENSE
     if dev != "cuda" or rows > SMALL_BATCH or layer.packed_bytes_ratio() > MAX_BYTES_RATIO:
         return ExecPath.DENSE
-    if layer.semi24_fits and layer.op is LayerOp.LINEAR and cuda_kernels() is not None:
+    if layer.semi24_fits and layer.pattern == "nm" and layer.op is LayerOp.LINEAR and cuda_kernels() is not None:
         return ExecPath.CUDA
     if _why_not(ExecPath.TRITON, x, layer) is None:
         return ExecPath.TRITON
