@@ -216,3 +216,35 @@ def test_split_k_choice():
     assert s == 5  # ceil(264 / 64) = 5, well under the 64 / 4 = 16 k-tile cap
     assert _cuda.choose_split_k(4096, 4096, 4096, _cuda.CONFIGS["large"], 132) == 1
     assert _cuda.choose_split_k(1, 64, 128, small, 132) == 1  # 2 k tiles: nothing to split
+
+
+# ---- launcher checks that need no GPU -----------------------------------------------------------
+
+
+def test_available_never_raises_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; test_cuda_gpu.py covers this path")
+    assert _cuda.available() is False
+
+
+def test_launcher_rejects_bad_input_before_touching_a_gpu():
+    w = _sparse_weight(64, 64, torch.float16, torch.Generator().manual_seed(0))
+    values, meta = nmkern.compress_24(w, backend="reference")
+    x = torch.randn(4, 64).half()
+    with pytest.raises(TypeError, match="sparse24_linear: x2d has dtype float32"):
+        _cuda.sparse24_linear(x.float(), values, meta)
+    with pytest.raises(TypeError, match="differs from x2d dtype"):
+        _cuda.sparse24_linear(x.bfloat16(), values, meta)
+    with pytest.raises(ValueError, match="x2d has 96 features but values"):
+        _cuda.sparse24_linear(torch.randn(4, 96).half(), values, meta)
+    with pytest.raises(ValueError, match=r"expected \(64, 4\)"):
+        _cuda.sparse24_linear(x, values, meta[:, :2])
+    with pytest.raises(ValueError, match="bias has 3 entries"):
+        _cuda.sparse24_linear(x, values, meta, torch.randn(3).half())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA tensors, got one on cpu"):
+            _cuda.sparse24_linear(x, values, meta)
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            _cuda.prune_compress_24(w)
+    with pytest.raises(ValueError, match="does not fit the CUTLASS 2:4 layout"):
+        _cuda.prune_compress_24(torch.randn(48, 64).half())
