@@ -64,7 +64,7 @@ def _tool_path() -> str:
     try:
         import nvidia  # namespace package of the nvidia-cuda-cuobjdump / -nvdisasm wheels
 
-        dirs += [str(Path(p) / sub / "bin") for p in nvidia.__path__ for sub in ("cu13", "cu12", "cuda_cuobjdump")]
+        dirs += [str(Path(p) / sub / "bin") for p in nvidia.__path__ for sub in ("cu13", "cu12", "cuda_cuobjdump", "cuda_nvdisasm")]
     except ImportError:
         pass
     try:
