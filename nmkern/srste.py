@@ -53,7 +53,13 @@ class SRSTEWeight(nn.Module):
         self.backend = backend
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return srste_weight(w, self.n, self.m, self.dim, self.lambda_w, backend=self.backend)
+        backend = self.backend
+        if backend == "auto" and not w.is_cuda:
+            # Training on the CPU: the torch reference. "auto" would pick the Triton
+            # interpreter under TRITON_INTERPRET=1, seconds per step; pass
+            # backend="triton" to run it on purpose. (Same policy as nmkern.nn.)
+            backend = "reference"
+        return srste_weight(w, self.n, self.m, self.dim, self.lambda_w, backend=backend)
 
     def extra_repr(self) -> str:
         return f"{self.n}:{self.m}, dim={self.dim}, lambda_w={self.lambda_w:g}"
@@ -102,7 +108,8 @@ def apply_srste(model: nn.Module, scheme, *, lambda_w: float = DEFAULT_LAMBDA_W,
     as a :class:`~nmkern.Scheme` (unlisted layers stay dense). With a uniform pattern,
     layers whose input features/channels do not divide by m stay dense (e.g. a first
     conv with one input channel); a Mapping that names such a layer is an error.
-    Returns ``{layer name: (n, m)}`` of the layers made sparse.
+    ``backend="auto"`` runs the Triton kernels on CUDA weights and the torch reference on
+    CPU weights. Returns ``{layer name: (n, m)}`` of the layers made sparse.
     """
     op = "apply_srste"
     lambda_w = check_lambda_w(op, lambda_w)

@@ -241,7 +241,8 @@ def test_ddp_two_gloo_ranks_agree():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_ddp_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        # fork: the workers inherit the imported torch/nmkern instead of re-importing them (~30 s on a loaded CI box)
+        mp.start_processes(_ddp_worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="fork")
         r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
     initial = dict(_mlp(0).named_parameters())
     for k in r0["dense"]:
