@@ -37,6 +37,11 @@ from .sparsify import SparsifyReport, sparsify  # noqa: E402
 from .masking import Distribution, Target  # noqa: E402
 from .gap import GaPMethod, GaPResult, PGaP, SGaP, gap_train, make_partitions  # noqa: E402
 from .blockprune import BlockPruneResult, prune_1xn  # noqa: E402
+from .autograd import srste_weight  # noqa: E402
+from .scheme import Scheme  # noqa: E402
+from .domino import Budget, Policy, domino_search  # noqa: E402
+from .flops import count_flops  # noqa: E402
+from .srste import apply_srste, remove_srste, set_lambda_w  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -69,4 +74,13 @@ __all__ = [
     "make_partitions",
     "BlockPruneResult",
     "prune_1xn",
+    "srste_weight",
+    "Scheme",
+    "Budget",
+    "Policy",
+    "domino_search",
+    "count_flops",
+    "apply_srste",
+    "remove_srste",
+    "set_lambda_w",
 ]
