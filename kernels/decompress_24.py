@@ -56,6 +56,8 @@ def decompress_24_triton(values: torch.Tensor, meta: torch.Tensor) -> torch.Tens
     k = 2 * half
     meta_cols = k // META_GROUP
     out = torch.empty(rows, k, dtype=values.dtype, device=values.device)
+    if out.numel() == 0:
+        return out
     grid = (triton.cdiv(rows * meta_cols, _BLOCK_Q),)
     decompress_24_kernel[grid](values.view(torch.int16), meta, out.view(torch.int16), rows, meta_cols,
                                BLOCK_Q=_BLOCK_Q, num_warps=_NUM_WARPS)
