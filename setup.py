@@ -90,8 +90,13 @@ def build_cuda(out_dir: Path) -> None:
     unity = out_dir / "_nmkern_cuda_all.cu"
     unity.write_text("".join(f'#include "{s.as_posix()}"\n' for s in sources))
     fatbin = out_dir / "nmkern_cuda.fatbin"
-    cmd = [nvcc, "-fatbin", "-O3", "-std=c++17", f"-I{ROOT / 'csrc' / 'cuda'}",
-           *cuda_gencode_flags(archs), "-o", str(fatbin), str(unity)]
+    # --threads 0: compile the per-arch targets in parallel on all cores. NMKERN_NVCC_FLAGS adds
+    # flags (the build test passes "-Xptxas -v" to read register / spill figures from the log).
+    import shlex
+
+    extra = shlex.split(os.environ.get("NMKERN_NVCC_FLAGS", ""))
+    cmd = [nvcc, "-fatbin", "-O3", "-std=c++17", "--threads", "0", f"-I{ROOT / 'csrc' / 'cuda'}",
+           *cuda_gencode_flags(archs), *extra, "-o", str(fatbin), str(unity)]
     ok = _run(cmd)
     unity.unlink(missing_ok=True)
     if not ok:
