@@ -131,15 +131,21 @@ class _SparseLayer(nn.Module):
         self._clear_caches()  # .to(), .half(), .cuda(): caches follow the buffers lazily
         return super()._apply(fn, recurse)
 
+    def _weight_tensor(self) -> torch.Tensor:
+        """The tensor that carries the weight's dtype and device in the current form."""
+        for name in ("packed_values", "bsr_values"):
+            t = self._buffers.get(name)
+            if t is not None:
+                return t
+        return self._parameters["weight"]
+
     @property
     def dtype(self) -> torch.dtype:
-        t = self.weight if not self._packed else (self.packed_values if self.pattern is Pattern.NM else self.bsr_values)
-        return t.dtype
+        return self._weight_tensor().dtype
 
     @property
     def device(self) -> torch.device:
-        t = self.weight if not self._packed else (self.packed_values if self.pattern is Pattern.NM else self.bsr_values)
-        return t.device
+        return self._weight_tensor().device
 
     def _layer_info(self) -> LayerInfo:
         return LayerInfo(op=self._op, pattern=self.pattern.value, n=self.n, m=self.m, block=self.block,
@@ -194,8 +200,8 @@ class _SparseLayer(nn.Module):
         """The masked dense weight (a new tensor, no grad), from either form."""
         if not self._packed:
             return self.weight.detach() * self.mask()
-        if self.pattern is Pattern.NM:
-            return unpack_nm(self._nm_packed(), backend="reference")
+        if self.pattern is Pattern.NM:  # conv rows are NHWC: make the (O, I, kh, kw) weight contiguous
+            return unpack_nm(self._nm_packed(), backend="reference").contiguous()
         dense = bsr_dense_ref(self.bsr_crow, self.bsr_col, self.bsr_values, self.weight_shape[0], self._gemm_k())
         return dense.reshape(self.weight_shape)
 

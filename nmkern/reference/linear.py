@@ -62,7 +62,7 @@ def bsr_linear_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, value
 
 def conv_weight_from_rows(w_rows: torch.Tensor, weight_shape) -> torch.Tensor:
     """``(O, kh*kw*I)`` NHWC rows -> the ``(O, I, kh, kw)`` conv weight."""
-    return from_rows(w_rows, torch.Size(weight_shape), 1)
+    return from_rows(w_rows, torch.Size(weight_shape), 1).contiguous()
 
 
 def nm_conv2d_ref(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, weight_shape,
