@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from nmkern.gap import GaPMethod, PGaP, SGaP, check_partitions, gap_train, make_partitions
@@ -196,17 +197,19 @@ def _pgap_config():
                 batch_size=32, lr=0.05, seed=3)
 
 
-def _pgap_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
+WORKER_SCRIPT = """
+import os, sys
+import torch
+sys.path.insert(0, {tests_dir!r})
+from test_gap import _pgap_config, tiny_data, tiny_model
+from nmkern.gap import PGaP
 
-    torch.set_num_threads(1)  # same thread count as the fallback run: identical float sums
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = tiny_model()
-        res = PGaP(**_pgap_config()).run(model, tiny_data(), progress=False)
-        torch.save({"state": model.state_dict(), "masks": res.masks}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+torch.set_num_threads(1)  # same thread count as the fallback run: identical float sums
+model = tiny_model()
+# torchrun sets WORLD_SIZE/RANK/MASTER_ADDR: PGaP.run creates the gloo process group itself.
+res = PGaP(**_pgap_config()).run(model, tiny_data(), progress=False)
+torch.save({{"state": model.state_dict(), "masks": res.masks}}, os.path.join({out_dir!r}, "rank%s.pt" % os.environ["RANK"]))
+"""
 
 
 def _fallback_pgap():
@@ -221,7 +224,13 @@ def _fallback_pgap():
 
 
 def test_pgap_two_gloo_ranks_equal_the_single_process_fallback(tmp_path):
-    mp.spawn(_pgap_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)), out_dir=str(tmp_path)))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state, res = _fallback_pgap()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
