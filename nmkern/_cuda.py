@@ -27,6 +27,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import _validate as v
@@ -200,26 +201,33 @@ def _kernel(device_index: int, name: str, smem_bytes: int = 0):
     return k
 
 
+_streams: dict[tuple[int, int], object] = {}
+
+
+def _cupy_stream(cupy, device_index: int, ptr: int):
+    """CuPy view of a torch stream, cached: creating one costs more than a small GEMM."""
+    s = _streams.get((device_index, ptr))
+    if s is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # ExternalStream: deprecated in CuPy 14
+            s = cupy.cuda.ExternalStream(ptr, device_index)
+        _streams[(device_index, ptr)] = s
+    return s
+
+
 def _launch(kernel, device: torch.device, grid, block, args, smem_bytes: int = 0) -> None:
     cupy = _cupy()
     idx = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(idx):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # ExternalStream: deprecated in CuPy 14
-            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, idx)
-        with stream:
+        with _cupy_stream(cupy, idx, torch.cuda.current_stream(device).cuda_stream):
             kernel(grid, block, args, shared_mem=smem_bytes)
 
 
 def _ptr(t: torch.Tensor | None):
-    import numpy as np  # noqa: PLC0415
-
     return np.uint64(0 if t is None else t.data_ptr())
 
 
 def _i32(x: int):
-    import numpy as np  # noqa: PLC0415
-
     return np.int32(x)
 
 

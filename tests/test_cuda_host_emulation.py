@@ -248,3 +248,41 @@ def test_launcher_rejects_bad_input_before_touching_a_gpu():
             _cuda.prune_compress_24(w)
     with pytest.raises(ValueError, match="does not fit the CUTLASS 2:4 layout"):
         _cuda.prune_compress_24(torch.randn(48, 64).half())
+
+
+def test_launch_plumbing_without_gpu(monkeypatch):
+    """Kernel choice, grid, split-K and argument order, with the CuPy launch replaced by a recorder."""
+    calls = []
+    monkeypatch.setattr(_cuda, "_require_device", lambda op, t: None)
+    monkeypatch.setattr(_cuda, "_sm_count", lambda idx: 132)
+    monkeypatch.setattr(_cuda, "_kernel", lambda idx, name, smem=0: name)
+    monkeypatch.setattr(_cuda, "_launch", lambda k, dev, grid, block, args, smem=0: calls.append((k, grid, block, args, smem)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    n, k = 4096, 1024
+    w = _sparse_weight(n, k, torch.float16, torch.Generator().manual_seed(1))
+    values, meta = nmkern.compress_24(w, backend="reference")
+    bias = torch.randn(n).half()
+
+    # M = 1: small tile (64 x 16), 64 blocks on 132 SMs -> split K: ceil(264 / 64) = 5, capped at 16 // 4 = 4.
+    _cuda.sparse24_linear(torch.randn(1, k).half(), values, meta, bias)
+    (gemm, grid, block, args, smem), (red, rgrid, rblock, rargs, _) = calls
+    assert gemm == "nmkern_sp24_gemm_small_f16" and red == "nmkern_sp24_splitk_reduce_f16"
+    assert grid == (64, 1, 4) and block == (64, 1, 1) and smem == _cuda.CONFIGS["small"].smem_bytes
+    assert args[0] != 0 and args[3] == bias.data_ptr() and args[5] != 0  # x, ..., bias, y, workspace
+    assert [int(a) for a in args[6:]] == [1, n, k, 4]  # M, N, K, k tiles per split
+    assert [int(a) for a in rargs[3:]] == [1, n, 4] and rargs[1] == bias.data_ptr()
+
+    # M = 300, bf16, no bias: large tile (128 x 128), 32 x 3 = 96 blocks -> ceil(264 / 96) = 3 splits.
+    calls.clear()
+    vb = values.bfloat16()
+    y = _cuda.sparse24_linear(torch.randn(300, k).bfloat16(), vb, meta)
+    assert y.shape == (300, n) and y.dtype == torch.bfloat16
+    (gemm, grid, block, args, smem), (red, *_rest) = calls
+    assert gemm == "nmkern_sp24_gemm_large_bf16" and red == "nmkern_sp24_splitk_reduce_bf16"
+    assert grid == (32, 3, 3) and block == (256, 1, 1) and smem == _cuda.CONFIGS["large"].smem_bytes
+    assert int(args[3]) == 0 and [int(a) for a in args[6:]] == [300, n, k, 6]  # 16 k tiles -> 6, 6, 4
+
+    # Forced split_k=1: one launch, no workspace.
+    calls.clear()
+    _cuda.sparse24_linear(torch.randn(8, k).half(), values, meta, split_k=1)
+    assert len(calls) == 1 and int(calls[0][3][5]) == 0 and calls[0][1] == (64, 1, 1)
