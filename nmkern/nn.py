@@ -235,9 +235,10 @@ class _SparseLayer(nn.Module):
             self._set_buffer("packed_indices", packed.indices.contiguous())
         else:
             bsr = to_bsr_1xn(w.reshape(w.shape[0], -1), self.block)
-            self._set_buffer("bsr_crow", bsr.crow_indices().to(torch.int32))
-            self._set_buffer("bsr_col", bsr.col_indices().to(torch.int32))
-            self._set_buffer("bsr_values", bsr.values().reshape(-1, self.block).contiguous())
+            # clone(): views of the BSR tensor would keep it alive as their base (and Dynamo cannot fake it)
+            self._set_buffer("bsr_crow", bsr.crow_indices().to(torch.int32).clone())
+            self._set_buffer("bsr_col", bsr.col_indices().to(torch.int32).clone())
+            self._set_buffer("bsr_values", bsr.values().reshape(-1, self.block).clone())
         self._drop_weight()
         self._packed = True
         self._clear_caches()
