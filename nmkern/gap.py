@@ -128,6 +128,34 @@ class GaPResult:
     def sparsity(self) -> float:
         return weight_sparsity(self.model.get_submodule(k) for k in self.masks)
 
+    def export(self) -> nn.Module:
+        """A copy of the model with packed ``SparseLinear``/``SparseConv2d`` for N:M and 1xN targets.
+
+        N:M layers go through :func:`nmkern.sparsify` (their masks are the weights'
+        own n-of-m, so packing keeps every trained value); 1xN layers through
+        :func:`nmkern.blockprune.export_1xn`. Unstructured sparsity has no packed
+        format in nmkern: the trained model keeps masked dense weights.
+        """
+        import copy
+
+        kinds = {t.target for t in self.targets.values()}
+        if Target.UNSTRUCTURED in kinds:
+            raise ValueError("GaPResult.export: unstructured targets have no packed nmkern format; use result.model "
+                             "(dense modules with zeroed weights) or train with target='nm' / '1xn'")
+        if kinds == {Target.BLOCK_1XN}:
+            from .blockprune import export_1xn
+
+            blocks = {t.block for t in self.targets.values()}
+            out = export_1xn(self.model, self.masks, blocks.pop(), self.targets)
+            if out is None:
+                raise ImportError("GaPResult.export: nmkern.nn (SparseLinear/SparseConv2d) is not available")
+            return out
+        from .sparsify import sparsify
+
+        out = copy.deepcopy(self.model)
+        sparsify(out, {k: (t.n, t.m) for k, t in self.targets.items()}, pack=True)
+        return out
+
 
 def _phases(method: GaPMethod, k: int, rounds: int) -> list[tuple]:
     phases: list[tuple] = [("init",)]
@@ -455,6 +483,8 @@ class _DistContext:
 
     @property
     def is_writer(self) -> bool:
+        if not self.active:  # S-GaP started on every rank of a torchrun job: only rank 0 writes checkpoints
+            return os.environ.get("RANK", "0") == "0"
         return self.rank == 0
 
     def runs_job(self, p: int) -> bool:

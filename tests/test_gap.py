@@ -296,3 +296,35 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
     gap_train(tiny_model(), tiny_data(), sparsity=0.5, checkpoint_dir=str(tmp_path), **cfg)
     with pytest.raises(ValueError, match="different configuration"):
         gap_train(tiny_model(), tiny_data(), sparsity=0.9, checkpoint_dir=str(tmp_path), **cfg)
+
+
+@pytest.mark.parametrize("name", ["nm", "1xn"])
+def test_export_packs_the_trained_sparse_layers(name):
+    nmnn = pytest.importorskip("nmkern.nn")
+    model = tiny_model()
+    kw = dict(TARGETS[name])
+    if name == "nm":
+        kw["layers"] = ["3", "6", "8"]  # conv 0 has 4 input channels: fine for 2:4, keep a dense layer too
+    res = gap_train(model, tiny_data(), method="sgap", partitions=2, progress=False, **kw, **FAST)
+    exp = res.export()
+    for k, mask in res.masks.items():
+        mod = exp.get_submodule(k)
+        inner = getattr(mod, "inner", mod)
+        assert isinstance(inner, (nmnn.SparseLinear, nmnn.SparseConv2d)) and inner.is_packed
+        w = model.get_submodule(k).weight.detach() * mask
+        order = getattr(mod, "inverse", None)
+        got = inner.dense_weight()
+        if order is not None:  # rearranged 1xN layer stored in block order
+            got = got[mod.inverse]
+        assert torch.equal(got, w)
+    x = tiny_data()[0][:8]
+    model.eval(), exp.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exp(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_unstructured():
+    res = gap_train(tiny_model(), tiny_data(), method="sgap", partitions=2, progress=False, **TARGETS["unstructured"],
+                    **FAST)
+    with pytest.raises(ValueError, match="no packed nmkern format"):
+        res.export()
