@@ -245,7 +245,8 @@ def main(argv=None) -> int:
         rows = [r for part in parts for r in part["runs"]]
         with open(args.out, "w") as f:
             json.dump(dict(commands=[part["command"] for part in parts], torch=torch.__version__,
-                           elapsed_s=[part["elapsed_s"] for part in parts], runs=rows, summary=summarize(rows)), f, indent=1)
+                           elapsed_s=[part["elapsed_s"] for part in parts], cpu_s=[part.get("cpu_s") for part in parts],
+                           runs=rows, summary=summarize(rows)), f, indent=1)
         print(markdown(summarize(rows)))
         return 0
     if args.quick:
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
         if args.out == os.path.join(HERE, "gap_1xn_evidence.json"):
             args.out = os.path.join(HERE, "gap_1xn_evidence.quick.json")
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rows: list[dict] = []
     for name in args.datasets:
         for seed in args.seeds:
@@ -262,11 +263,13 @@ def main(argv=None) -> int:
             with open(args.out, "w") as f:  # after every seed: a killed run keeps what it measured
                 json.dump(dict(command=" ".join(["python", "examples/gap_1xn_evidence.py"] + (argv or sys.argv[1:])),
                                args=vars(args), torch=torch.__version__, python=platform.python_version(),
-                               threads=args.threads, elapsed_s=time.perf_counter() - t0, runs=rows,
+                               threads=args.threads, elapsed_s=time.perf_counter() - t0,
+                               cpu_s=time.process_time() - c0, load_avg_end=os.getloadavg(), runs=rows,
                                summary=summary), f, indent=1)
     print()
     print(markdown(summarize(rows)))
-    print(f"total {time.perf_counter() - t0:.0f}s; results in {args.out}")
+    print(f"total {time.perf_counter() - t0:.0f}s wall, {time.process_time() - c0:.0f}s CPU "
+          f"(load average {os.getloadavg()[0]:.1f}); results in {args.out}")
     return 0
 
 
