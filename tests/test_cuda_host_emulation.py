@@ -154,6 +154,8 @@ GEMM_CASES = [
     ("small", 3, 17, 64, 320, True),  # split-K (5 k tiles over 3 splits), 2 batch tiles
     ("large", 1, 130, 160, 160, True),  # ragged M and N, k tail
     ("large", 2, 64, 128, 256, False),
+    ("large", 1, 5, 64, 64, True),  # idle warps: W rows 64..127 and batch rows 64..127 are past N / M
+    ("small", 2, 64, 32, 128, False),  # four batch tiles, one warp past N
 ]
 
 
