@@ -11,3 +11,6 @@ from .decompress_24 import decompress_24_triton
 from .nm_mask import nm_mask_triton
 from .pack_nm import pack_nm_triton
 from .unpack_nm import unpack_nm_triton
+from .bsr_linear import bsr_linear_triton
+from .nm_linear import nm_linear_triton, semi24_linear_triton
+from .sparse_conv2d import nm_conv2d_triton
