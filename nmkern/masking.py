@@ -301,7 +301,8 @@ class MaskSet:
         self.masks: dict[str, torch.Tensor | None] = {k: None for k in self.layers}
 
     def set(self, name: str, mask: torch.Tensor | None) -> None:
-        self.masks[name] = mask
+        # Checkpoints and gathered worker masks arrive on the CPU: keep each mask on its weight's device.
+        self.masks[name] = None if mask is None else mask.to(self.layers[name].weight.device)
 
     @torch.no_grad()
     def apply_(self) -> None:
@@ -328,7 +329,7 @@ class MaskSet:
 
     def load(self, state: Mapping[str, torch.Tensor | None]) -> None:
         for k in self.masks:
-            self.masks[k] = state[k]
+            self.set(k, state[k])
 
 
 def weight_sparsity(modules: Iterable[nn.Module]) -> float:

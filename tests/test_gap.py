@@ -328,3 +328,35 @@ def test_export_refuses_unstructured():
                     **FAST)
     with pytest.raises(ValueError, match="no packed nmkern format"):
         res.export()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_gap_on_cuda_meets_targets_and_resumes(tmp_path, monkeypatch, name):
+    """CUDA weights: masks come from the Triton kernels; checkpoints (saved, loaded to CPU) resume on the GPU."""
+    import copy
+
+    from nmkern.masking import compute_mask
+
+    # bit-identical resume needs deterministic GPU kernels (cuDNN's default conv backward uses atomics)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    data = tuple(t.cuda() for t in tiny_data())
+    cfg = dict(method="pgap", partitions=2, progress=False, **TARGETS[name], **FAST)
+    model = tiny_model().cuda()
+    ref = gap_train(model, data, checkpoint_dir=str(tmp_path / "ref"), **cfg)
+    for k, mask in ref.masks.items():
+        mod = model.get_submodule(k)
+        assert mask.is_cuda and meets_target(mod, ref.targets[k], mask)
+        # the Triton mask kernels on CUDA pick the same weights as the CPU reference
+        cpu_mask = compute_mask(copy.deepcopy(mod).cpu(), ref.targets[k])
+        assert torch.equal(cpu_mask.cuda(), compute_mask(mod, ref.targets[k]))
+
+    def kill(event, info):
+        if event == "checkpoint" and info["index"] == 1:
+            raise Killed("injected")
+
+    with pytest.raises(Killed):
+        gap_train(tiny_model().cuda(), data, checkpoint_dir=str(tmp_path / "run"), callback=kill, **cfg)
+    resumed = gap_train(tiny_model().cuda(), data, checkpoint_dir=str(tmp_path / "run"), **cfg)
+    assert all(torch.equal(resumed.masks[k], ref.masks[k]) for k in ref.masks)
