@@ -152,7 +152,7 @@ def pack_nm(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -
     w2 = as_rows(w, dim).contiguous()
     b = resolve_backend(op, backend, w)
     if b is Backend.REFERENCE:
-        over = ((w2 != 0).reshape(w2.shape[0], -1, m).sum(-1) > n).reshape(-1).nonzero()
+        over = ((w2 != 0).reshape(w2.shape[0], w2.shape[1] // m, m).sum(-1) > n).reshape(-1).nonzero()
         first_bad = int(over[0]) if over.numel() else -1
         if first_bad < 0:
             values, indices = pack_nm_ref(w2, n, m)
@@ -184,6 +184,8 @@ def unpack_nm(packed: NMPacked, *, backend="auto") -> torch.Tensor:
 
 def _check_block_weight(op: str, w, n) -> None:
     v.check_tensor(op, "w", w, v.FLOAT_DTYPES, ndim=(2, 3, 4, 5))
+    if w.numel() == 0:
+        raise ValueError(f"{op}: w of shape {tuple(w.shape)} is empty; there are no blocks to score or prune")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{op}: block size n must be a positive int, got {n!r}")
     if w.shape[0] % n:

@@ -135,3 +135,11 @@ def test_different_devices():
     values, meta = nmkern.compress_24(torch.zeros(32, 32, dtype=torch.half))
     with pytest.raises(ValueError, match=r"decompress_24: tensors are on different devices \(values on cpu, meta on meta\)"):
         nmkern.decompress_24(values, meta.to("meta"))
+
+
+def test_empty_tensors():
+    assert nmkern.nm_mask(torch.zeros(0, 8), 2, 4, backend="reference").shape == (0, 8)
+    packed = nmkern.pack_nm(torch.zeros(0, 8), 2, 4, backend="reference")
+    assert packed.values.shape == (0, 4) and nmkern.unpack_nm(packed, backend="reference").shape == (0, 8)
+    with pytest.raises(ValueError, match=r"block_scores_1xn: w of shape \(0, 8\) is empty"):
+        nmkern.block_scores_1xn(torch.zeros(0, 8), 2)

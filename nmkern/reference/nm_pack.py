@@ -36,8 +36,9 @@ def as_rows(w: torch.Tensor, dim: int) -> torch.Tensor:
     order the hardware wants.
     """
     x = w.movedim(dim, -1)
-    rows = x.shape[0] if x.dim() >= 2 else 1
-    return x.reshape(rows, -1)
+    if x.dim() < 2:
+        return x.reshape(1, x.numel())
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # explicit K: reshape(0, -1) is ambiguous
 
 
 def from_rows(x2: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
@@ -66,7 +67,7 @@ def unpack_words(words: torch.Tensor, m: int, length: int) -> torch.Tensor:
     shifts = torch.arange(per, device=words.device, dtype=torch.int64) * bits
     u = words.to(torch.int64) & 0xFFFFFFFF
     idx = (u.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return idx.reshape(words.shape[0], -1)[:, :length]
+    return idx.reshape(words.shape[0], words.shape[1] * per)[:, :length]
 
 
 def kept_positions_ref(w2: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -87,7 +88,7 @@ def pack_nm_ref(w2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.T
     rows, k = w2.shape
     pos = kept_positions_ref(w2, n, m)
     values = w2.reshape(rows, k // m, m).gather(2, pos).reshape(rows, k // m * n)
-    return values, pack_words(pos.reshape(rows, -1), m)
+    return values, pack_words(pos.reshape(rows, k // m * n), m)
 
 
 def unpack_nm_ref(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> torch.Tensor:
