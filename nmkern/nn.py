@@ -191,6 +191,21 @@ class _SparseLayer(nn.Module):
         self.weight_mask.copy_(mask.to(self.weight_mask.device))
         return self
 
+    def _initial_block_mask(self) -> torch.Tensor:
+        w = self.weight.detach()
+        if w.is_meta:  # shape-only module (from_dense builds on meta, then adopts the real weight)
+            return torch.ones(w.shape, dtype=torch.bool, device=w.device)
+        return block_mask_1xn(w, self.block, self.sparsity, backend=_mask_backend(w))
+
+    def _adopt_dense(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Take copies of a dense layer's weight and bias (from_dense), then set the 1xN mask from them."""
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        if self.pattern is Pattern.ONE_BY_N:
+            self.weight_mask = self._initial_block_mask()
+        self._clear_caches()
+
     def _nm_packed(self, values=None) -> NMPacked:
         return NMPacked(values=self.packed_values if values is None else values, indices=self.packed_indices,
                         n=self.n, m=self.m, shape=self.weight_shape, dim=1)
@@ -373,8 +388,7 @@ class SparseLinear(_SparseLayer):
         self.weight = proto.weight
         self.bias = proto.bias
         if self.pattern is Pattern.ONE_BY_N:
-            self.register_buffer("weight_mask", block_mask_1xn(self.weight.detach(), self.block, self.sparsity,
-                                                               backend=_mask_backend(self.weight)))
+            self.register_buffer("weight_mask", self._initial_block_mask())
 
     @property
     def weight_shape(self) -> torch.Size:
@@ -386,15 +400,10 @@ class SparseLinear(_SparseLayer):
         """A training-form SparseLinear holding ``linear``'s weight and bias (copied; same dtype/device)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
+        # Built on meta (no init, no mask of a random weight), then given copies of the real tensors.
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None, n=n, m=m, pattern=pattern,
-                  block=block, sparsity=sparsity, device=w.device, dtype=w.dtype, **kw)
-        with torch.no_grad():
-            mod.weight.copy_(w)
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias)
-            if mod.pattern is Pattern.ONE_BY_N:
-                mod.weight_mask.copy_(block_mask_1xn(w.detach(), mod.block, mod.sparsity, backend=_mask_backend(w)))
+                  block=block, sparsity=sparsity, device="meta", dtype=linear.weight.dtype, **kw)
+        mod._adopt_dense(linear.weight, linear.bias)
         return mod
 
     def to_dense(self) -> nn.Linear:
@@ -516,8 +525,7 @@ class SparseConv2d(_SparseLayer):
         self.weight = proto.weight
         self.bias = proto.bias
         if self.pattern is Pattern.ONE_BY_N:
-            self.register_buffer("weight_mask", block_mask_1xn(self.weight.detach(), self.block, self.sparsity,
-                                                               backend=_mask_backend(self.weight)))
+            self.register_buffer("weight_mask", self._initial_block_mask())
 
     @property
     def weight_shape(self) -> torch.Size:
@@ -529,16 +537,10 @@ class SparseConv2d(_SparseLayer):
         """A training-form SparseConv2d holding ``conv``'s weight and bias (copied; same dtype/device)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense: expected an nn.Conv2d, got {type(conv).__name__}")
-        w = conv.weight
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, n=n, m=m, pattern=pattern, block=block, sparsity=sparsity,
-                  padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype, **kw)
-        with torch.no_grad():
-            mod.weight.copy_(w)
-            if conv.bias is not None:
-                mod.bias.copy_(conv.bias)
-            if mod.pattern is Pattern.ONE_BY_N:
-                mod.weight_mask.copy_(block_mask_1xn(w.detach(), mod.block, mod.sparsity, backend=_mask_backend(w)))
+                  padding_mode=conv.padding_mode, device="meta", dtype=conv.weight.dtype, **kw)
+        mod._adopt_dense(conv.weight, conv.bias)
         return mod
 
     def to_dense(self) -> nn.Conv2d:
