@@ -137,7 +137,8 @@ def _launch(x2d, values, aux, bias, out_features, n, m, fmt):
         x2d, values, aux, bias if has_bias else values, y,
         batch, out_features, k, x2d.stride(0), x2d.stride(1), values.stride(0), aux.stride(0), y.stride(0), y.stride(1),
         N=n, M=m, BITS=index_bits(m), PER_WORD=indices_per_word(m), FMT=fmt, HAS_BIAS=has_bias,
-        PRECISION=dot_precision(x2d.dtype), UPCAST=interpreter_upcast(x2d.dtype), BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_K=block_k,
+        PRECISION=dot_precision(x2d.dtype), UPCAST=interpreter_upcast(x2d.dtype),
+        BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_K=block_k,
     )
     return y
 

@@ -102,7 +102,8 @@ def nm_conv2d_triton(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
 _I32 = ("P", "C", "H", "W", "O", "OH", "OW", "KW", "K", "sxb", "sxc", "sxh", "sxw", "syb", "syo", "syh", "syw",
         "stride_v", "stride_i", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W")
 
-# Representative config for the sm_80 / sm_90 AOT compile checks: 2:4 fp16, 32x64x32 tiles (64 pixel rows spill 32 B on sm_80).
+# Representative config for the sm_80 / sm_90 AOT compile checks: 2:4 fp16, 32x64x32 tiles
+# (64 pixel rows spilled 32 B on sm_80).
 AOT_SPECS = [
     {
         "name": "nm_conv2d_nm24_fp16",

@@ -485,7 +485,10 @@ def _conv_padding(op: str, padding, kernel_size, stride, dilation) -> tuple[int,
 
 
 def _pair2(op: str, name: str, val, minimum: int) -> tuple[int, int]:
-    pair = (val, val) if isinstance(val, int) and not isinstance(val, bool) else tuple(val) if isinstance(val, (tuple, list)) else None
+    if isinstance(val, int) and not isinstance(val, bool):
+        pair = (val, val)
+    else:
+        pair = tuple(val) if isinstance(val, (tuple, list)) else None
     if pair is None or len(pair) != 2 or any(isinstance(e, bool) or not isinstance(e, int) or e < minimum for e in pair):
         raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {val!r}")
     return pair

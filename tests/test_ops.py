@@ -59,7 +59,8 @@ def test_opcheck_conv_ops_reference():
     wb = wb * block_mask_1xn_ref(wb, 4, 0.5)
     bsr = to_bsr_1xn_ref(wb.reshape(8, -1), 4)
     torch.library.opcheck(torch.ops.nmkern.bsr_conv2d.default,
-                          (x, bsr.crow_indices().clone(), bsr.col_indices().clone(), bsr.values().reshape(-1, 4).clone(), list(wb.shape), None,
+                          (x, bsr.crow_indices().clone(), bsr.col_indices().clone(),
+                           bsr.values().reshape(-1, 4).clone(), list(wb.shape), None,
                            [2, 1], [0, 1], [1, 1]))
 
 
@@ -111,7 +112,8 @@ def test_wrapper_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="nm_linear: the triton backend needs a CUDA tensor"):
         ops.nm_linear(torch.randn(3, 64), p, backend="triton")
-    with pytest.raises(ValueError, match=r"nm_conv2d: x has shape \(1, 4, 5, 5\) \(4 channels\) but the weight \(8, 8, 3, 3\) expects 8"):
+    with pytest.raises(ValueError,
+                       match=r"nm_conv2d: x has shape \(1, 4, 5, 5\) \(4 channels\) but the weight \(8, 8, 3, 3\) expects 8"):
         ops.nm_conv2d(torch.randn(1, 4, 5, 5), _conv()[1])
     with pytest.raises(ValueError, match="nm_conv2d: input height 2 is too small for kernel 3"):
         ops.nm_conv2d(torch.randn(1, 8, 2, 5), _conv()[1])
