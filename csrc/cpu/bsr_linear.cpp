@@ -195,7 +195,9 @@ int bsr_run(const BSRArgs<CT>& a, int algo) {
   if (algo == NMKERN_ALGO_AUTO) algo = a.batch <= 4 ? NMKERN_ALGO_SMALL_BATCH : NMKERN_ALGO_LARGE_BATCH;
   if (algo == NMKERN_ALGO_LARGE_BATCH) return bsr_large(a);
   const int N = a.block;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  // Dynamic chunks: a descheduled thread on a shared machine holds back one chunk.
+  const int chunk = static_cast<int>(std::max<int64_t>(1, a.block_rows() / (16 * a.nthreads)));
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, chunk)
   for (int64_t br = 0; br < a.block_rows(); ++br) {
     if (N == 4)
       bsr_small_row_n4(a, br);

@@ -43,10 +43,13 @@ inline uint32_t load_u32(const uint8_t* p) {
   return v;
 }
 
-// x (B, K) row-major -> panels: panel p holds batch columns [24p, 24p + width) as a
+// x (B, K) row-major -> panels: panel p holds batch columns [P*p, P*p + width) as a
 // (K, W) row-major block, W = width rounded up to 8 (zero-padded columns), at
-// xt + p * K * kPanel. Column order inside a panel row is the batch order.
-inline void transpose_to_panels(const float* x, int64_t batch, int64_t k, float* xt, int nthreads) {
+// xt + p * K * P (P = panel, the full panel width). Column order inside a panel
+// row is the batch order.
+inline void transpose_to_panels(const float* x, int64_t batch, int64_t k, float* xt, int nthreads,
+                                int64_t panel = kPanel) {
+  const int64_t kPanel = panel;
   const int64_t panels = ceil_div(batch, kPanel);
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
   for (int64_t p = 0; p < panels; ++p) {

@@ -7,9 +7,9 @@
 //   holds the 8 rows' indices, vpsrlvd/vpand unpack them and vpermps picks the 8
 //   matching x values, so 8 kept weights cost ~5 uops and no gather. This path is
 //   bound by reading the packed weight (fp32 values + bits/32 of that in indices).
-// * large batch: x is transposed into (K, 24)-panels; each kept w[o, k] is
-//   broadcast and FMAs the contiguous x[k, 0:24) (3 vectors) into a 4-row x
-//   3-vector register tile. K is blocked (128 inputs = 12 KiB of panel) so the
+// * large batch: x is transposed into (K, 48)-panels; each kept w[o, k] is
+//   broadcast and FMAs the contiguous x[k, 0:48) (6 vectors) into a 2-row x
+//   6-vector register tile. K is blocked (64 inputs = 12 KiB of panel) so the
 //   panel rows the 8 rows of a tile touch stay in L1.
 #include <algorithm>
 
@@ -67,8 +67,11 @@ inline void store_tile_column(const NMArgs& a, int64_t t, int64_t c, const float
 // ------------------------------------------------------------ small-batch AVX2
 // NT: n at compile time (0 = runtime a.n). NC: batch columns per pass (1..4).
 // BIG: m > 8, so a group spans two registers and bit 3 of the index picks one.
+// SMALLM: m <= 4: the group's x values are broadcast to both 128-bit lanes and
+// the in-lane vpermilps (1 uop, 1-cycle latency on Zen 3) selects with index bits
+// [1:0], so no masking is needed; larger m uses the cross-lane vpermps.
 // ACC independent accumulator chains per column hide the 4-cycle FMA latency.
-template <int NT, int NC, bool BIG>
+template <int NT, int NC, bool BIG, bool SMALLM = false>
 void nm_small_tile(const NMArgs& a, const float* xp, int64_t xstride, int64_t t, int64_t c0) {
   constexpr int ACC = NT == 0 ? 1 : (NC == 1 ? 4 : (NC == 2 ? 2 : 1));
   constexpr int UG = NT == 0 ? 1 : std::max(1, ACC / NT);  // groups per unrolled step
@@ -85,22 +88,35 @@ void nm_small_tile(const NMArgs& a, const float* xp, int64_t xstride, int64_t t,
 
   auto group = [&](int64_t g, int u) __attribute__((always_inline)) {
     const float* xg = xp + g * m;
+#ifdef NMKERN_PREFETCH
+    {
+      const char* pv = reinterpret_cast<const char*>(vt + g * n * 8) + NMKERN_PREFETCH;
+      for (int p = 0; p < n * 32; p += 64) _mm_prefetch(pv + p, _MM_HINT_T0);
+    }
+#endif
     __m256 xl[NC], xh[NC];
 #pragma GCC unroll 4
     for (int c = 0; c < NC; ++c) {
-      xl[c] = _mm256_loadu_ps(xg + c * xstride);
-      if (BIG) xh[c] = _mm256_loadu_ps(xg + c * xstride + 8);
+      if (SMALLM) {
+        // m = 2 repeats the pair 4 times: bit 1 of the index (the next lane's bit)
+        // then picks the same pair again, so it needs no mask either.
+        xl[c] = m == 2 ? _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(xg + c * xstride)))
+                       : _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xg + c * xstride));
+      } else {
+        xl[c] = _mm256_loadu_ps(xg + c * xstride);
+        if (BIG) xh[c] = _mm256_loadu_ps(xg + c * xstride + 8);
+      }
     }
 #pragma GCC unroll 8
     for (int s = 0; s < (NT > 0 ? NT : n); ++s) {
       const int64_t j = g * n + s;
       const __m256i word = _mm256_set1_epi32(static_cast<int>(load_u32(it + j * bits)));
-      const __m256i iv = _mm256_and_si256(_mm256_srlv_epi32(word, shifts), mask);
+      const __m256i iv = SMALLM ? _mm256_srlv_epi32(word, shifts) : _mm256_and_si256(_mm256_srlv_epi32(word, shifts), mask);
       const __m256 w = _mm256_loadu_ps(vt + j * 8);
       const int q = NT > 0 ? (u * NT + s) % ACC : 0;
 #pragma GCC unroll 4
       for (int c = 0; c < NC; ++c) {
-        __m256 xs = _mm256_permutevar8x32_ps(xl[c], iv);
+        __m256 xs = SMALLM ? _mm256_permutevar_ps(xl[c], iv) : _mm256_permutevar8x32_ps(xl[c], iv);
         if (BIG) {
           const __m256 hi = _mm256_permutevar8x32_ps(xh[c], iv);
           xs = _mm256_blendv_ps(xs, hi, _mm256_castsi256_ps(_mm256_slli_epi32(iv, 28)));
@@ -126,14 +142,14 @@ void nm_small_tile(const NMArgs& a, const float* xp, int64_t xstride, int64_t t,
   }
 }
 
-template <int NT, bool BIG>
+template <int NT, bool BIG, bool SMALLM>
 void nm_small_tile_columns(const NMArgs& a, const float* xp, int64_t xstride, int64_t t) {
   int64_t c = 0;
-  for (; c + 4 <= a.batch; c += 4) nm_small_tile<NT, 4, BIG>(a, xp + c * xstride, xstride, t, c);
+  for (; c + 4 <= a.batch; c += 4) nm_small_tile<NT, 4, BIG, SMALLM>(a, xp + c * xstride, xstride, t, c);
   switch (a.batch - c) {
-    case 3: nm_small_tile<NT, 3, BIG>(a, xp + c * xstride, xstride, t, c); break;
-    case 2: nm_small_tile<NT, 2, BIG>(a, xp + c * xstride, xstride, t, c); break;
-    case 1: nm_small_tile<NT, 1, BIG>(a, xp + c * xstride, xstride, t, c); break;
+    case 3: nm_small_tile<NT, 3, BIG, SMALLM>(a, xp + c * xstride, xstride, t, c); break;
+    case 2: nm_small_tile<NT, 2, BIG, SMALLM>(a, xp + c * xstride, xstride, t, c); break;
+    case 1: nm_small_tile<NT, 1, BIG, SMALLM>(a, xp + c * xstride, xstride, t, c); break;
     default: break;
   }
 }
@@ -147,51 +163,83 @@ int nm_small_dispatch(const NMArgs& a) {
   if (!xp.p) return NMKERN_ENOMEM;
   for (int64_t c = 0; c < a.batch; ++c) std::memcpy(xp.p + c * xstride, a.x + c * a.k, a.k * sizeof(float));
   const bool big = a.m > 8;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
+  // Dynamic chunks of tiles: on a shared machine a descheduled thread then holds
+  // back one chunk, not half of the rows.
+  const int chunk = static_cast<int>(std::max<int64_t>(1, a.tiles() / (16 * a.nthreads)));
+#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, chunk)
   for (int64_t t = 0; t < a.tiles(); ++t) {
     if (big)
-      nm_small_tile_columns<NT, true>(a, xp.p, xstride, t);
+      nm_small_tile_columns<NT, true, false>(a, xp.p, xstride, t);
+    else if (a.m <= 4)
+      nm_small_tile_columns<NT, false, true>(a, xp.p, xstride, t);
     else
-      nm_small_tile_columns<NT, false>(a, xp.p, xstride, t);
+      nm_small_tile_columns<NT, false, false>(a, xp.p, xstride, t);
   }
   return NMKERN_OK;
 }
 
 // ------------------------------------------------------------ large-batch AVX2
-// Rows 4*half .. 4*half+3 of one tile, groups [g0, g1), V vectors of batch.
-template <int V>
-inline void nm_large_rows(const float* panel, const float* vt, const uint8_t* it, int64_t g0, int64_t g1, int n,
-                          int m, int bits, int half, float* acc_io) {
+// Panel width of the N:M large-batch kernel: 48 batch columns = 6 vectors, so a
+// 2-row x 6-vector register tile (12 accumulators) amortizes one index decode
+// and one broadcast over 6 FMAs; batch tails use 4 rows x <= 3 vectors.
+constexpr int kPanelNM = 48;
+
+// R rows (lanes lane0 .. lane0+R-1) of one tile, groups [g0, g1), V vectors of
+// batch. NT: n at compile time (0 = runtime n_rt).
+template <int V, int NT, int R>
+inline void nm_large_rows(const float* __restrict panel, const float* __restrict vt, const uint8_t* __restrict it,
+                          int64_t g0, int64_t g1, int n_rt, int m, int bits, int lane0, float* __restrict acc_io) {
+  const int n = NT > 0 ? NT : n_rt;
   constexpr int W = 8 * V;
-  __m256 acc[4][V];
-  for (int r = 0; r < 4; ++r)
+  __m256 acc[R][V];
+  for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm256_load_ps(acc_io + r * W + 8 * v);
   const uint32_t mask = (1u << bits) - 1u;
-  const int hshift = half * 4 * bits;
+  const int lshift = lane0 * bits;
   for (int64_t g = g0; g < g1; ++g) {
     const float* xg = panel + g * m * W;
-    for (int s = 0; s < n; ++s) {
+#pragma GCC unroll 8
+    for (int s = 0; s < (NT > 0 ? NT : n); ++s) {
       const int64_t j = g * n + s;
-      const uint32_t word = load_u32(it + j * bits) >> hshift;
-      const float* wj = vt + j * 8 + half * 4;
+      const uint32_t word = load_u32(it + j * bits) >> lshift;
+      const float* wj = vt + j * 8 + lane0;
 #pragma GCC unroll 4
-      for (int r = 0; r < 4; ++r) {
+      for (int r = 0; r < R; ++r) {
         const float* xr = xg + ((word >> (r * bits)) & mask) * W;
         const __m256 wb = _mm256_broadcast_ss(wj + r);
-#pragma GCC unroll 3
+#pragma GCC unroll 6
         for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(wb, _mm256_load_ps(xr + 8 * v), acc[r][v]);
       }
     }
   }
-  for (int r = 0; r < 4; ++r)
+  for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) _mm256_store_ps(acc_io + r * W + 8 * v, acc[r][v]);
 }
 
+template <int V>
+inline void nm_large_tile(const float* panel, const float* vt, const uint8_t* it, int64_t g0, int64_t g1, int n,
+                          int m, int bits, float* acc_io) {
+  constexpr int R = V >= 4 ? 2 : 4;
+  for (int lane0 = 0; lane0 < 8; lane0 += R) {
+    float* out = acc_io + lane0 * 8 * V;
+    switch (n) {
+      case 1: nm_large_rows<V, 1, R>(panel, vt, it, g0, g1, n, m, bits, lane0, out); break;
+      case 2: nm_large_rows<V, 2, R>(panel, vt, it, g0, g1, n, m, bits, lane0, out); break;
+      case 4: nm_large_rows<V, 4, R>(panel, vt, it, g0, g1, n, m, bits, lane0, out); break;
+      default: nm_large_rows<V, 0, R>(panel, vt, it, g0, g1, n, m, bits, lane0, out); break;
+    }
+  }
+}
+
+using NMLargeTileFn = void (*)(const float*, const float*, const uint8_t*, int64_t, int64_t, int, int, int, float*);
+constexpr NMLargeTileFn kNMLargeTile[7] = {nullptr,          nm_large_tile<1>, nm_large_tile<2>, nm_large_tile<3>,
+                                           nm_large_tile<4>, nm_large_tile<5>, nm_large_tile<6>};
+
 int nm_large(const NMArgs& a) {
-  const int64_t panels = ceil_div(a.batch, kPanel);
-  FloatBuf xt(panels * a.k * kPanel);
+  const int64_t panels = ceil_div(a.batch, kPanelNM);
+  FloatBuf xt(panels * a.k * kPanelNM);
   if (!xt.p) return NMKERN_ENOMEM;
-  transpose_to_panels(a.x, a.batch, a.k, xt.p, a.nthreads);
+  transpose_to_panels(a.x, a.batch, a.k, xt.p, a.nthreads, kPanelNM);
 
   const int64_t J = a.slots(), G = a.groups(), tiles = a.tiles();
   // Tiles per work chunk: ~128 KiB of packed weight, re-read from L2 for every panel.
@@ -199,12 +247,14 @@ int nm_large(const NMArgs& a) {
   int64_t chunk = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(tile_bytes, 1));
   chunk = std::min(chunk, std::max<int64_t>(1, ceil_div(tiles, 4 * a.nthreads)));
   const int64_t chunks = ceil_div(tiles, chunk);
-  const int64_t gblock = std::max(1, 128 / a.m);  // 128 inputs x 24 columns x 4 B = 12 KiB of panel
+  // K block: 64 inputs x 48 columns x 4 B = 12 KiB of panel stays in L1 while the
+  // chunk's tiles run over it.
+  const int64_t gblock = std::max(1, 64 / a.m);
   int err = NMKERN_OK;
 
 #pragma omp parallel num_threads(a.nthreads)
   {
-    FloatBuf acc(chunk * 8 * kPanel);
+    FloatBuf acc(chunk * 8 * kPanelNM);
     if (!acc.p) {
 #pragma omp atomic write
       err = NMKERN_ENOMEM;
@@ -214,27 +264,18 @@ int nm_large(const NMArgs& a) {
       if (!acc.p) continue;
       const int64_t t0 = ch * chunk, t1 = std::min(tiles, t0 + chunk);
       for (int64_t p = 0; p < panels; ++p) {
-        const int64_t b0 = p * kPanel;
-        const int64_t width = std::min<int64_t>(kPanel, a.batch - b0);
+        const int64_t b0 = p * kPanelNM;
+        const int64_t width = std::min<int64_t>(kPanelNM, a.batch - b0);
         const int V = static_cast<int>(round_up(width, 8) / 8);
         const int64_t W = 8 * V;
-        const float* panel = xt.p + p * a.k * kPanel;
+        const float* panel = xt.p + p * a.k * kPanelNM;
+        const NMLargeTileFn fn = kNMLargeTile[V];
         std::memset(acc.p, 0, (t1 - t0) * 8 * W * sizeof(float));
         for (int64_t g0 = 0; g0 < G; g0 += gblock) {
           const int64_t g1 = std::min(G, g0 + gblock);
-          for (int64_t t = t0; t < t1; ++t) {
-            const float* vt = a.values + t * J * 8;
-            const uint8_t* it = a.index_bytes + t * J * a.bits;
-            for (int half = 0; half < 2; ++half) {
-              float* out = acc.p + ((t - t0) * 8 + half * 4) * W;
-              if (V == 3)
-                nm_large_rows<3>(panel, vt, it, g0, g1, a.n, a.m, a.bits, half, out);
-              else if (V == 2)
-                nm_large_rows<2>(panel, vt, it, g0, g1, a.n, a.m, a.bits, half, out);
-              else
-                nm_large_rows<1>(panel, vt, it, g0, g1, a.n, a.m, a.bits, half, out);
-            }
-          }
+          for (int64_t t = t0; t < t1; ++t)
+            fn(panel, a.values + t * J * 8, a.index_bytes + t * J * a.bits, g0, g1, a.n, a.m, a.bits,
+               acc.p + (t - t0) * 8 * W);
         }
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t rows = std::min<int64_t>(8, a.out_features - t * 8);
