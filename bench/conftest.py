@@ -1,16 +1,23 @@
 """Collect ``bench_*.py`` files when pytest is pointed at bench/ (``pytest bench/ --benchmark-only``).
 
-The project's ``testpaths = ["tests"]`` keeps a plain ``pytest`` away from here.
+pyproject's ``python_files`` already lists ``bench_*.py``; this hook only steps in
+when it does not (so a config change cannot silently empty the benchmark run),
+and never collects a file twice. ``testpaths = ["tests"]`` keeps a plain
+``pytest`` away from bench/.
 """
 
 from __future__ import annotations
+
+import fnmatch
 
 import pytest
 
 
 def pytest_collect_file(file_path, parent):
-    # Files named on the command line are collected by pytest itself; only add the rest.
-    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
-            and not parent.session.isinitpath(file_path)):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
+    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    if parent.session.isinitpath(file_path):
+        return None  # named on the command line: pytest collects it itself
+    if any(fnmatch.fnmatch(file_path.name, pat) for pat in parent.config.getini("python_files")):
+        return None  # pytest's own python_files rule collects it
+    return pytest.Module.from_parent(parent, path=file_path)

@@ -127,6 +127,13 @@ class _SparseLayer(nn.Module):
         for name in _CACHES:
             self.__dict__[name] = None
 
+    def __getstate__(self):
+        # pickle / deepcopy: caches may hold native handles (ctypes) and are rebuilt on demand
+        state = self.__dict__.copy()
+        for name in _CACHES:
+            state[name] = None
+        return state
+
     def _apply(self, fn, recurse=True):
         self._clear_caches()  # .to(), .half(), .cuda(): caches follow the buffers lazily
         return super()._apply(fn, recurse)
