@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -48,7 +47,6 @@ from nmkern.gap import gap_train  # noqa: E402
 from nmkern.masking import (  # noqa: E402
     MaskSet,
     TrainConfig,
-    compute_mask,
     prunable_layers,
     resolve_targets,
     train_masked,
