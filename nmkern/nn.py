@@ -314,9 +314,11 @@ class _SparseLayer(nn.Module):
                 self._packed_shell(shapes)
         elif prefix + "weight" in state_dict and self._packed:
             self._training_shell()
-        elif (prefix + "weight" in state_dict and self.pattern is Pattern.ONE_BY_N
-              and getattr(self, "weight_mask", None) is None):
-            self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=self.device))
+        elif prefix + "weight" in state_dict and self.pattern is Pattern.ONE_BY_N:
+            if self._buffers.get("weight_mask") is None:  # an N:M module taking a 1xN training state
+                self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=self.device))
+        elif prefix + "weight" in state_dict:
+            self._buffers.pop("weight_mask", None)  # a 1xN module taking an N:M training state
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._clear_caches()

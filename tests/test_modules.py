@@ -109,6 +109,19 @@ def test_linear_state_dict_round_trips():
         assert back.keys() == packed_sd.keys()
 
 
+def test_state_dict_across_patterns_adopts_the_saved_config():
+    x = torch.randn(2, 32)
+    src_1xn = nmkern.SparseLinear(32, 16, pattern="1xn", block=2, sparsity=0.25)
+    dst = nmkern.SparseLinear(32, 16)  # 2:4, no mask buffer
+    dst.load_state_dict(src_1xn.state_dict())
+    assert (dst.pattern, dst.block, dst.sparsity) == (nmkern.Pattern.ONE_BY_N, 2, 0.25)
+    assert torch.equal(dst.weight_mask, src_1xn.weight_mask) and torch.equal(dst(x), src_1xn(x))
+    src_nm = nmkern.SparseLinear(32, 16, n=1, m=8)
+    dst.load_state_dict(src_nm.state_dict())  # back to N:M: the 1xN mask buffer goes
+    assert (dst.pattern, dst.n, dst.m) == (nmkern.Pattern.NM, 1, 8) and "weight_mask" not in dict(dst.named_buffers())
+    assert torch.equal(dst(x), src_nm(x))
+
+
 def test_packed_bytes_below_dense_for_real_patterns():
     # (pattern, dtype, packed bytes of a 128x256 weight from the format definitions)
     cases = [
