@@ -55,7 +55,7 @@ class DemoConfig:
     oneshot: tuple[str, ...]  # uniform patterns evaluated without retraining
     latency_batches: tuple[int, ...]
     latency_seconds: float  # timing budget per batch size (sets the repeats)
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 3e-3
     sparse_lr: float = 1e-3
     budget: float = 0.875
@@ -75,10 +75,10 @@ class DemoConfig:
     threads: int = 1
 
 
-FULL = DemoConfig(quick=False, dense_epochs=30, sparse_epochs=20, baselines=("2:4", "1:4", "1:8"),
+FULL = DemoConfig(quick=False, dense_epochs=30, sparse_epochs=15, baselines=("2:4", "1:4", "1:8"),
                   oneshot=("2:4", "1:8"), latency_batches=(1, 8, 64, 256, 1024), latency_seconds=3.0)
-QUICK = DemoConfig(quick=True, dense_epochs=8, sparse_epochs=4, baselines=("1:8",), oneshot=(),
-                   latency_batches=(1, 64, 512), latency_seconds=0.6)
+QUICK = DemoConfig(quick=True, dense_epochs=10, sparse_epochs=4, baselines=("1:8",), oneshot=(),
+                   latency_batches=(1, 64, 512), latency_seconds=0.6, sparse_lr=2e-3)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -401,8 +401,15 @@ def run_demo(out_dir: str | os.PathLike = "nmkern-demo", *, quick: bool = False,
     """Run the demo and write its report; returns the results dict (also ``results.json``)."""
     cfg = config or (QUICK if quick else FULL)
     cfg = dataclasses.replace(cfg, seed=seed, threads=threads or cfg.threads)
+    before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    out = Path(out_dir)
+    try:
+        return _run(cfg, Path(out_dir), progress, command)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: DemoConfig, out: Path, progress: bool, command: str | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     secs: dict[str, float] = {}
     t_start = time.perf_counter()
