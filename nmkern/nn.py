@@ -15,6 +15,9 @@ Each module has two forms.
   runs (never in the ``state_dict``). Each call goes where
   :func:`nmkern.dispatch.choose_linear_backend` says; where no sparse kernel wins,
   the dense op runs on a cached decompressed weight (never slower than dense).
+Each layer remembers its decision per (backend, device, GEMM rows); ``NMKERN_BACKEND``
+is read when a layer first meets an input size (``.to()``, ``pack()`` and
+``load_state_dict`` forget the decisions).
 
 ``state_dict`` round trips for both forms into a fresh module: the config rides in
 the extra state, and loading a packed state into a training-form module (or the
@@ -85,7 +88,12 @@ def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Patter
     return None
 
 
-_CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache")
+# Per-module caches, rebuilt on demand; cleared by pack/load/.to()/.half() and never saved.
+_CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache", "_info_cache", "_path_cache")
+# Decisions remembered per module (distinct input row counts seen); the memo keeps
+# the per-call dispatch cost to a dict lookup (building LayerInfo and deciding cost
+# ~100 us per call on this machine, more than a small dense GEMM).
+_PATH_MEMO_SIZE = 256
 
 
 class _SparseLayer(nn.Module):
@@ -155,9 +163,13 @@ class _SparseLayer(nn.Module):
         return self._weight_tensor().device
 
     def _layer_info(self) -> LayerInfo:
-        return LayerInfo(op=self._op, pattern=self.pattern.value, n=self.n, m=self.m, block=self.block,
-                         sparsity=self.sparsity, in_features=self._gemm_k(), out_features=self.weight_shape[0],
-                         dtype=self.dtype, semi24_fits=self._semi24_fits())
+        info = self._info_cache
+        if info is None:
+            info = LayerInfo(op=self._op, pattern=self.pattern.value, n=self.n, m=self.m, block=self.block,
+                             sparsity=self.sparsity, in_features=self._gemm_k(), out_features=self.weight_shape[0],
+                             dtype=self.dtype, semi24_fits=self._semi24_fits())
+            self.__dict__["_info_cache"] = info
+        return info
 
     def _semi24_fits(self) -> bool:
         o, k = self.weight_shape[0], self._gemm_k()
@@ -348,16 +360,31 @@ class _SparseLayer(nn.Module):
         return self._cslt_cache
 
     def _choose(self, x: torch.Tensor, rows: int) -> ExecPath:
-        return dispatch.choose_linear_backend(self.backend, x, self._layer_info(), rows)
+        if torch.compiler.is_compiling():  # decided once at trace time anyway
+            return dispatch.choose_linear_backend(self.backend, x, self._layer_info(), rows)
+        # Environment variables (NMKERN_BACKEND, TRITON_INTERPRET) are read on a memo miss only:
+        # os.environ lookups cost more than the rest of this function.
+        key = (self.backend, x.device, rows)
+        memo = self._path_cache
+        if memo is None:
+            memo = self.__dict__["_path_cache"] = {}
+        path = memo.get(key)
+        if path is None:
+            path = dispatch.choose_linear_backend(self.backend, x, self._layer_info(), rows)
+            if len(memo) >= _PATH_MEMO_SIZE:
+                memo.clear()
+            memo[key] = path
+        return path
 
     def _check_device_dtype(self, op: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{op}: input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"{op}: input has dtype {x.dtype} but the layer's weight is {self.dtype}; "
-                            f"cast the input with .to({self.dtype}) or the layer with .to(dtype)")
-        if x.device != self.device:
-            raise ValueError(f"{op}: input is on {x.device} but the layer is on {self.device}; "
+        w = self._weight_tensor()
+        if x.dtype != w.dtype:
+            raise TypeError(f"{op}: input has dtype {x.dtype} but the layer's weight is {w.dtype}; "
+                            f"cast the input with .to({w.dtype}) or the layer with .to(dtype)")
+        if x.device != w.device:
+            raise ValueError(f"{op}: input is on {x.device} but the layer is on {w.device}; "
                              "move one of them with .to(device)")
 
     def _sparse_repr(self) -> str:

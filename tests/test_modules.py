@@ -245,6 +245,26 @@ def test_dispatch_hooks_reach_the_native_cpu_kernel(monkeypatch):
     assert torch.equal(sl(x8), F.linear(x8, w, lin.bias)) and len(calls) == 2
 
 
+def test_dispatch_decision_is_remembered_per_input_size(monkeypatch):
+    decisions = []
+    real = dispatch.choose_linear_backend
+
+    def counting(requested, x, layer, rows=None):
+        decisions.append((str(requested), rows))
+        return real(requested, x, layer, rows)
+
+    monkeypatch.setattr(dispatch, "choose_linear_backend", counting)
+    sl = nmkern.SparseLinear.from_dense(_linear(in_f=32, out_f=16)).pack()
+    for _ in range(3):
+        sl(torch.randn(2, 32))
+    sl(torch.randn(5, 32))
+    sl.backend = "reference"
+    sl(torch.randn(5, 32))
+    sl.float()  # .to()/.float() forget the decisions (dtype or device may have changed)
+    sl(torch.randn(5, 32))
+    assert decisions == [("auto", 2), ("auto", 5), ("reference", 5), ("reference", 5)]
+
+
 # --------------------------------------------------------------------------- SparseConv2d
 
 
