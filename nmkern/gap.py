@@ -298,19 +298,23 @@ class _GaPBase:
         history: list[dict] = []
         pending: dict[int, dict] = {}
         start = 0
-        if checkpoint_dir and resume:
+        ck, path = None, None
+        if checkpoint_dir and resume and dist_ctx.is_writer:
             path = self._latest_checkpoint(checkpoint_dir)
             if path is not None:
                 ck = torch.load(path, map_location="cpu", weights_only=False)
-                if ck.get("fingerprint") != fingerprint:
-                    raise ValueError(
-                        f"{op}: checkpoint {path} was written by a run with a different configuration; "
-                        f"use another checkpoint_dir or resume=False to start over"
-                    )
-                model.load_state_dict(ck["model"])
-                masks.load(ck["masks"])
-                history, pending, start = ck["history"], ck["pending"], ck["next"]
-                log.info("%s: resuming from %s at phase %d/%d", op, path, start, len(phases))
+        # Rank 0 reads; every rank resumes from what it read (checkpoint_dir need not be shared).
+        ck, path = dist_ctx.broadcast_object((ck, path))
+        if ck is not None:
+            if ck.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"{op}: checkpoint {path} was written by a run with a different configuration; "
+                    f"use another checkpoint_dir or resume=False to start over"
+                )
+            model.load_state_dict(ck["model"])
+            masks.load(ck["masks"])
+            history, pending, start = ck["history"], ck["pending"], ck["next"]
+            log.info("%s: resuming from %s at phase %d/%d", op, path, start, len(phases))
         dist_ctx.sync_model(model)  # every rank starts from rank 0's weights
 
         def checkpoint(index):
@@ -505,6 +509,14 @@ class _DistContext:
         # integer buffers below 2**53 (BatchNorm's num_batches_tracked).
         return [k for k, t in model.state_dict().items() if t.is_floating_point() or t.dtype in
                 (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)]
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (pickled; used once, for the resume checkpoint)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def sync_model(self, model: nn.Module) -> None:
         """Broadcast rank 0's state to every rank."""

@@ -207,7 +207,7 @@ from nmkern.gap import PGaP
 torch.set_num_threads(1)  # same thread count as the fallback run: identical float sums
 model = tiny_model()
 # torchrun sets WORLD_SIZE/RANK/MASTER_ADDR: PGaP.run creates the gloo process group itself.
-res = PGaP(**_pgap_config()).run(model, tiny_data(), progress=False)
+res = PGaP(**_pgap_config()).run(model, tiny_data(), checkpoint_dir=os.path.join({out_dir!r}, "ckpt"), progress=False)
 torch.save({{"state": model.state_dict(), "masks": res.masks}}, os.path.join({out_dir!r}, "rank%s.pt" % os.environ["RANK"]))
 """
 
@@ -231,6 +231,8 @@ def test_pgap_two_gloo_ranks_equal_the_single_process_fallback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # rank 0 checkpointed the initial prune, both merges and the fine-tune (phases 0, 3, 6, 7)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [f"phase_{i:04d}.pt" for i in (0, 3, 6, 7)]
     state, res = _fallback_pgap()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
