@@ -276,7 +276,10 @@ class _SparseLayer(nn.Module):
         self._drop_weight()
         self._packed = True
         self._clear_caches()
-        dispatch.cpu_kernels(), dispatch.cuda_kernels()  # look the native kernels up now, outside any compile
+        # Look the native kernels up now, outside any torch.compile trace.
+        if dispatch.cpu_kernels() is not None and self.device.type == "cpu":
+            _cpu_runner()
+        dispatch.cuda_kernels()
         return self
 
     def _packed_shell(self, shapes: dict) -> None:
@@ -371,6 +374,8 @@ class _SparseLayer(nn.Module):
         path = memo.get(key)
         if path is None:
             path = dispatch.choose_linear_backend(self.backend, x, self._layer_info(), rows)
+            if path is ExecPath.CPU:
+                _cpu_runner()  # built eagerly, never while Dynamo traces
             if len(memo) >= _PATH_MEMO_SIZE:
                 memo.clear()
             memo[key] = path
@@ -488,10 +493,24 @@ class SparseLinear(_SparseLayer):
                 + self._sparse_repr())
 
 
-@torch.compiler.disable
 def _run_cpu(layer: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
+    return _cpu_runner()(layer, x)
+
+
+_CPU_RUNNER = []
+
+
+def _cpu_runner():
     # The native CPU kernels are ctypes calls on a prepared handle: opaque to Dynamo,
-    # so under torch.compile they run eagerly (one graph break per layer).
+    # so under torch.compile they run eagerly (one graph break per layer). The
+    # torch.compiler.disable wrapper is made on first use, not at import: it imports
+    # torch._dynamo (seconds), which `import nmkern` should not pay for.
+    if not _CPU_RUNNER:
+        _CPU_RUNNER.append(torch.compiler.disable(_run_cpu_eager))
+    return _CPU_RUNNER[0]
+
+
+def _run_cpu_eager(layer: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
     cpu = dispatch.cpu_kernels()
     if layer._cpu_cache is None:
         dense = layer._dense_cached()
