@@ -3,7 +3,8 @@
 ``setup.py`` builds ``nmkern/_lib/libnmkern_cpu_<isa>.so`` for ``avx512``, ``avx2``
 and ``generic``; :func:`available` loads the best one the running CPU supports
 (asked through the generic library's cpuid query), or the one named by
-``NMKERN_CPU_ISA=avx512|avx2|generic``. A missing or broken library makes
+``NMKERN_CPU_ISA=avx512|avx2|generic``; ``NMKERN_CPU_THREADING=pool|openmp``
+picks the threading of the C kernels (pool by default, see ``ENV_THREADING``). A missing or broken library makes
 :func:`available` return False with one warning; nothing here raises at import.
 
 Every pointer handed to C comes from a tensor this module checked (dtype, device,
@@ -30,6 +31,12 @@ from .reference.nm_pack import index_bits
 ABI_VERSION = 1  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
 ENV_ISA = "NMKERN_CPU_ISA"
+# Threading of the C kernels: "pool" (default): a work-claiming pool whose caller
+# never waits for a worker the OS has not scheduled yet; "openmp": an OpenMP
+# parallel for (its end barrier waits for every thread: on the loaded 2-core
+# machine ~30 ms per call for a 0.1 ms layer).
+ENV_THREADING = "NMKERN_CPU_THREADING"
+THREADING_MODES = {"pool": 0, "openmp": 1}
 
 
 class CpuIsa(str, enum.Enum):
@@ -58,6 +65,10 @@ class Algo(enum.IntEnum):
 
 
 _ERRORS = {1: "invalid argument", 2: "out of memory"}
+# Below this many multiply-adds per call the kernel runs on one thread: ~0.1 ms of
+# single-core work, less than an OpenMP wake-up on a busy 2-core machine
+# (1536x384 2:4 at batch 1: 0.08 ms on 1 thread, 0.15 ms median on 2).
+SINGLE_THREAD_MACS = 1 << 20
 _lock = threading.Lock()
 _state: dict = {"tried": False, "lib": None, "isa": None, "error": None}
 
@@ -75,6 +86,10 @@ def _declare(lib) -> None:
     for name in ("nmkern_cpu_supports_avx2", "nmkern_cpu_supports_avx512"):
         getattr(lib, name).restype = c_int
         getattr(lib, name).argtypes = []
+    lib.nmkern_cpu_set_threading.restype = c_int
+    lib.nmkern_cpu_set_threading.argtypes = [c_int]
+    lib.nmkern_cpu_get_threading.restype = c_int
+    lib.nmkern_cpu_get_threading.argtypes = []
     lib.nmkern_nm_linear_f32.restype = c_int
     lib.nmkern_nm_linear_f32.argtypes = [c_vp, c_i64, c_i64, c_vp, c_vp, c_i64, c_int, c_int, c_vp, c_vp, c_int, c_int]
     lib.nmkern_bsr_linear_f32.restype = c_int
@@ -126,6 +141,10 @@ def _load():
             else:
                 isa = _best_isa(generic)
             lib = generic if isa is CpuIsa.GENERIC else _open(isa)
+            threading_name = os.environ.get(ENV_THREADING, "pool").strip().lower() or "pool"
+            if threading_name not in THREADING_MODES:
+                raise OSError(f"{ENV_THREADING}={threading_name!r} is not one of {list(THREADING_MODES)}")
+            lib.nmkern_cpu_set_threading(THREADING_MODES[threading_name])
             _state.update(lib=lib, isa=isa)
         except OSError as e:
             _state["error"] = str(e)
@@ -223,6 +242,13 @@ class CpuLinear:
         return sum(t.numel() * t.element_size() for t in self._t.values())
 
     @property
+    def kept_macs_per_row(self) -> int:
+        """Multiply-adds per input row (stored weights)."""
+        if self.kind is SparseKind.NM:
+            return self.out_features * self.in_features * self.n // self.m
+        return self._t["values"].numel()
+
+    @property
     def density(self) -> float:
         """Stored weights / dense weights (1xN: stored blocks; N:M: n/m)."""
         if self.kind is SparseKind.NM:
@@ -260,7 +286,14 @@ class CpuLinear:
         y = torch.empty(batch, self.out_features, dtype=torch.float32)
         if batch == 0:
             return y
-        threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+        if num_threads is not None:
+            threads = int(num_threads)
+        elif self.kept_macs_per_row * batch < SINGLE_THREAD_MACS:
+            # Waking an OpenMP worker costs more than the work (and on a loaded
+            # machine a sleeping worker can wait milliseconds for a core).
+            threads = 1
+        else:
+            threads = torch.get_num_threads()
         t = self._t
         with torch.no_grad():
             if self.kind is SparseKind.NM:
@@ -386,3 +419,56 @@ def prepare_cpu_conv2d(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: i
             )
     rows = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
     return CpuConv2d(tuple(w.shape), _prepare_rows(op, rows, kind, n, m, block))
+
+
+# ---------------------------------------------------------------- dispatch decision
+# Measured crossovers: the largest batch (rows of x) at which the sparse kernel's
+# median time stayed clearly below dense F.linear (ratio <= ~0.9), at 4096x4096 and at
+# the MiniLM shapes 384x1536 / 1536x384. Measured with
+#   python bench/cpu_ratio_table.py --minilm --batches 1,4,16,64,128,256
+# on the 2-core AMD EPYC (Zen 3, AVX2) CI machine, 2 threads on both sides, while
+# other jobs loaded the machine (medians of interleaved calls). Rows per density:
+#   2:4       (density 0.50): 4096^2 ratios 0.23 (b4) .. 0.58 (b64) .. 0.82 (b256); MiniLM
+#             1536x384 at b128 1.19, 384x1536 at b128 1.32 -> max 64 rows.
+#   1:4       (density 0.25): 4096^2 0.15 .. 0.62 (b256); MiniLM <= ~1.0 up to b512 -> 256.
+#   1x4 @ 75% (density 0.25): 4096^2 0.22 .. 0.68 (b256); MiniLM 0.4 .. 1.0 -> 256.
+_MAX_ROWS = (  # (kind, highest density of the class, largest batch that wins)
+    (SparseKind.NM, 0.25, 256),
+    (SparseKind.NM, 0.50, 64),
+    (SparseKind.ONE_BY_N, 0.25, 256),
+    (SparseKind.ONE_BY_N, 0.50, 32),
+)
+# Below ~256K weights a dense GEMV takes a few microseconds and the ctypes call plus
+# packing of x costs about as much: stay dense.
+MIN_WEIGHTS = 1 << 18
+
+
+def cpu_beats_dense(kind, n: int, m: int, block: int, sparsity: float, batch: int, out_features: int,
+                    in_features: int) -> bool:
+    """True where the CPU kernel measured faster than dense ``F.linear`` for this layer and batch.
+
+    ``batch`` is the number of rows of the GEMM (tokens, or B*OH*OW for a conv);
+    ``in_features`` is K (``I*kh*kw`` for a conv). Conservative: False for anything
+    the table above does not cover, for the portable (non-SIMD) library, and when
+    the library is unavailable.
+    """
+    try:
+        kind = SparseKind(kind.value if isinstance(kind, enum.Enum) else str(kind).lower())
+    except ValueError:
+        return False
+    if not available() or _state["isa"] not in (CpuIsa.AVX2, CpuIsa.AVX512):
+        return False
+    if batch < 1 or out_features * in_features < MIN_WEIGHTS:
+        return False
+    if kind is SparseKind.NM:
+        if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m <= 16):
+            return False
+        density = n / m
+    else:
+        if not isinstance(block, int) or block < 4 or block % 4 or out_features % block:
+            return False  # blocks of 1-3 rows run the scalar path
+        density = 1.0 - float(sparsity)
+    for k, max_density, max_rows in _MAX_ROWS:
+        if k is kind and density <= max_density + 1e-9:
+            return batch <= max_rows
+    return False

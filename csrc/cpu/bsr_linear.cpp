@@ -156,8 +156,8 @@ int bsr_large(const BSRArgs<CT>& a) {
   int64_t chunk = std::max<int64_t>(1, (128 << 10) / row_bytes);
   chunk = std::min(chunk, std::max<int64_t>(1, ceil_div(BR, 4 * a.nthreads)));
   const int64_t chunks = ceil_div(BR, chunk);
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, 1)
-  for (int64_t ch = 0; ch < chunks; ++ch) {
+  parallel_for(chunks, 1, a.nthreads, [&](int64_t ch_begin, int64_t ch_end) {
+  for (int64_t ch = ch_begin; ch < ch_end; ++ch) {
     alignas(32) float out[4 * kPanel];
     const int64_t br0 = ch * chunk, br1 = std::min(BR, br0 + chunk);
     for (int64_t p = 0; p < panels; ++p) {
@@ -185,6 +185,7 @@ int bsr_large(const BSRArgs<CT>& a) {
       }
     }
   }
+  });
   return NMKERN_OK;
 }
 #endif  // NMKERN_HAVE_AVX2
@@ -196,21 +197,24 @@ int bsr_run(const BSRArgs<CT>& a, int algo) {
   if (algo == NMKERN_ALGO_LARGE_BATCH) return bsr_large(a);
   const int N = a.block;
   // Dynamic chunks: a descheduled thread on a shared machine holds back one chunk.
-  const int chunk = static_cast<int>(std::max<int64_t>(1, a.block_rows() / (16 * a.nthreads)));
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, chunk)
-  for (int64_t br = 0; br < a.block_rows(); ++br) {
-    if (N == 4)
-      bsr_small_row_n4(a, br);
-    else if (N % 8 == 0)
-      bsr_small_row_n8k(a, br);
-    else
-      bsr_small_generic_row(a, br);
-  }
+  const int64_t chunk = std::max<int64_t>(1, a.block_rows() / (16 * a.nthreads));
+  parallel_for(a.block_rows(), chunk, a.nthreads, [&](int64_t r0, int64_t r1) {
+    for (int64_t br = r0; br < r1; ++br) {
+      if (N == 4)
+        bsr_small_row_n4(a, br);
+      else if (N % 8 == 0)
+        bsr_small_row_n8k(a, br);
+      else
+        bsr_small_generic_row(a, br);
+    }
+  });
   return NMKERN_OK;
 #else
   (void)algo;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
-  for (int64_t br = 0; br < a.block_rows(); ++br) bsr_small_generic_row(a, br);
+  parallel_for(a.block_rows(), std::max<int64_t>(1, a.block_rows() / (16 * a.nthreads)), a.nthreads,
+               [&](int64_t r0, int64_t r1) {
+                 for (int64_t br = r0; br < r1; ++br) bsr_small_generic_row(a, br);
+               });
   return NMKERN_OK;
 #endif
 }

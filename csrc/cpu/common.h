@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "parallel.h"
+
 #if defined(NMKERN_ISA_AVX2) || defined(NMKERN_ISA_AVX512)
 #include <immintrin.h>
 #define NMKERN_HAVE_AVX2 1
@@ -51,9 +53,10 @@ inline void transpose_to_panels(const float* x, int64_t batch, int64_t k, float*
                                 int64_t panel = kPanel) {
   const int64_t kPanel = panel;
   const int64_t panels = ceil_div(batch, kPanel);
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
-  for (int64_t p = 0; p < panels; ++p) {
-    for (int64_t k0 = 0; k0 < k; k0 += 256) {
+  const int64_t kblocks = ceil_div(k, 256);
+  parallel_for(panels * kblocks, 1, nthreads, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / kblocks, k0 = item % kblocks * 256;
       const int64_t b0 = p * kPanel;
       const int64_t width = std::min<int64_t>(kPanel, batch - b0);
       const int64_t w = round_up(width, 8);
@@ -65,7 +68,7 @@ inline void transpose_to_panels(const float* x, int64_t batch, int64_t k, float*
         for (int64_t c = width; c < w; ++c) row[c] = 0.0f;
       }
     }
-  }
+  });
 }
 
 }  // namespace nmkern

@@ -1,6 +1,25 @@
 // Library identity and cpuid queries (every ISA variant exports them; the Python
 // loader asks the generic library which variant the running CPU can execute).
+#include <atomic>
+
 #include "nmkern_cpu.h"
+#include "parallel.h"
+
+namespace {
+std::atomic<int> g_threading{0};
+}
+
+namespace nmkern {
+Threading threading_mode() { return static_cast<Threading>(g_threading.load(std::memory_order_relaxed)); }
+}  // namespace nmkern
+
+extern "C" int nmkern_cpu_set_threading(int mode) {
+  if (mode != 0 && mode != 1) return NMKERN_EBADARG;
+  g_threading.store(mode);
+  return NMKERN_OK;
+}
+
+extern "C" int nmkern_cpu_get_threading(void) { return g_threading.load(); }
 
 extern "C" int nmkern_cpu_abi_version(void) { return NMKERN_CPU_ABI_VERSION; }
 

@@ -46,8 +46,9 @@ inline void store_tile_column(const NMArgs& a, int64_t t, int64_t c, const float
 [[maybe_unused]] void nm_linear_generic(const NMArgs& a) {
   const int64_t J = a.slots();
   const uint32_t mask = (1u << a.bits) - 1u;
-#pragma omp parallel for num_threads(a.nthreads) schedule(static)
-  for (int64_t t = 0; t < a.tiles(); ++t) {
+  parallel_for(a.tiles(), std::max<int64_t>(1, a.tiles() / (16 * a.nthreads)), a.nthreads,
+               [&](int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
     const float* vt = a.values + t * J * 8;
     const uint8_t* it = a.index_bytes + t * J * a.bits;
     for (int64_t c = 0; c < a.batch; ++c) {
@@ -61,6 +62,7 @@ inline void store_tile_column(const NMArgs& a, int64_t t, int64_t c, const float
       store_tile_column(a, t, c, acc);
     }
   }
+  });
 }
 
 #ifdef NMKERN_HAVE_AVX2
@@ -165,16 +167,17 @@ int nm_small_dispatch(const NMArgs& a) {
   const bool big = a.m > 8;
   // Dynamic chunks of tiles: on a shared machine a descheduled thread then holds
   // back one chunk, not half of the rows.
-  const int chunk = static_cast<int>(std::max<int64_t>(1, a.tiles() / (16 * a.nthreads)));
-#pragma omp parallel for num_threads(a.nthreads) schedule(dynamic, chunk)
-  for (int64_t t = 0; t < a.tiles(); ++t) {
-    if (big)
-      nm_small_tile_columns<NT, true, false>(a, xp.p, xstride, t);
-    else if (a.m <= 4)
-      nm_small_tile_columns<NT, false, true>(a, xp.p, xstride, t);
-    else
-      nm_small_tile_columns<NT, false, false>(a, xp.p, xstride, t);
-  }
+  const int64_t chunk = std::max<int64_t>(1, a.tiles() / (16 * a.nthreads));
+  parallel_for(a.tiles(), chunk, a.nthreads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (big)
+        nm_small_tile_columns<NT, true, false>(a, xp.p, xstride, t);
+      else if (a.m <= 4)
+        nm_small_tile_columns<NT, false, true>(a, xp.p, xstride, t);
+      else
+        nm_small_tile_columns<NT, false, false>(a, xp.p, xstride, t);
+    }
+  });
   return NMKERN_OK;
 }
 
@@ -250,18 +253,15 @@ int nm_large(const NMArgs& a) {
   // K block: 64 inputs x 48 columns x 4 B = 12 KiB of panel stays in L1 while the
   // chunk's tiles run over it.
   const int64_t gblock = std::max(1, 64 / a.m);
-  int err = NMKERN_OK;
+  std::atomic<int> err{NMKERN_OK};
 
-#pragma omp parallel num_threads(a.nthreads)
-  {
+  parallel_for(chunks, 1, a.nthreads, [&](int64_t ch_begin, int64_t ch_end) {
     FloatBuf acc(chunk * 8 * kPanelNM);
     if (!acc.p) {
-#pragma omp atomic write
-      err = NMKERN_ENOMEM;
+      err.store(NMKERN_ENOMEM);
+      return;
     }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      if (!acc.p) continue;
+    for (int64_t ch = ch_begin; ch < ch_end; ++ch) {
       const int64_t t0 = ch * chunk, t1 = std::min(tiles, t0 + chunk);
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t b0 = p * kPanelNM;
@@ -288,8 +288,8 @@ int nm_large(const NMArgs& a) {
         }
       }
     }
-  }
-  return err;
+  });
+  return err.load();
 }
 #endif  // NMKERN_HAVE_AVX2
 
