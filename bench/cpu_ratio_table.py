@@ -2,8 +2,8 @@
 
 Each (case, shape, batch) point alternates dense and sparse calls (the order
 flips every repeat) in one process, with the same thread count on both sides
-(torch.get_num_threads() for MKL/oneDNN, the same number of OpenMP threads for
-nmkern), and reports the ratio of medians plus the ratio of minima (the minima
+(torch.get_num_threads() for MKL/oneDNN, the same number of threads for
+nmkern's kernels), and reports the ratio of medians plus the ratio of minima (the minima
 are less disturbed by other processes on a shared machine).
 
     python bench/cpu_ratio_table.py                       # issue table, 4096x4096, batch 1/16/256
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         tokens = [1, 8, 32, 128, 512]
         shapes += [(1536, 384, tokens), (384, 1536, tokens)]
     print(f"CPU: {cpu_model()}; nmkern ISA: {_cpu.isa()}; threads: {args.threads} (torch.set_num_threads "
-          f"and nmkern OpenMP); torch {torch.__version__}")
+          f"and nmkern's threads); torch {torch.__version__}")
     rows = []
     for out_f, in_f, bs in shapes:
         for case in cases:

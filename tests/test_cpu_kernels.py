@@ -149,6 +149,38 @@ def test_conv2d_matches_reference(isa, kind, n, m, block, stride, padding, dilat
     assert (y.double() - ref64).abs().max().item() <= _tolerance(ref32, ref64)
 
 
+@pytest.mark.parametrize("threading", ["openmp", "pool"])
+def test_threading_modes_match(monkeypatch, threading):
+    monkeypatch.setenv("NMKERN_CPU_THREADING", threading)
+    _cpu._reset()
+    try:
+        assert _cpu._load().nmkern_cpu_get_threading() == _cpu.THREADING_MODES[threading]
+        g = torch.Generator().manual_seed(3)
+        for kind, n, m, block in (("nm", 2, 4, 0), ("1xn", 0, 0, 4)):
+            w0 = torch.randn(64, 96, generator=g)
+            w = nmkern.apply_nm(w0, n, m) if kind == "nm" else w0 * nmkern.block_mask_1xn(w0, block, 0.5)
+            layer = _cpu.prepare_cpu_linear(w, kind, n, m, block)
+            for batch in (1, 5, 61):
+                x = torch.randn(batch, 96, generator=g)
+                for algo in _cpu.Algo:
+                    y = layer(x, None, algo=algo, num_threads=2)
+                    assert torch.allclose(y, F.linear(x, w), rtol=1e-4, atol=1e-4)
+    finally:
+        monkeypatch.delenv("NMKERN_CPU_THREADING")
+        _cpu._reset()
+
+
+def test_bad_threading_env_warns(monkeypatch):
+    monkeypatch.setenv("NMKERN_CPU_THREADING", "tbb")
+    _cpu._reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="NMKERN_CPU_THREADING='tbb' is not one of"):
+            assert not _cpu.available()
+    finally:
+        monkeypatch.delenv("NMKERN_CPU_THREADING")
+        _cpu._reset()
+
+
 # ---------------------------------------------------------------- layouts (exact)
 @pytest.mark.parametrize("n,m,rows,k", [(2, 4, 13, 40), (1, 4, 8, 16), (3, 8, 9, 48), (5, 16, 17, 64), (1, 2, 3, 6),
                                         (2, 3, 10, 9)])
