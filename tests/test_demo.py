@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import pytest
 import torch
 
 from nmkern.cli import main
@@ -34,7 +35,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     scheme = Scheme.load(out / "scheme.json")
     assert scheme.param_sparsity >= 0.875 - 1e-3
-    assert rows["DominoSearch SR-STE"]["sparsity"] == scheme.param_sparsity  # what was trained is what was searched
+    assert rows["DominoSearch SR-STE"]["sparsity"] == pytest.approx(scheme.param_sparsity, abs=1e-9)  # trained == searched
 
     pk = res["packing"]
     assert pk["packed_bytes"] < 0.5 * pk["dense_bytes"]
