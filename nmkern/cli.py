@@ -642,7 +642,7 @@ def cmd_train(args) -> int:
     elif method == TrainMethod.GAP:
         from .gap import gap_train
 
-        kw = _gap_target(scheme)
+        kw = _gap_target(scheme, model)
         res = gap_train(model, (data.x_train, data.y_train), method=args.gap_method, checkpoint_dir=str(out / "gap"),
                         resume=args.resume, progress=progress, epochs_per_step=args.epochs, finetune_epochs=args.epochs,
                         partitions=args.partitions, seed=args.seed, batch_size=args.batch_size, **kw)
@@ -685,14 +685,25 @@ def _to_plain(model: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
-def _gap_target(scheme) -> dict:
+def _gap_target(scheme, model: torch.nn.Module) -> dict:
+    from .masking import PRUNABLE_TYPES
     from .sparsify import parse_layer_pattern
 
     if isinstance(scheme, str):
         pat = parse_layer_pattern(scheme)
+        layers = dict((n, mod) for n, mod in model.named_modules() if isinstance(mod, PRUNABLE_TYPES))
         if str(pat.pattern) == "1xn":
-            return {"target": "1xn", "block": pat.block, "sparsity": pat.sparsity}
-        return {"target": "nm", "n": pat.n, "m": pat.m}
+            fit = [n for n, mod in layers.items() if mod.weight.shape[0] % pat.block == 0]
+            kw = {"target": "1xn", "block": pat.block, "sparsity": pat.sparsity}
+        else:
+            fit = [n for n, mod in layers.items() if mod.weight.shape[1] % pat.m == 0]  # in features / channels
+            kw = {"target": "nm", "n": pat.n, "m": pat.m}
+        if not fit:
+            raise UsageError(f"--scheme {scheme}: no layer of the model fits it")
+        skipped = sorted(set(layers) - set(fit))
+        if skipped:
+            print(f"gap: left dense (shape does not fit {scheme}): {', '.join(skipped)}")
+        return kw | {"layers": fit}
     layers = {k: v for k, v in scheme.items() if v is not None}
     bad = [k for k, v in layers.items() if "*" in k or "?" in k or isinstance(v, str) and v.lower().startswith("1xn")]
     if bad:
