@@ -313,7 +313,7 @@ def write_report(res: dict, out: Path) -> None:
         "# nmkern demo: MNIST-1D, 1-D CNN, DominoSearch + SR-STE",
         "",
         f"Command: `{res['command']}`  ",
-        f"Mode: {'quick' if cfg['quick'] else 'full'}; seed {cfg['seed']}; {res['machine']['threads']} torch threads on "
+        f"Mode: {'quick' if cfg['quick'] else 'full'}; seed {cfg['seed']}; {res['machine']['threads']} torch thread(s) on "
         f"{res['machine']['cpu']} ({res['machine']['cores']} cores visible); torch {res['machine']['torch']}.  ",
         f"Total time: {res['seconds']['total']:.0f} s wall, {res['seconds']['cpu_total']:.0f} s CPU "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in res['seconds'].items() if k not in ('total', 'cpu_total'))}).",
@@ -523,7 +523,7 @@ def _run(cfg: DemoConfig, out: Path, progress: bool, command: str | None) -> dic
     (out / "results.json").write_text(json.dumps(res, indent=1))
     plot_accuracy(rows, dense_acc, out / "accuracy_vs_sparsity.png")
     plot_latency(latency, out / "latency_ratio.png",
-                 f"MNIST-1D CNN, packed DominoSearch model vs dense, {torch.get_num_threads()} threads\n{cpu_name()}")
+                 f"MNIST-1D CNN, packed DominoSearch model vs dense, {torch.get_num_threads()} thread(s)\n{cpu_name()}")
     write_report(res, out)
     return res
 
