@@ -13,7 +13,8 @@ defaults below are its values):
   ``decay * factor * w``; ``decay`` starts at 0.1 and doubles at fixed iterations;
 - ``factor = w_erk * ERK-part + w_flops * FLOPs-part``, layer-normalised and
   recomputed whenever a layer's N changes: the ERK part is the layer's remaining
-  sparsity up to its ERK target, over the largest one; the FLOPs part is its current
+  sparsity up to its ERK target (ERK at the budget's sparsity; for a FLOPs budget r,
+  at 1 - 1/r), over the largest one; the FLOPs part is its current
   sparse FLOPs over the largest one - big, under-pruned layers are pushed hardest;
 - every ``check_every`` iterations each layer with N > 1 votes: if at least
   ``vote_ratio`` of its groups have fewer than ``N_inter`` weights above T,
