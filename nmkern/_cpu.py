@@ -423,21 +423,25 @@ def prepare_cpu_conv2d(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: i
 
 # ---------------------------------------------------------------- dispatch decision
 # Measured crossovers: the largest batch (rows of x) at which the sparse kernel's
-# median time stayed clearly below dense F.linear (ratio <= ~0.9), at 4096x4096 and at
-# the MiniLM shapes 384x1536 / 1536x384. Measured with
-#   python bench/cpu_ratio_table.py --minilm --batches 1,4,16,64,128,256
-# on the 2-core AMD EPYC (Zen 3, AVX2) CI machine, 2 threads on both sides, while
-# other jobs loaded the machine (medians of interleaved calls). Rows per density:
-#   2:4       (density 0.50): 4096^2 ratios 0.23 (b4) .. 0.58 (b64) .. 0.82 (b256); MiniLM
-#             1536x384 at b128 1.19, 384x1536 at b128 1.32 -> max 64 rows.
-#   1:4       (density 0.25): 4096^2 0.15 .. 0.62 (b256); MiniLM <= ~1.0 up to b512 -> 256.
-#   1x4 @ 75% (density 0.25): 4096^2 0.22 .. 0.68 (b256); MiniLM 0.4 .. 1.0 -> 256.
-_MAX_ROWS = (  # (kind, highest density of the class, largest batch that wins)
-    (SparseKind.NM, 0.25, 256),
-    (SparseKind.NM, 0.50, 64),
-    (SparseKind.ONE_BY_N, 0.25, 256),
-    (SparseKind.ONE_BY_N, 0.50, 32),
+# median time stayed below dense F.linear at 4096x4096 and at the MiniLM shapes
+# 384x1536 / 1536x384, on the 2-core AMD EPYC (Zen 3, AVX2) CI machine, shared with
+# other jobs, with
+#   python bench/cpu_ratio_table.py --minilm --batches 1,16,64,256 --threads 1
+#   python bench/cpu_ratio_table.py --minilm --batches 1,4,16,64,128,256      (2 threads)
+# The 1-thread run compares the kernels alone (no thread wake-ups); ratios:
+#   2:4   4096^2: 0.83 (b1) 0.43 (b16) 0.70 (b64) 0.92 (b256);
+#         MiniLM: 0.75-0.80 (b1), 0.73-0.78 (b8), 0.99-1.03 (b32), 1.06-1.18 (b128, b512)
+#         -> <= 16 rows below 4M weights, <= 128 rows above.
+#   1:4   4096^2: 0.41 .. 0.58 (b256); MiniLM 0.45 .. 0.80 (b512)          -> 512 rows.
+#   1x4 @ 75%: 4096^2 0.28 .. 0.74 (b256); MiniLM 0.44 .. 0.87 (b512)       -> 512 rows.
+# Denser classes were not measured: they get the conservative limits below.
+_MAX_ROWS = (  # (kind, highest density of the class, largest batch that wins, same above 4M weights)
+    (SparseKind.NM, 0.25, 512, 512),
+    (SparseKind.NM, 0.50, 16, 128),
+    (SparseKind.ONE_BY_N, 0.25, 512, 512),
+    (SparseKind.ONE_BY_N, 0.50, 16, 16),
 )
+LARGE_WEIGHTS = 1 << 22
 # Below ~256K weights a dense GEMV takes a few microseconds and the ctypes call plus
 # packing of x costs about as much: stay dense.
 MIN_WEIGHTS = 1 << 18
@@ -468,7 +472,8 @@ def cpu_beats_dense(kind, n: int, m: int, block: int, sparsity: float, batch: in
         if not isinstance(block, int) or block < 4 or block % 4 or out_features % block:
             return False  # blocks of 1-3 rows run the scalar path
         density = 1.0 - float(sparsity)
-    for k, max_density, max_rows in _MAX_ROWS:
+    large = out_features * in_features >= LARGE_WEIGHTS
+    for k, max_density, max_rows, max_rows_large in _MAX_ROWS:
         if k is kind and density <= max_density + 1e-9:
-            return batch <= max_rows
+            return batch <= (max_rows_large if large else max_rows)
     return False

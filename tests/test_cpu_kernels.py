@@ -277,6 +277,8 @@ def test_cpu_beats_dense_decisions():
     assert beats("nm", 2, 4, 0, 0.5, 1, 4096, 4096)
     assert beats("1xn", 0, 0, 4, 0.75, 16, 4096, 4096)
     assert not beats("nm", 2, 4, 0, 0.5, 4096, 4096, 4096)  # compute-bound: MKL wins
+    assert beats("nm", 2, 4, 0, 0.5, 8, 384, 1536) and not beats("nm", 2, 4, 0, 0.5, 32, 384, 1536)
+    assert beats("nm", 1, 4, 0, 0.75, 512, 384, 1536)
     assert not beats("nm", 2, 4, 0, 0.5, 1, 8, 8)  # call overhead dominates a tiny layer
     assert not beats("nm", 7, 8, 0, 0.875, 1, 4096, 4096)  # too dense to save bytes
     assert not beats("1xn", 0, 0, 4, 0.1, 1, 4096, 4096)

@@ -16,6 +16,13 @@
 #include "common.h"
 #include "nmkern_cpu.h"
 
+// Software prefetch distance (bytes) on the small-batch kernel's value stream.
+// Measured at 4096x4096 2:4 batch 1, 2 threads, interleaved with dense F.linear:
+// ratio 0.79 / 0.81 without, 0.64 / 0.62 with 512 B (shared machine, two runs each).
+#ifndef NMKERN_PREFETCH
+#define NMKERN_PREFETCH 512
+#endif
+
 namespace nmkern {
 namespace {
 
@@ -90,7 +97,7 @@ void nm_small_tile(const NMArgs& a, const float* xp, int64_t xstride, int64_t t,
 
   auto group = [&](int64_t g, int u) __attribute__((always_inline)) {
     const float* xg = xp + g * m;
-#ifdef NMKERN_PREFETCH
+#if NMKERN_PREFETCH > 0
     {
       const char* pv = reinterpret_cast<const char*>(vt + g * n * 8) + NMKERN_PREFETCH;
       for (int p = 0; p < n * 32; p += 64) _mm_prefetch(pv + p, _MM_HINT_T0);
