@@ -80,6 +80,7 @@ def test_errors(tmp_path):
 
 
 def test_plot_png(tmp_path):
+    pytest.importorskip("matplotlib")  # an optional dependency (extras "demo" / "examples")
     path = tmp_path / "n.png"
     _scheme().plot(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
