@@ -831,7 +831,7 @@ def cmd_bench(args) -> int:
             "command": f"nmkern bench --shape {args.shape} --batch {args.batch} --pattern {args.pattern}"}
     _write_json(out_path, {"meta": meta, "rows": rows})
     cols = [k for k in ("nmkern_cpu_kernel", "nmkern_auto", "cusparselt") if any(f"{k}_ratio" in r for r in rows)]
-    print(f"{device} ({meta['gpu'] or meta['cpu']}), {meta['threads']} threads, {row['dtype']}; time ratio sparse / "
+    print(f"{device} ({meta['gpu'] or meta['cpu']}), {meta['threads']} thread(s), {row['dtype']}; time ratio sparse / "
           "dense (median of interleaved calls; < 1 is faster)")
     head = f"{'pattern':<10} {'batch':>6} {'dense ms':>10} " + " ".join(f"{c:>18}" for c in cols) + "  auto path"
     print(head)
