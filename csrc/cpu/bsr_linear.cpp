@@ -12,6 +12,11 @@
 #include "common.h"
 #include "nmkern_cpu.h"
 
+// Software prefetch distance (bytes) on the 1x4 small-batch value stream.
+#ifndef NMKERN_BSR_PREFETCH
+#define NMKERN_BSR_PREFETCH 512
+#endif
+
 namespace nmkern {
 namespace {
 
@@ -69,6 +74,10 @@ void bsr_small_row_n4(const BSRArgs<CT>& a, int64_t br) {
     __m128 s0 = _mm_setzero_ps(), s1 = _mm_setzero_ps(), s2 = _mm_setzero_ps(), s3 = _mm_setzero_ps();
     int64_t b = b0;
     for (; b + 4 <= b1; b += 4) {
+#if NMKERN_BSR_PREFETCH > 0
+      // 4 blocks = one 64-byte line of values; fetch NMKERN_BSR_PREFETCH bytes ahead.
+      _mm_prefetch(reinterpret_cast<const char*>(vals + 4 * b) + NMKERN_BSR_PREFETCH, _MM_HINT_T0);
+#endif
       s0 = _mm_fmadd_ps(_mm_loadu_ps(vals + 4 * b), _mm_broadcast_ss(xc + col[b]), s0);
       s1 = _mm_fmadd_ps(_mm_loadu_ps(vals + 4 * b + 4), _mm_broadcast_ss(xc + col[b + 1]), s1);
       s2 = _mm_fmadd_ps(_mm_loadu_ps(vals + 4 * b + 8), _mm_broadcast_ss(xc + col[b + 2]), s2);
