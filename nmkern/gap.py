@@ -218,6 +218,10 @@ class _GaPBase:
     def _setup(self, model: nn.Module):
         op = self.method.value
         layers = prunable_layers(op, model, self.layers_arg)
+        scheme = self.target_kw["scheme"]
+        if scheme is not None and self.layers_arg is None:
+            # A scheme entry of None (DominoSearch leaves such layers dense) takes the layer out of GaP.
+            layers = {k: mod for k, mod in layers.items() if not (k in scheme and scheme[k] is None)}
         targets = resolve_targets(op, layers, **self.target_kw)
         parts = check_partitions(op, self.partitions_arg, list(layers))
         return layers, targets, parts

@@ -162,6 +162,19 @@ def test_nm_from_a_scheme_mapping():
         assert meets_target(model.get_submodule(k), res.targets[k], res.masks[k])
 
 
+def test_scheme_none_leaves_the_layer_dense():
+    model = tiny_model()
+    dense_before = model.get_submodule("8").weight.detach().clone()
+    scheme = {"0": (1, 4), "3": (2, 4), "6": (4, 8), "8": None}
+    res = gap_train(model, tiny_data(), method="sgap", partitions=2, target="nm", scheme=scheme,
+                    progress=False, **FAST)
+    assert "8" not in res.targets and "8" not in res.masks
+    assert bool((model.get_submodule("8").weight != 0).all())  # trained, never masked
+    assert not torch.equal(model.get_submodule("8").weight, dense_before)
+    for k in ("0", "3", "6"):
+        assert meets_target(model.get_submodule(k), res.targets[k], res.masks[k])
+
+
 def test_bad_configuration_errors():
     model = tiny_model()
     layers = prunable_layers("t", model)
