@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import _validate as v
 from .reference.cpu_layouts import bsr_1xn_pack_ref, nm_tile_pack_ref
-from .reference.nm_pack import index_bits
+from .reference.nm_pack import first_overfull_group_ref, index_bits
 
 ABI_VERSION = 1  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
@@ -213,12 +213,12 @@ def _check_block(op: str, block, out_features: int) -> int:
 
 
 def _check_nm_sparse(op: str, w2: torch.Tensor, n: int, m: int) -> None:
-    counts = (w2 != 0).reshape(w2.shape[0], -1, m).sum(-1)
-    bad = (counts > n).nonzero()
-    if bad.numel():
-        row, group = bad[0].tolist()
+    first_bad = first_overfull_group_ref(w2, n, m)
+    if first_bad >= 0:
+        row, group = divmod(first_bad, w2.shape[1] // m)
+        count = int((w2[row, group * m:(group + 1) * m] != 0).sum())
         raise ValueError(
-            f"{op}: weight is not {n}:{m} sparse: row {row}, group {group} has {int(counts[row, group])} "
+            f"{op}: weight is not {n}:{m} sparse: row {row}, group {group} has {count} "
             f"non-zeros (at most {n} allowed); mask it first with nmkern.apply_nm(w, {n}, {m})"
         )
 

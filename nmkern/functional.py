@@ -31,7 +31,7 @@ from .reference import (
     unpack_nm_ref,
 )
 from .reference.block_1xn import expand_block_mask_1xn, filter_order_1xn, mask_from_scores_1xn
-from .reference.nm_pack import as_rows
+from .reference.nm_pack import as_rows, first_overfull_group_ref
 from .reference.semi24 import COL_ALIGN, META_GROUP, ROW_ALIGN, nibbles_24_ref
 
 # Weight dtypes the packers accept: every floating dtype plus int8 (quantized weights).
@@ -152,8 +152,7 @@ def pack_nm(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -
     w2 = as_rows(w, dim).contiguous()
     b = resolve_backend(op, backend, w)
     if b is Backend.REFERENCE:
-        over = ((w2 != 0).reshape(w2.shape[0], w2.shape[1] // m, m).sum(-1) > n).reshape(-1).nonzero()
-        first_bad = int(over[0]) if over.numel() else -1
+        first_bad = first_overfull_group_ref(w2, n, m)
         if first_bad < 0:
             values, indices = pack_nm_ref(w2, n, m)
     else:

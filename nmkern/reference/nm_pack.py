@@ -83,6 +83,13 @@ def kept_positions_ref(w2: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return first.sort(-1).values
 
 
+def first_overfull_group_ref(w2: torch.Tensor, n: int, m: int) -> int:
+    """Flat index ``row * (K/m) + group`` of the first group of 2-D ``w2`` with more than n non-zeros, or -1."""
+    rows, k = w2.shape
+    over = ((w2 != 0).reshape(rows, k // m, m).sum(-1) > n).reshape(-1).nonzero()
+    return int(over[0]) if over.numel() else -1
+
+
 def pack_nm_ref(w2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values (rows, K*n/m), indices int32 (rows, words)) of an N:M-sparse 2-D ``w2``; no checks."""
     rows, k = w2.shape
