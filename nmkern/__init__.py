@@ -3,20 +3,7 @@
 The public surface is what this module exports; everything else is internal.
 """
 
-import os as _os
-
-# Source checkout without an install: the top-level kernels/ folder (shipped as
-# nmkern.kernels by the package-dir mapping) sits beside nmkern/, so let the
-# submodule search also look in the repository root. Installed wheels have
-# nmkern/kernels/ and skip this.
-_pkg_dir = _os.path.dirname(_os.path.abspath(__file__))
-_repo_dir = _os.path.dirname(_pkg_dir)
-if not _os.path.isdir(_os.path.join(_pkg_dir, "kernels")) and _os.path.isfile(
-    _os.path.join(_repo_dir, "kernels", "__init__.py")
-):
-    __path__.append(_repo_dir)
-
-from .backend import Backend  # noqa: E402
+from .backend import Backend
 from .formats import NMPacked
 from .functional import (
     BlockCriterion,

@@ -46,8 +46,12 @@ class BlockCriterion(str, enum.Enum):
 def _kernels():
     try:
         from . import kernels
-    except ImportError as e:  # pragma: no cover - triton missing
-        raise ImportError(f"nmkern: the triton backend needs the 'triton' package ({e}); use backend='reference'") from e
+    except ImportError as e:  # pragma: no cover - triton missing, or a source tree that was never installed
+        raise ImportError(
+            f"nmkern: the triton backend could not import nmkern.kernels ({e}); it needs the 'triton' package and an "
+            "installed nmkern (`pip install -e .` maps the top-level kernels/ folder to nmkern.kernels); "
+            "or use backend='reference'"
+        ) from e
     return kernels
 
 
