@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from nmkern.backend import triton_interpret
+from nmkern.kernels.compress_24 import cutlass_meta_offset
 from nmkern.reference.nm_pack import index_bits, indices_per_word
 
 FMT_NM = 0
@@ -54,13 +55,7 @@ def semi24_weight_tile(values_ptr, meta_ptr, stride_v, rows, offs_o, offs_k, mas
     pos = (offs_k % 4)[None, :]
     r = offs_o[:, None]
     c = (offs_k // 16)[None, :]  # logical int16 metadata column
-    # CUTLASS ColumnMajorInterleaved<2> order after the 32-row permutation; same
-    # arithmetic as nmkern.reference.semi24.meta_reorder_offsets.
-    dr = (r // 32) * 32 + (r % 8) * 4 + (r % 32) // 8
-    shift = (((dr % 2) == 0) & ((c % 2) == 1)).to(tl.int32) - (((dr % 2) == 1) & ((c % 2) == 0)).to(tl.int32)
-    dr = dr + shift
-    dc = c - shift
-    offset = (dc // 2).to(tl.int64) * (rows * 2) + dr * 2 + dc % 2
+    offset = cutlass_meta_offset(r.to(tl.int64), c, rows)  # int64: rows * k/16 may pass 2**31 elements
     meta = tl.load(meta_ptr + offset, mask=mask, other=0).to(tl.int32) & 0xFFFF
     nib = (meta >> (4 * (group % 4))[None, :]) & 0xF
     row_v = values_ptr + r.to(tl.int64) * stride_v + (2 * group)[None, :]
