@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .functional import BlockCriterion, to_bsr_1xn
+from .reference.block_1xn import drop_lowest_fraction
 from .masking import (
     PRUNABLE_TYPES,
     LayerTarget,
@@ -225,9 +226,6 @@ def filter_prune_masks(model: nn.Module, sparsity: float, layers: Iterable[str])
     out = {}
     for name, mod in prunable_layers(op, model, layers).items():
         w = mod.weight.detach()
-        norms = w.abs().reshape(w.shape[0], -1).sum(1)
-        drop = torch.sort(norms, stable=True).indices[: int(sparsity * w.shape[0])]
-        keep = torch.ones(w.shape[0], dtype=torch.bool)
-        keep[drop] = False
+        keep = drop_lowest_fraction(w.abs().reshape(w.shape[0], -1).sum(1), sparsity)
         out[name] = keep.reshape(-1, *([1] * (w.dim() - 1))).expand(w.shape).contiguous()
     return out

@@ -30,7 +30,7 @@ from .reference import (
     to_bsr_1xn_ref,
     unpack_nm_ref,
 )
-from .reference.block_1xn import expand_block_mask_1xn, filter_order_1xn, mask_from_scores_1xn
+from .reference.block_1xn import expand_block_mask_1xn, filter_order_1xn, drop_lowest_fraction
 from .reference.nm_pack import as_rows, first_overfull_group_ref
 from .reference.semi24 import COL_ALIGN, META_GROUP, ROW_ALIGN, nibbles_24_ref
 
@@ -229,7 +229,7 @@ def block_mask_1xn(
     order = filter_order_1xn(w) if rearrange else None
     src = (w[order] if order is not None else w).contiguous()
     scores = _kernels().block_scores_1xn_triton(src.reshape(src.shape[0], src.shape[1], -1), n)
-    mask_sorted = expand_block_mask_1xn(mask_from_scores_1xn(scores, sparsity), w.shape, n)
+    mask_sorted = expand_block_mask_1xn(drop_lowest_fraction(scores, sparsity), w.shape, n)
     if order is None:
         return mask_sorted
     mask = torch.empty_like(mask_sorted)

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from . import _validate as v
 from .functional import BlockCriterion, block_mask_1xn, nm_mask
+from .reference.block_1xn import drop_lowest_fraction
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -237,12 +238,7 @@ def _backend_for(w: torch.Tensor) -> str:
 
 def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask without the floor(sparsity*numel) smallest |w| (ties: lower flat index goes first)."""
-    flat = w.detach().abs().reshape(-1)
-    k = int(sparsity * flat.numel())
-    keep = torch.ones(flat.numel(), dtype=torch.bool, device=w.device)
-    if k:
-        keep[torch.sort(flat, stable=True).indices[:k]] = False
-    return keep.reshape(w.shape)
+    return drop_lowest_fraction(w.detach().abs(), sparsity)
 
 
 def compute_mask(module: nn.Module, spec: LayerTarget, *, criterion=BlockCriterion.L1,

@@ -29,8 +29,11 @@ def filter_order_1xn(w: torch.Tensor) -> torch.Tensor:
     return torch.sort(norms, descending=True, stable=True).indices
 
 
-def mask_from_scores_1xn(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Block keep-mask ``(O/n, I)``: False for the floor(sparsity*blocks) lowest scores."""
+def drop_lowest_fraction(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask of ``scores``' shape: False for the floor(sparsity * numel) lowest, ties to the lower flat index.
+
+    Used for 1xN block scores, whole-tensor magnitudes (unstructured) and filter norms.
+    """
     flat = scores.reshape(-1)
     k = int(sparsity * flat.numel())
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=scores.device)
@@ -55,7 +58,7 @@ def block_mask_1xn_ref(w: torch.Tensor, n: int, sparsity: float, *, rearrange: b
         scores = torch.rand(src.shape[0] // n, src.shape[1], generator=generator).to(w.device)
     else:
         scores = block_scores_1xn_ref(src, n)
-    mask_sorted = expand_block_mask_1xn(mask_from_scores_1xn(scores, sparsity), w.shape, n)
+    mask_sorted = expand_block_mask_1xn(drop_lowest_fraction(scores, sparsity), w.shape, n)
     if order is None:
         return mask_sorted
     mask = torch.empty_like(mask_sorted)
