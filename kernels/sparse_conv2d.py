@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from nmkern.kernels.nm_linear import dot_precision, interpreter_upcast, nm_weight_tile
+from nmkern.reference.linear import conv_out_size
 from nmkern.reference.nm_pack import index_bits, indices_per_word
 
 
@@ -62,10 +63,6 @@ def nm_conv2d_kernel(x_ptr, values_ptr, idx_ptr, bias_ptr, y_ptr,
     y_ptrs = (y_ptr + pb[:, None].to(tl.int64) * syb + offs_o[None, :] * syo
               + oh[:, None] * syh + ow[:, None] * syw)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
-
-
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def nm_conv2d_triton(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, weight_shape,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import _validate as v
 from .reference.cpu_layouts import bsr_1xn_pack_ref, nm_tile_pack_ref
+from .reference.linear import conv_out_size
 from .reference.nm_pack import first_overfull_group_ref, index_bits
 
 ABI_VERSION = 1  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
@@ -393,8 +394,8 @@ class CpuConv2d:
         padding = _pair(op, "padding", padding, 0)
         dilation = _pair(op, "dilation", dilation, 1)
         batch, _, h, w = x.shape
-        oh = (h + 2 * padding[0] - dilation[0] * (self.kh - 1) - 1) // stride[0] + 1
-        ow = (w + 2 * padding[1] - dilation[1] * (self.kw - 1) - 1) // stride[1] + 1
+        oh = conv_out_size(h, self.kh, stride[0], padding[0], dilation[0])
+        ow = conv_out_size(w, self.kw, stride[1], padding[1], dilation[1])
         if oh < 1 or ow < 1:
             raise ValueError(
                 f"{op}: input {h}x{w} with kernel {self.kh}x{self.kw}, padding {padding}, dilation {dilation} "

@@ -39,7 +39,7 @@ from .autograd import srste_weight
 from .dispatch import ExecPath, LayerInfo, LayerOp, parse_path
 from .formats import NMPacked
 from .functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
-from .reference.linear import bsr_dense_ref
+from .reference.linear import bsr_dense_ref, conv_out_size
 from .reference.semi24 import COL_ALIGN, ROW_ALIGN
 from .reference.srste import DEFAULT_LAMBDA_W
 
@@ -635,8 +635,8 @@ class SparseConv2d(_SparseLayer):
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-        oh = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        ow = (x.shape[3] + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        oh, ow = (conv_out_size(x.shape[2 + d], self.kernel_size[d], self.stride[d], self.padding[d], self.dilation[d])
+                  for d in (0, 1))
         path = self._choose(x, x.shape[0] * oh * ow)
         if path is ExecPath.DENSE:
             y = self._conv(x, self._dense_cached())

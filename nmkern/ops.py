@@ -41,10 +41,6 @@ def _kernel(module: str):
     return importlib.import_module(f"nmkern.kernels.{module}")
 
 
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 # ---------------------------------------------------------------- registered ops
 
 
@@ -99,8 +95,8 @@ def _nm_conv2d_op(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, 
 
 
 def _conv_fake(x, weight_shape, stride, padding, dilation):
-    oh = _out_size(x.shape[2], weight_shape[2], stride[0], padding[0], dilation[0])
-    ow = _out_size(x.shape[3], weight_shape[3], stride[1], padding[1], dilation[1])
+    oh = ref.conv_out_size(x.shape[2], weight_shape[2], stride[0], padding[0], dilation[0])
+    ow = ref.conv_out_size(x.shape[3], weight_shape[3], stride[1], padding[1], dilation[1])
     return x.new_empty(x.shape[0], weight_shape[0], oh, ow)
 
 
@@ -238,7 +234,7 @@ def _check_conv_x(op: str, x, dtype: torch.dtype, weight_shape, stride, padding,
         raise ValueError(f"{op}: x has shape {tuple(x.shape)} ({x.shape[1]} channels) but the weight "
                          f"{tuple(weight_shape)} expects {weight_shape[1]} input channels")
     for d, name in ((0, "height"), (1, "width")):
-        if _out_size(x.shape[2 + d], weight_shape[2 + d], stride[d], padding[d], dilation[d]) < 1:
+        if ref.conv_out_size(x.shape[2 + d], weight_shape[2 + d], stride[d], padding[d], dilation[d]) < 1:
             raise ValueError(f"{op}: input {name} {x.shape[2 + d]} is too small for kernel {weight_shape[2 + d]} "
                              f"with padding {padding[d]} and dilation {dilation[d]}")
 

@@ -60,6 +60,11 @@ def bsr_linear_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, value
     return F.linear(x, bsr_dense_ref(crow, col, values, out_features, x.shape[-1]), bias)
 
 
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one spatial dim (torch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def conv_weight_from_rows(w_rows: torch.Tensor, weight_shape) -> torch.Tensor:
     """``(O, kh*kw*I)`` NHWC rows -> the ``(O, I, kh, kw)`` conv weight."""
     return from_rows(w_rows, torch.Size(weight_shape), 1).contiguous()
