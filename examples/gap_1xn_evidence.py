@@ -42,10 +42,10 @@ import torch.nn as nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from nmkern.blockprune import filter_prune_masks, prune_1xn  # noqa: E402
+from nmkern.methods.blockprune import filter_prune_masks, prune_1xn  # noqa: E402
 from nmkern.data import load_digits, load_mnist1d  # noqa: E402
-from nmkern.gap import gap_train  # noqa: E402
-from nmkern.masking import (  # noqa: E402
+from nmkern.methods.gap import gap_train  # noqa: E402
+from nmkern.methods.masking import (  # noqa: E402
     MaskSet,
     TrainConfig,
     prunable_layers,

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nmkern  # noqa: E402
 from nmkern.demo import cpu_name, time_interleaved  # noqa: E402
-from nmkern.domino import Budget, domino_search  # noqa: E402
+from nmkern.methods.domino import Budget, domino_search  # noqa: E402
 
 
 def load_tweets(n: int, seed: int) -> tuple[list[str], list[int], list[str]]:

@@ -42,9 +42,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nmkern  # noqa: E402
 from nmkern.data import load_digits, load_mnist1d  # noqa: E402
-from nmkern.domino import Budget, domino_search  # noqa: E402
+from nmkern.methods.domino import Budget, domino_search  # noqa: E402
 from nmkern.models import DigitsNet, MNIST1DNet  # noqa: E402
-from nmkern.srste import evaluate, nm_sparse_weights, train_srste  # noqa: E402
+from nmkern.methods.srste import evaluate, nm_sparse_weights, train_srste  # noqa: E402
 
 ROWS = [
     "dense",

@@ -21,14 +21,14 @@ from .functional import (
 from .dispatch import ExecPath  # noqa: E402
 from .nn import Pattern, SparseConv2d, SparseLinear  # noqa: E402
 from .sparsify import SparsifyReport, sparsify  # noqa: E402
-from .masking import Distribution, Target  # noqa: E402
-from .gap import GaPMethod, GaPResult, PGaP, SGaP, gap_train, make_partitions  # noqa: E402
-from .blockprune import BlockPruneResult, prune_1xn  # noqa: E402
+from .methods.masking import Distribution, Target  # noqa: E402
+from .methods.gap import GaPMethod, GaPResult, PGaP, SGaP, gap_train, make_partitions  # noqa: E402
+from .methods.blockprune import BlockPruneResult, prune_1xn  # noqa: E402
 from .autograd import srste_weight  # noqa: E402
 from .scheme import Scheme  # noqa: E402
-from .domino import Budget, Policy, domino_search  # noqa: E402
+from .methods.domino import Budget, Policy, domino_search  # noqa: E402
 from .flops import count_flops  # noqa: E402
-from .srste import apply_srste, remove_srste, set_lambda_w  # noqa: E402
+from .methods.srste import apply_srste, remove_srste, set_lambda_w  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -483,7 +483,7 @@ def _load_init(args, model: torch.nn.Module) -> None:
 
 
 def _parse_budget(text: str):
-    from .domino import Budget
+    from .methods.domino import Budget
 
     key, sep, val = text.partition("=")
     try:
@@ -522,7 +522,7 @@ def _dense_stage(args, out: Path, data, make, epochs: int):
 
 def cmd_search(args) -> int:
     from .demo import accuracy, prunable_sparsity, sparsify_copy
-    from .domino import domino_search
+    from .methods.domino import domino_search
 
     out = _check_out_dir(args.output)
     budget = _parse_budget(args.budget)
@@ -576,7 +576,7 @@ def cmd_train(args) -> int:
 
     from .demo import accuracy, pack_model, prunable_sparsity
     from .sparsify import sparsify
-    from .srste import train_srste
+    from .methods.srste import train_srste
 
     out = _check_out_dir(args.output)
     _threads(args)
@@ -640,7 +640,7 @@ def cmd_train(args) -> int:
             _atomic_write_bytes(out / "model_packed.pt", lambda p: torch.save(packed.state_dict(), p))
             final = _to_plain(model)
     elif method == TrainMethod.GAP:
-        from .gap import gap_train
+        from .methods.gap import gap_train
 
         kw = _gap_target(scheme, model)
         res = gap_train(model, (data.x_train, data.y_train), method=args.gap_method, checkpoint_dir=str(out / "gap"),
@@ -649,7 +649,7 @@ def cmd_train(args) -> int:
         history = [h for h in res.history]
         final = res.model
     else:  # 1xN block pruning + fine-tune with frozen masks
-        from .blockprune import prune_1xn
+        from .methods.blockprune import prune_1xn
 
         if args.resume and (out / "model.pt").is_file():
             print(f"--resume: {out / 'model.pt'} holds a finished 1xN run (1xN fine-tuning restarts only as a whole)")
@@ -686,7 +686,7 @@ def _to_plain(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _gap_target(scheme, model: torch.nn.Module) -> dict:
-    from .masking import PRUNABLE_TYPES
+    from .methods.masking import PRUNABLE_TYPES
     from .sparsify import parse_layer_pattern
 
     if isinstance(scheme, str):

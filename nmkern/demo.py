@@ -1,7 +1,7 @@
 """``nmkern demo``: the whole pipeline on MNIST-1D, offline, on the CPU.
 
 1. train the small 1-D CNN (:class:`nmkern.models.MNIST1DNet`) dense;
-2. DominoSearch (:func:`nmkern.domino.domino_search`) a layer-wise N:M scheme for
+2. DominoSearch (:func:`nmkern.methods.domino.domino_search`) a layer-wise N:M scheme for
    87.5% parameter sparsity of the prunable layers (M = 16);
 3. retrain that scheme with SR-STE (``nmkern.sparsify`` + the sparse modules'
    training form), next to uniform baselines (2:4, 1:8 at the same 87.5% budget, ...)
@@ -34,11 +34,11 @@ import torch
 import torch.nn as nn
 
 from .data import Dataset, load_mnist1d
-from .domino import Budget, domino_search
+from .methods.domino import Budget, domino_search
 from .models import MNIST1DNet
 from .nn import SparseConv2d, SparseLinear
 from .sparsify import sparsify
-from .srste import evaluate, train_srste
+from .methods.srste import evaluate, train_srste
 
 SPARSE_TYPES = (SparseLinear, SparseConv2d)
 DENSE_TYPES = (nn.Linear, nn.Conv2d, nn.Conv1d)

@@ -2,7 +2,7 @@
 
 A :class:`Scheme` is a read-only ``Mapping[str, tuple[int, int] | None]`` (``None``: the
 layer stays dense), so it plugs straight into ``nmkern.sparsify(model, scheme)`` and
-:func:`nmkern.srste.apply_srste`. When it knows each layer's dense weight count and
+:func:`nmkern.methods.srste.apply_srste`. When it knows each layer's dense weight count and
 weight MACs (DominoSearch records them), it also reports the parameter and FLOPs
 sparsity it achieves over those layers. ``save``/``load`` round-trip it through JSON.
 """

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nmkern.blockprune import OutputPermuted, block_order, filter_prune_masks, prune_1xn
+from nmkern.methods.blockprune import OutputPermuted, block_order, filter_prune_masks, prune_1xn
 
 
 def np_block_mask(w: np.ndarray, n: int, sparsity: float, rearrange: bool) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import nmkern.srste
+import nmkern.methods.srste
 from nmkern.cli import main
 from nmkern.models import MNIST1DNet
 
@@ -164,7 +164,7 @@ def test_train_srste_interrupted_then_resumed(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["train", "--dataset", "mnist1d", "--method", "srste", "--scheme", "2:4", "--epochs", "2", "-o", str(out),
             "--no-progress"]
-    real = nmkern.srste.train_srste
+    real = nmkern.methods.srste.train_srste
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -173,12 +173,12 @@ def test_train_srste_interrupted_then_resumed(tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt  # the user stops the run during epoch 2
         return real(*a, **k)
 
-    monkeypatch.setattr(nmkern.srste, "train_srste", flaky)
+    monkeypatch.setattr(nmkern.methods.srste, "train_srste", flaky)
     assert main(argv) == 130
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1 and not (out / "model.pt").exists()
     first_epoch = state["history"][0]
-    monkeypatch.setattr(nmkern.srste, "train_srste", real)
+    monkeypatch.setattr(nmkern.methods.srste, "train_srste", real)
     _assert_error(capsys, argv, 2, "pass --resume")
     assert main(argv + ["--resume"]) == 0
     assert "continuing after epoch 1 of 2" in capsys.readouterr().out

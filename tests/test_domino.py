@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nmkern.domino import Budget, domino_search
+from nmkern.methods.domino import Budget, domino_search
 from nmkern.flops import count_flops
 from nmkern.scheme import Scheme
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nmkern.gap import GaPMethod, PGaP, SGaP, check_partitions, gap_train, make_partitions
-from nmkern.masking import erk_sparsities, meets_target, prunable_layers, resolve_targets, weight_sparsity
+from nmkern.methods.gap import GaPMethod, PGaP, SGaP, check_partitions, gap_train, make_partitions
+from nmkern.methods.masking import erk_sparsities, meets_target, prunable_layers, resolve_targets, weight_sparsity
 
 
 def tiny_model(seed: int = 0) -> nn.Sequential:
@@ -215,7 +215,7 @@ import os, sys
 import torch
 sys.path.insert(0, {tests_dir!r})
 from test_gap import _pgap_config, tiny_data, tiny_model
-from nmkern.gap import PGaP
+from nmkern.methods.gap import PGaP
 
 torch.set_num_threads(1)  # same thread count as the fallback run: identical float sums
 model = tiny_model()
@@ -351,7 +351,7 @@ def test_gap_on_cuda_meets_targets_and_resumes(tmp_path, monkeypatch, name):
     """CUDA weights: masks come from the Triton kernels; checkpoints (saved, loaded to CPU) resume on the GPU."""
     import copy
 
-    from nmkern.masking import compute_mask
+    from nmkern.methods.masking import compute_mask
 
     # bit-identical resume needs deterministic GPU kernels (cuDNN's default conv backward uses atomics)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)

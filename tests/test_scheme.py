@@ -101,7 +101,7 @@ def test_plugs_into_sparsify_and_apply_srste():
     assert (m1[2].n, m1[2].m) == (1, 16)
     assert type(m1[4]) is nn.Linear
 
-    from nmkern.srste import apply_srste
+    from nmkern.methods.srste import apply_srste
 
     m2 = model()
     assert apply_srste(m2, s) == {"0": (4, 16), "2": (1, 16)}

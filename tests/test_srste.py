@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import nmkern
 from nmkern.autograd import SRSTEFunction, srste_weight
-from nmkern.srste import apply_srste, evaluate, nm_sparse_weights, remove_srste, set_lambda_w, train_srste
+from nmkern.methods.srste import apply_srste, evaluate, nm_sparse_weights, remove_srste, set_lambda_w, train_srste
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (shape, n, m, dim): Linear rows, a conv weight grouped along input channels, m not a power of two

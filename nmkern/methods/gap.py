@@ -1,0 +1,568 @@
+"""GaP: scheduled grow-and-prune training (Ma et al., ICLR 2022).
+
+The prunable layers are cut into K contiguous partitions. Every layer starts
+pruned to its target (magnitude, from the given weights). Then:
+
+- S-GaP (:class:`SGaP`): partitions are grown one at a time, round-robin: the
+  grown partition trains dense (its pruned weights restart from 0.0) while the
+  others stay masked, for ``epochs_per_step`` epochs; it is then pruned back to
+  its target and the next one is grown. ``rounds`` passes over the K partitions,
+  then ``finetune_epochs`` with every mask frozen.
+- P-GaP (:class:`PGaP`): in each round, K workers start from the same sparse
+  model and each grows a different partition; worker k trains, prunes partition k
+  back, and the round ends by merging: partition k's layers (weight and bias) and
+  masks come from worker k, every other floating parameter/buffer (BatchNorm,
+  non-prunable layers) is the mean over the workers. The workers are the ranks of
+  ``torch.distributed`` (gloo on CPU, NCCL on GPU; launch with ``torchrun
+  --nproc_per_node K``); without a process group the K jobs run one after another
+  in this process. Both give the same merged model bit for bit: each job's seed
+  depends only on (seed, round, partition), and the merge gathers every worker's
+  state and sums it in worker order on every rank.
+
+Targets: unstructured magnitude, N:M (uniform or a ``Scheme``/mapping), 1xN blocks;
+uniform or ERK per-layer sparsity (see :mod:`nmkern.methods.masking`).
+
+Checkpoints (``checkpoint_dir``): one file after every phase (initial prune, each
+grow/train/prune step or P-GaP worker job, each merge, the final fine-tune). Every
+phase is a pure function of (model state, masks, seed, phase index): a fresh SGD
+optimizer and a data order drawn from the phase seed. So a run killed after any
+checkpoint and resumed ends with the same weights and masks, bit for bit, as an
+uninterrupted one. Under torch.distributed rank 0 writes the checkpoints after the
+initial prune, each merge and the fine-tune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import glob
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .masking import (
+    Distribution,
+    LayerTarget,
+    MaskSet,
+    Target,
+    TrainConfig,
+    _parse_enum,
+    check_data,
+    prunable_layers,
+    resolve_targets,
+    train_masked,
+    weight_sparsity,
+)
+
+log = logging.getLogger("nmkern.methods.gap")
+
+MIN_PARTITIONS, MAX_PARTITIONS = 2, 6
+CHECKPOINT_VERSION = 1
+
+
+class GaPMethod(str, enum.Enum):
+    SEQUENTIAL = "sgap"
+    PARALLEL = "pgap"
+
+
+def make_partitions(layer_names: Sequence[str], k: int) -> list[list[str]]:
+    """Cut ``layer_names`` (model order) into ``k`` contiguous groups whose sizes differ by at most one."""
+    op = "make_partitions"
+    names = list(layer_names)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{op}: the number of partitions must be an int, got {type(k).__name__}")
+    if not MIN_PARTITIONS <= k <= MAX_PARTITIONS:
+        raise ValueError(f"{op}: {k} partitions; GaP uses {MIN_PARTITIONS} to {MAX_PARTITIONS} (or pass a list of layer-name lists)")
+    if k > len(names):
+        raise ValueError(f"{op}: {k} partitions but only {len(names)} prunable layers {names}; use at most {len(names)}")
+    base, extra = divmod(len(names), k)
+    out, start = [], 0
+    for i in range(k):
+        size = base + (1 if i < extra else 0)
+        out.append(names[start:start + size])
+        start += size
+    return out
+
+
+def check_partitions(op: str, partitions, layer_names: Sequence[str]) -> list[list[str]]:
+    """An int K (contiguous split) or a user list that covers every layer exactly once."""
+    if isinstance(partitions, int) and not isinstance(partitions, bool):
+        return make_partitions(layer_names, partitions)
+    if isinstance(partitions, (str, bytes)) or not isinstance(partitions, Iterable):
+        raise TypeError(f"{op}: partitions must be an int K or a list of lists of layer names, got {type(partitions).__name__}")
+    parts = []
+    for p in partitions:
+        if isinstance(p, str) or not isinstance(p, Iterable):
+            raise TypeError(f"{op}: each partition must be a list of layer names, got {p!r}")
+        parts.append(list(p))
+    if len(parts) < MIN_PARTITIONS:
+        raise ValueError(f"{op}: {len(parts)} partition(s); GaP needs at least {MIN_PARTITIONS}")
+    if any(not p for p in parts):
+        raise ValueError(f"{op}: partition {[i for i, p in enumerate(parts) if not p][0]} is empty")
+    flat = [n for p in parts for n in p]
+    dup = sorted({n for n in flat if flat.count(n) > 1})
+    if dup:
+        raise ValueError(f"{op}: layers {dup} appear in more than one partition; each layer belongs to exactly one")
+    unknown = [n for n in flat if n not in layer_names]
+    if unknown:
+        raise ValueError(f"{op}: partitions name layers {unknown} that are not prunable layers {list(layer_names)}")
+    missing = [n for n in layer_names if n not in flat]
+    if missing:
+        raise ValueError(f"{op}: layers {missing} are in no partition; every prunable layer must be in exactly one "
+                         f"(leave layers out of training with layers=[...])")
+    return parts
+
+
+@dataclasses.dataclass
+class GaPResult:
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    partitions: list[list[str]]
+    targets: dict[str, LayerTarget]
+    history: list[dict]
+
+    def sparsity(self) -> float:
+        return weight_sparsity(self.model.get_submodule(k) for k in self.masks)
+
+    def export(self) -> nn.Module:
+        """A copy of the model with packed ``SparseLinear``/``SparseConv2d`` for N:M and 1xN targets.
+
+        N:M layers go through :func:`nmkern.sparsify` (their masks are the weights'
+        own n-of-m, so packing keeps every trained value); 1xN layers through
+        :func:`nmkern.methods.blockprune.export_1xn`. Unstructured sparsity has no packed
+        format in nmkern: the trained model keeps masked dense weights.
+        """
+        import copy
+
+        kinds = {t.target for t in self.targets.values()}
+        if Target.UNSTRUCTURED in kinds:
+            raise ValueError("GaPResult.export: unstructured targets have no packed nmkern format; use result.model "
+                             "(dense modules with zeroed weights) or train with target='nm' / '1xn'")
+        if kinds == {Target.BLOCK_1XN}:
+            from .blockprune import export_1xn
+
+            blocks = {t.block for t in self.targets.values()}
+            out = export_1xn(self.model, self.masks, blocks.pop(), self.targets)
+            if out is None:
+                raise ImportError("GaPResult.export: nmkern.nn (SparseLinear/SparseConv2d) is not available")
+            return out
+        from ..sparsify import sparsify
+
+        out = copy.deepcopy(self.model)
+        sparsify(out, {k: (t.n, t.m) for k, t in self.targets.items()}, pack=True)
+        return out
+
+
+def _phases(method: GaPMethod, k: int, rounds: int) -> list[tuple]:
+    phases: list[tuple] = [("init",)]
+    for r in range(rounds):
+        if method is GaPMethod.SEQUENTIAL:
+            phases += [("grow", r, p) for p in range(k)]
+        else:
+            phases += [("worker", r, p) for p in range(k)] + [("merge", r)]
+    return phases + [("finetune",)]
+
+
+def _phase_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1)
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: t.detach().clone() for k, t in model.state_dict().items()}
+
+
+class _GaPBase:
+    method: GaPMethod
+
+    def __init__(
+        self,
+        *,
+        partitions: int | Sequence[Sequence[str]] = 3,
+        target: Target | str = Target.UNSTRUCTURED,
+        sparsity: float | Mapping[str, float] | None = None,
+        n: int | None = None,
+        m: int | None = None,
+        scheme: Mapping[str, tuple[int, int]] | None = None,
+        block: int | None = None,
+        rearrange: bool | Iterable[str] | Mapping[str, bool] = False,
+        distribution: Distribution | str = Distribution.UNIFORM,
+        layers: Iterable[str] | None = None,
+        rounds: int = 1,
+        epochs_per_step: int = 1,
+        finetune_epochs: int = 1,
+        seed: int = 0,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        batch_size: int = 64,
+        loss_fn: Callable | None = None,
+    ):
+        op = self.method.value
+        for name, x, lo in (("rounds", rounds, 1), ("epochs_per_step", epochs_per_step, 1),
+                            ("finetune_epochs", finetune_epochs, 0), ("seed", seed, 0)):
+            if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+                raise ValueError(f"{op}: {name} must be an int >= {lo}, got {x!r}")
+        self.cfg = TrainConfig(lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, loss_fn=loss_fn)
+        self.cfg.check(op)
+        self.partitions_arg = partitions
+        self.target_kw = dict(target=target, sparsity=sparsity, n=n, m=m, scheme=scheme, block=block,
+                              rearrange=rearrange, distribution=distribution)
+        self.layers_arg = None if layers is None else list(layers)
+        self.rounds, self.epochs_per_step, self.finetune_epochs, self.seed = rounds, epochs_per_step, finetune_epochs, seed
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, model: nn.Module):
+        op = self.method.value
+        layers = prunable_layers(op, model, self.layers_arg)
+        scheme = self.target_kw["scheme"]
+        if scheme is not None and self.layers_arg is None:
+            # A scheme entry of None (DominoSearch leaves such layers dense) takes the layer out of GaP.
+            layers = {k: mod for k, mod in layers.items() if not (k in scheme and scheme[k] is None)}
+        targets = resolve_targets(op, layers, **self.target_kw)
+        parts = check_partitions(op, self.partitions_arg, list(layers))
+        return layers, targets, parts
+
+    def _fingerprint(self, parts, targets) -> str:
+        return json.dumps({
+            "version": CHECKPOINT_VERSION, "method": self.method.value, "partitions": parts,
+            "targets": {k: t.describe() for k, t in targets.items()}, "rounds": self.rounds,
+            "epochs_per_step": self.epochs_per_step, "finetune_epochs": self.finetune_epochs, "seed": self.seed,
+            "train": {k: getattr(self.cfg, k) for k in ("lr", "momentum", "weight_decay", "batch_size")},
+        }, sort_keys=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    @staticmethod
+    def _latest_checkpoint(ckpt_dir: str):
+        files = sorted(glob.glob(os.path.join(ckpt_dir, "phase_*.pt")))
+        return files[-1] if files else None
+
+    @staticmethod
+    def _write_checkpoint(ckpt_dir: str, index: int, payload: dict) -> str:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        path = os.path.join(ckpt_dir, f"phase_{index:04d}.pt")
+        tmp = path + ".tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint as the latest
+        return path
+
+    # ------------------------------------------------------------------ phases
+    def _log_sparsity(self, history, label, model, parts, masks: MaskSet, loss=None):
+        per_part = [weight_sparsity(masks.layers[k] for k in p) for p in parts]
+        entry = {"phase": label, "partition_sparsity": per_part,
+                 "overall_sparsity": weight_sparsity(masks.layers.values())}
+        if loss is not None:
+            entry["train_loss"] = loss
+        history.append(entry)
+        log.info("%s %s: sparsity per partition %s (overall %.4f)", self.method.value, label,
+                 " ".join(f"p{i}={s:.4f}" for i, s in enumerate(per_part)), entry["overall_sparsity"])
+
+    def _grow_train_prune(self, model, data, masks, targets, parts, part, seed, label, callback, progress):
+        """Grow partition ``part`` dense, train, prune it back; returns the last training loss."""
+        for k in parts[part]:
+            masks.set(k, None)
+        loss = train_masked(model, masks, data, self.epochs_per_step, seed=seed, cfg=self.cfg,
+                            desc=f"{self.method.value} {label}", progress=progress)
+        if callback:
+            callback("grown", {"phase": label, "partition": part, "model": model, "masks": masks.state(),
+                               "targets": targets, "partitions": parts})
+        masks.prune_(parts[part], targets)
+        if callback:
+            callback("pruned", {"phase": label, "partition": part, "model": model, "masks": masks.state(),
+                                "targets": targets, "partitions": parts})
+        return loss
+
+    def run(self, model: nn.Module, data, *, checkpoint_dir: str | None = None, resume: bool = True,
+            callback: Callable[[str, dict], None] | None = None, progress: bool = True) -> GaPResult:
+        """Train ``model`` in place on ``data`` (an (inputs, labels) pair or a Dataset); returns a :class:`GaPResult`.
+
+        ``callback(event, info)`` is called with events ``"grown"`` (after a grow
+        phase's training, before its prune), ``"pruned"`` and ``"checkpoint"``
+        (info has ``path`` and ``index``).
+        """
+        op = self.method.value
+        check_data(op, data)
+        layers, targets, parts = self._setup(model)
+        phases = _phases(self.method, len(parts), self.rounds)
+        masks = MaskSet(layers)
+        fingerprint = self._fingerprint(parts, targets)
+        dist_ctx = _DistContext.create(op, len(parts)) if self.method is GaPMethod.PARALLEL else _DistContext(None)
+        try:
+            return self._run(model, data, layers, targets, parts, phases, masks, fingerprint, dist_ctx,
+                             checkpoint_dir, resume, callback, progress)
+        finally:
+            dist_ctx.close()
+
+    def _run(self, model, data, layers, targets, parts, phases, masks, fingerprint, dist_ctx,
+             checkpoint_dir, resume, callback, progress):
+        op = self.method.value
+        history: list[dict] = []
+        pending: dict[int, dict] = {}
+        start = 0
+        ck, path = None, None
+        if checkpoint_dir and resume and dist_ctx.is_writer:
+            path = self._latest_checkpoint(checkpoint_dir)
+            if path is not None:
+                ck = torch.load(path, map_location="cpu", weights_only=False)
+        # Rank 0 reads; every rank resumes from what it read (checkpoint_dir need not be shared).
+        ck, path = dist_ctx.broadcast_object((ck, path))
+        if ck is not None:
+            if ck.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"{op}: checkpoint {path} was written by a run with a different configuration; "
+                    f"use another checkpoint_dir or resume=False to start over"
+                )
+            model.load_state_dict(ck["model"])
+            masks.load(ck["masks"])
+            history, pending, start = ck["history"], ck["pending"], ck["next"]
+            log.info("%s: resuming from %s at phase %d/%d", op, path, start, len(phases))
+        dist_ctx.sync_model(model)  # every rank starts from rank 0's weights
+
+        def checkpoint(index):
+            if not checkpoint_dir or not dist_ctx.is_writer:
+                return
+            path = self._write_checkpoint(checkpoint_dir, index, {
+                "fingerprint": fingerprint, "next": index + 1, "model": _clone_state(model),
+                "masks": masks.state(), "history": history, "pending": pending,
+            })
+            if callback:
+                callback("checkpoint", {"path": path, "index": index, "phase": phases[index]})
+
+        index = start
+        while index < len(phases):
+            phase = phases[index]
+            seed = _phase_seed(self.seed, index)
+            kind = phase[0]
+            if kind == "init":
+                masks.prune_(layers, targets)
+                self._log_sparsity(history, "init", model, parts, masks)
+                checkpoint(index)
+            elif kind == "grow":
+                _, r, p = phase
+                label = f"round {r} grow p{p}"
+                loss = self._grow_train_prune(model, data, masks, targets, parts, p, seed, label, callback, progress)
+                self._log_sparsity(history, label, model, parts, masks, loss)
+                checkpoint(index)
+            elif kind in ("worker", "merge"):
+                # All worker jobs of a round, then the merge. A resumed run can land on any of them.
+                r = phase[1]
+                p0 = phase[2] if kind == "worker" else len(parts)
+                first = index - p0  # p0 > 0 when resuming in the middle of a round
+                base_state, base_masks = _clone_state(model), masks.state()
+                for p in range(len(parts)):
+                    job = first + p
+                    if p in pending or not dist_ctx.runs_job(p):
+                        continue
+                    label = f"round {r} worker p{p}"
+                    loss = self._grow_train_prune(model, data, masks, targets, parts, p, _phase_seed(self.seed, job),
+                                                  label, callback, progress)
+                    pending[p] = {"state": _clone_state(model), "masks": masks.state(), "loss": loss}
+                    model.load_state_dict(base_state)  # the next job starts from the round's sparse model
+                    masks.load(base_masks)
+                    if not dist_ctx.active:
+                        checkpoint(job)
+                payloads = dist_ctx.gather_payloads(pending, len(parts), model, masks)
+                merged_state, merged_masks = _merge(payloads, parts, layers, base_state)
+                model.load_state_dict(merged_state)
+                masks.load(merged_masks)
+                masks.apply_()
+                for p in range(len(parts)):
+                    history.append({"phase": f"round {r} worker p{p}", "train_loss": payloads[p]["loss"]})
+                pending = {}
+                index = first + len(parts)  # the merge phase
+                self._log_sparsity(history, f"round {r} merge", model, parts, masks)
+                checkpoint(index)
+            elif kind == "finetune":
+                if dist_ctx.is_writer:
+                    loss = train_masked(model, masks, data, self.finetune_epochs, seed=seed, cfg=self.cfg,
+                                        desc=f"{op} finetune", progress=progress)
+                else:
+                    loss = float("nan")
+                dist_ctx.sync_model(model)  # rank 0 fine-tuned; everyone gets its weights
+                self._log_sparsity(history, "finetune", model, parts, masks, loss)
+                checkpoint(index)
+            index += 1
+        return GaPResult(model=model, masks={k: mk for k, mk in masks.state().items()}, partitions=parts,
+                         targets=targets, history=history)
+
+
+class SGaP(_GaPBase):
+    """Sequential GaP: grow one partition at a time, round-robin. Configure in the constructor, then :meth:`run`."""
+
+    method = GaPMethod.SEQUENTIAL
+
+
+class PGaP(_GaPBase):
+    """Parallel GaP: K workers (torch.distributed ranks, or sequential jobs) grow different partitions, then merge."""
+
+    method = GaPMethod.PARALLEL
+
+
+def gap_train(model: nn.Module, data, *, method: GaPMethod | str = GaPMethod.SEQUENTIAL,
+              checkpoint_dir: str | None = None, resume: bool = True,
+              callback: Callable[[str, dict], None] | None = None, progress: bool = True, **config) -> GaPResult:
+    """Run S-GaP (``method="sgap"``) or P-GaP (``"pgap"``) on ``model``; ``config`` goes to :class:`SGaP`/:class:`PGaP`."""
+    method = _parse_enum("gap_train", "method", GaPMethod, method)
+    cls = SGaP if method is GaPMethod.SEQUENTIAL else PGaP
+    return cls(**config).run(model, data, checkpoint_dir=checkpoint_dir, resume=resume, callback=callback,
+                             progress=progress)
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def _partition_keys(parts: Sequence[Sequence[str]], state_keys: Iterable[str]) -> dict[str, int]:
+    """state_dict key -> partition index for every parameter of a partitioned layer."""
+    owner = {}
+    for p, names in enumerate(parts):
+        for name in names:
+            prefix = name + "."
+            for key in state_keys:
+                if key.startswith(prefix) and "." not in key[len(prefix):]:
+                    owner[key] = p
+    return owner
+
+
+def _merge(payloads: Sequence[dict], parts, layers, base_state) -> tuple[dict, dict]:
+    """Partition p from worker p; every other floating tensor is the worker mean, summed in worker order."""
+    owner = _partition_keys(parts, base_state.keys())
+    k = len(payloads)
+    state = {}
+    for key, base in base_state.items():
+        if key in owner:
+            state[key] = payloads[owner[key]]["state"][key].clone()
+        elif base.is_floating_point():
+            acc = payloads[0]["state"][key].clone()
+            for p in range(1, k):
+                acc += payloads[p]["state"][key]
+            state[key] = acc / k
+        else:  # integer buffers (BatchNorm's num_batches_tracked): equal across workers
+            state[key] = payloads[0]["state"][key].clone()
+    masks = {}
+    for p, names in enumerate(parts):
+        for name in names:
+            masks[name] = payloads[p]["masks"][name]
+    return state, masks
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+
+class _DistContext:
+    """Which worker jobs this process runs and how their results meet."""
+
+    def __init__(self, dist_module, owned: bool = False):
+        self.dist = dist_module
+        self.owned = owned
+
+    @classmethod
+    def create(cls, op: str, k: int) -> "_DistContext":
+        import torch.distributed as dist
+
+        owned = False
+        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend=backend)  # env:// from torchrun
+            owned = True
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls(None)
+        world = dist.get_world_size()
+        if world == 1:
+            if owned:
+                dist.destroy_process_group()
+            return cls(None)
+        if world != k:
+            raise ValueError(f"{op}: torch.distributed has {world} ranks but there are {k} partitions; "
+                             f"launch with torchrun --nproc_per_node {k} (one worker per partition)")
+        if dist.get_backend() == "nccl" and torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+        return cls(dist, owned)
+
+    @property
+    def active(self) -> bool:
+        return self.dist is not None
+
+    @property
+    def rank(self) -> int:
+        return self.dist.get_rank() if self.active else 0
+
+    @property
+    def is_writer(self) -> bool:
+        if not self.active:  # S-GaP started on every rank of a torchrun job: only rank 0 writes checkpoints
+            return os.environ.get("RANK", "0") == "0"
+        return self.rank == 0
+
+    def runs_job(self, p: int) -> bool:
+        return not self.active or p == self.rank
+
+    def close(self) -> None:
+        if self.active and self.owned:
+            self.dist.destroy_process_group()
+
+    def _device(self, model):
+        if self.active and self.dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @staticmethod
+    def _float_keys(model):
+        # Every state tensor travels as float64: exact for fp32/fp16/bf16 values and for
+        # integer buffers below 2**53 (BatchNorm's num_batches_tracked).
+        return [k for k, t in model.state_dict().items() if t.is_floating_point() or t.dtype in
+                (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)]
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (pickled; used once, for the resume checkpoint)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sync_model(self, model: nn.Module) -> None:
+        """Broadcast rank 0's state to every rank."""
+        if not self.active:
+            return
+        state = model.state_dict()
+        keys = self._float_keys(model)
+        flat = torch.cat([state[k].detach().reshape(-1).double() for k in keys]).to(self._device(model))
+        self.dist.broadcast(flat, src=0)
+        flat = flat.cpu()
+        new, offset = {}, 0
+        for k in keys:
+            t = state[k]
+            new[k] = flat[offset:offset + t.numel()].reshape(t.shape).to(t.dtype)
+            offset += t.numel()
+        model.load_state_dict({**state, **new})
+
+    def gather_payloads(self, pending: dict, k: int, model: nn.Module, masks: MaskSet) -> list[dict]:
+        """Every worker's (state, masks, loss), in worker order, on every rank."""
+        if not self.active:
+            return [pending[p] for p in range(k)]
+        mine = pending[self.rank]
+        state = mine["state"]
+        keys = self._float_keys(model)
+        mask_names = list(masks.layers)
+        # float64 carries fp32/fp16/bf16 values exactly, so the round trip is bit-exact.
+        flat = torch.cat([state[key].reshape(-1).double() for key in keys]
+                         + [mine["masks"][n].reshape(-1).double() for n in mask_names]
+                         + [torch.tensor([mine["loss"]], dtype=torch.float64)]).to(self._device(model))
+        bufs = [torch.empty_like(flat) for _ in range(k)]
+        self.dist.all_gather(bufs, flat)
+        out = []
+        for buf in bufs:
+            buf = buf.cpu()
+            st, mk, off = dict(state), {}, 0
+            for key in keys:
+                t = state[key]
+                st[key] = buf[off:off + t.numel()].reshape(t.shape).to(t.dtype)
+                off += t.numel()
+            for n in mask_names:
+                ref = mine["masks"][n]
+                mk[n] = buf[off:off + ref.numel()].reshape(ref.shape) != 0
+                off += ref.numel()
+            out.append({"state": st, "masks": mk, "loss": float(buf[off])})
+        return out
