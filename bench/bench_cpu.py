@@ -5,9 +5,12 @@
 
 Each (pattern, shape, batch) has a `sparse` and a `dense` case with the same
 thread count (torch.get_num_threads() for MKL, the same for nmkern): compare the
-two within a group. The issue-5 targets (fp32, 4096x4096, sparse/dense time):
+two within a group (pytest-benchmark's own statistics, one case after another; the
+machine, as ``nmkern.timing.machine_info()`` records it, is in the JSON's
+``machine_info["nmkern"]``, see bench/conftest.py). The issue-5 targets (fp32, 4096x4096, sparse/dense time):
 2:4 <= 0.55 / 0.80 / 1.00, 1x4 @ 75% <= 0.30 / 0.50 / 0.80, 1:4 <= 0.35 / 0.60 / 1.00
-at batch 1 / 16 / 256. bench/cpu_ratio_table.py prints those ratios directly.
+at batch 1 / 16 / 256. bench/cpu_ratio_table.py prints those ratios directly, timed interleaved
+with nmkern.timing, warm and cold cache.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nmkern import _cpu  # noqa: E402
 
-from cpu_ratio_table import CASES, masked_weight  # noqa: E402
+from cpu_ratio_table import CASES, masked_weight, prepare  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _cpu.available(), reason="nmkern CPU library not built")
 
@@ -44,9 +47,8 @@ def _layer(case, o, i):
     key = (case, o, i)
     if key not in _WEIGHTS:
         w = masked_weight(case, o, i)
-        kind, n, m, block, _ = CASES[case]
         _WEIGHTS.clear()  # keep at most one 4096x4096 weight alive
-        _WEIGHTS[key] = (w, _cpu.prepare_cpu_linear(w, kind, n, m, block))
+        _WEIGHTS[key] = (w, prepare(case, w))
     return _WEIGHTS[key]
 
 

@@ -6,9 +6,11 @@ Run on a machine with an sm_80+ GPU:
 
 Shapes are real layers: MiniLM-L6 FFN (384 <-> 1536), LLaMA-7B attention and MLP
 (4096 x 4096, 4096 -> 11008, 11008 -> 4096); batch rows M in {1, 16, 128, 1024, 4096}. Every case
-first checks the implementation against F.linear on the same 2:4 weight, then times it with CUDA
-events (``extra_info["cuda_ms"]``: mean per call over ``ITERS`` back-to-back launches on the
-current stream); pytest-benchmark's own columns time the same loop plus one synchronize.
+first checks the implementation against F.linear on the same 2:4 weight, then times it with
+``nmkern.timing`` (``extra_info["cuda_ms"]``: median over ``ROUNDS`` samples of the time per call
+of ``ITERS`` back-to-back launches between two synchronizes; ``cold_cuda_ms``: the same per layer
+of a stack of distinct copies whose dense bytes exceed 4x the GPU's L2, ``cold_layers`` deep);
+pytest-benchmark's own columns time the same loop plus one synchronize.
 Without a GPU the whole module is skipped.
 """
 
@@ -22,7 +24,7 @@ if not torch.cuda.is_available():
     pytest.skip("the CUDA benchmarks need a GPU", allow_module_level=True)
 
 import nmkern  # noqa: E402
-from nmkern import _cuda  # noqa: E402
+from nmkern import _cuda, timing  # noqa: E402
 
 DTYPE = torch.float16
 M_VALUES = (1, 16, 128, 1024, 4096)
@@ -34,19 +36,7 @@ SHAPES = {  # name: (out_features N, in_features K)
     "llama7b_mlp_down_4096x11008": (4096, 11008),
 }
 IMPLS = ("dense_cublas", "cusparselt", "nmkern_cuda", "nmkern_triton")
-WARMUP, ITERS = 10, 50
-
-
-def _cuda_event_ms(fn, iters: int = ITERS) -> float:
-    for _ in range(WARMUP):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+WARMUP, ITERS, ROUNDS = 10, 50, 5
 
 
 def _make_impl(impl: str, w24: torch.Tensor, bias: torch.Tensor):
@@ -83,6 +73,30 @@ def _make_impl(impl: str, w24: torch.Tensor, bias: torch.Tensor):
     raise ValueError(impl)
 
 
+_COPIES: dict = {}
+
+
+def _stack(shape: str, impl: str, fn, w24: torch.Tensor, bias: torch.Tensor) -> list:
+    """``fn`` and distinct copies of it (own weights each): a stack whose dense bytes exceed 4x the GPU's L2
+    (nmkern.timing.cold_stack_size). Built once per (shape, impl); one shape's stacks are kept at a time."""
+    if (shape, impl) not in _COPIES:
+        if not any(k[0] == shape for k in _COPIES):
+            _COPIES.clear()
+        layers = timing.cold_stack_size(w24.numel() * w24.element_size(),
+                                        llc_bytes=timing.last_level_cache_bytes("cuda"))
+        _COPIES[(shape, impl)] = [fn] + [_make_impl(impl, w24.clone(), bias.clone()) for _ in range(layers - 1)]
+    return _COPIES[(shape, impl)]
+
+
+def _warm_cold_ms(stack: list, x: torch.Tensor) -> tuple[float, float]:
+    """(warm, cold) ms per call with nmkern.timing: medians of ``ROUNDS`` samples, each ``ITERS`` back-to-back
+    launches between two synchronizes, after >= ``WARMUP`` warm-up calls; warm: the first layer of ``stack``,
+    cold: the whole stack run like a model, per layer."""
+    res = timing.time_warm_cold({"fn": [lambda f=f: f(x) for f in stack]}, repeats=ROUNDS,
+                                warmup=max(1, -(-WARMUP // ITERS)), number=ITERS, sync=torch.cuda.synchronize)
+    return res.warm["fn"].median * 1e3, res.cold["fn"].median * 1e3
+
+
 _CACHE: dict = {}
 
 
@@ -117,10 +131,13 @@ def test_linear_latency(benchmark, shape, m, impl):
                 fn(x)
             torch.cuda.synchronize()
 
-        cuda_ms = _cuda_event_ms(lambda: fn(x))
+        stack = _stack(shape, impl, fn, w24, bias)
+        cuda_ms, cold_ms = _warm_cold_ms(stack, x)
         benchmark.group = f"{shape} M={m}"
         benchmark.extra_info.update({
             "cuda_ms": cuda_ms,
+            "cold_cuda_ms": cold_ms,
+            "cold_layers": len(stack),
             "impl": impl,
             "device": torch.cuda.get_device_name(),
             "dense_equiv_tflops": 2 * m * w24.shape[0] * w24.shape[1] / (cuda_ms * 1e-3) / 1e12,

@@ -2,6 +2,12 @@
 
     pytest bench/bench_linear.py --benchmark-only            # pytest-benchmark table, grouped by shape/batch
     python bench/bench_linear.py                             # interleaved timing table (fairer on a busy machine)
+    python bench/bench_linear.py --quick                     # smoke run: MiniLM shape, batch 1/16, 0.2 s per point
+
+The interleaved table times with ``nmkern.timing`` (warm-up, candidates alternating
+round by round, medians), warm cache (one layer) and cold cache (a stack of distinct
+layers whose dense bytes exceed 4x the last-level cache, run like a model; ``--no-cold``
+skips it), and prints ``nmkern.timing.machine_info()`` first.
 
 Shapes (in_features x out_features): BERT-base FFN 768x3072, Llama-7B MLP
 4096x11008, MiniLM FFN 384x1536; batches 1, 16, 256. On the CPU the weights are
@@ -19,15 +25,17 @@ by that path + input + output, / median time).
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import os
-import time
 
 import pytest
 import torch
 import torch.nn as nn
 
 import nmkern
-from nmkern import dispatch
+from nmkern import dispatch, timing
 
 SHAPES = {"minilm-384x1536": (384, 1536), "bert-768x3072": (768, 3072), "llama7b-4096x11008": (4096, 11008)}
 BATCHES = (1, 16, 256)
@@ -63,11 +71,12 @@ class Layers:
         sparse_bytes = self.sparse.packed_nbytes()
         out = {
             "dense": (lambda: self.dense(x), self.dense_bytes, "dense"),
-            "sparse": (lambda: self.sparse(x), self.dense_bytes if auto_path is dispatch.ExecPath.DENSE else sparse_bytes,
+            "sparse": (lambda: self.sparse(x), self.dense_bytes if auto_path is nmkern.Backend.DENSE else sparse_bytes,
                        auto_path.value),
         }
-        for path in (dispatch.ExecPath.CPU, dispatch.ExecPath.CUDA, dispatch.ExecPath.TRITON):
-            if path is auto_path or dispatch._why_not(path, x, info) is not None:
+        call = dispatch.Call(info, x.device.type, x.numel() // self.in_f)
+        for path in (nmkern.Backend.CPU, nmkern.Backend.CUDA, nmkern.Backend.TRITON):
+            if path is auto_path or dispatch.why_not(path, call) is not None:
                 continue
             forced = _share_packed(self.sparse, path)
             out[f"sparse-{path.value}"] = (lambda f=forced: f(x), sparse_bytes, path.value)
@@ -152,38 +161,57 @@ def test_linear_latency(benchmark, shape, batch, impl):
     _record(benchmark, layers.in_f, layers.out_f, batch, weight_bytes, path)
 
 
-def main(rounds: int = 7) -> None:
-    """Interleaved timing: every round runs each implementation once, in turn (medians reported)."""
+def time_point(shape: str, batch: int, *, seconds: float, cold: bool) -> tuple[dict, dict]:
+    """Every implementation of one (shape, batch), interleaved: (runners of the first copy, WarmCold columns)."""
+    in_f, _ = SHAPES[shape]
+    first = layers_for(shape)
+    copies = timing.cold_stack_size(first.dense_bytes, llc_bytes=timing.last_level_cache_bytes(DEVICE)) if cold else 1
+    stack = [first] + [copy.deepcopy(first) for _ in range(copies - 1)]  # own weights each: the cold-cache stack
+    x = torch.randn(batch, in_f, device=DEVICE, dtype=DTYPE)
+    runners = [layers.runners(x) for layers in stack]
+    with torch.no_grad():
+        res = timing.time_warm_cold({k: [r[k][0] for r in runners] for k in runners[0]}, cold=cold, seconds=seconds,
+                                    sync=timing.device_sync(DEVICE))
+    return runners[0], res.columns("dense")
+
+
+def _print_point(shape: str, batch: int, runners: dict, cols: dict) -> None:
+    in_f, out_f = SHAPES[shape]
+    elem = torch.empty((), dtype=DTYPE).element_size()
+    for name, (_, wbytes, path) in runners.items():
+        s = cols[f"{name}_median_ms"] * 1e-3
+        tflops = 2 * batch * in_f * out_f / s / 1e12
+        gbps = (wbytes + batch * (in_f + out_f) * elem) / s / 1e9
+        cold = cols.get(f"cold_{name}_median_ms")
+        cold_cells = f"{cold:>10.3f}{cols['cold_dense_median_ms'] / cold:>8.2f}x" if cold else ""
+        print(f"{shape:<22}{batch:>6}  {name:<16}{path:<11}{s * 1e3:>10.3f}{tflops:>9.3f}{gbps:>8.1f}"
+              f"{cols['dense_median_ms'] * 1e-3 / s:>8.2f}x{cold_cells}")
+
+
+def main(argv=None) -> int:
+    """Interleaved timing table (nmkern.timing), warm and cold cache, medians."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--seconds", type=float, default=1.0, help="timing budget per point and cache state")
+    ap.add_argument("--no-cold", action="store_true", help="warm cache only")
+    ap.add_argument("--quick", action="store_true", help="smoke run: MiniLM shape, batch 1/16, 0.2 s")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.shapes, args.batches, args.seconds = "minilm-384x1536", "1,16", 0.2
+    print(json.dumps(timing.machine_info(DEVICE)))
     print(f"device={DEVICE} dtype={DTYPE} threads={torch.get_num_threads()}")
-    print(f"{'shape':<22}{'batch':>6}  {'impl':<16}{'path':<11}{'median ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'vs dense':>9}")
-    for shape, (in_f, out_f) in SHAPES.items():
-        layers = layers_for(shape)
-        for batch in BATCHES:
+    print(f"{'shape':<22}{'batch':>6}  {'impl':<16}{'path':<11}{'median ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'vs dense':>9}"
+          + ("" if args.no_cold else f"{'cold ms':>10}{'vs dense':>9}"))
+    for shape in args.shapes.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
             if _skip_reason(shape, batch):
                 print(f"{shape:<22}{batch:>6}  skipped: {_skip_reason(shape, batch)}")
                 continue
-            x = torch.randn(batch, in_f, device=DEVICE, dtype=DTYPE)
-            runners = layers.runners(x)
-            times = {k: [] for k in runners}
-            with torch.no_grad():
-                for _ in range(rounds + 1):
-                    for name, (fn, _, _) in runners.items():
-                        if DEVICE == "cuda":
-                            torch.cuda.synchronize()
-                        t0 = time.perf_counter()
-                        fn()
-                        if DEVICE == "cuda":
-                            torch.cuda.synchronize()
-                        times[name].append(time.perf_counter() - t0)
-            med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}  # first round is warm-up
-            elem = torch.empty((), dtype=DTYPE).element_size()
-            for name, (_, wbytes, path) in runners.items():
-                s = med[name]
-                tflops = 2 * batch * in_f * out_f / s / 1e12
-                gbps = (wbytes + batch * (in_f + out_f) * elem) / s / 1e9
-                print(f"{shape:<22}{batch:>6}  {name:<16}{path:<11}{s * 1e3:>10.3f}{tflops:>9.3f}{gbps:>8.1f}"
-                      f"{med['dense'] / s:>8.2f}x")
+            runners, cols = time_point(shape, batch, seconds=args.seconds, cold=not args.no_cold)
+            _print_point(shape, batch, runners, cols)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

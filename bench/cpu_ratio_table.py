@@ -1,25 +1,24 @@
 """Ratio table: nmkern CPU sparse linear time / dense F.linear time, side by side.
 
-Each (case, shape, batch) point alternates dense and sparse calls (the order
-flips every repeat) in one process, with the same thread count on both sides
-(torch.get_num_threads() for MKL/oneDNN, the same number of threads for
-nmkern's kernels), and reports the ratio of medians plus the ratio of minima (the minima
-are less disturbed by other processes on a shared machine).
+Each (case, shape, batch) point times dense and sparse calls with ``nmkern.timing``
+(interleaved round by round in one process, warm-up first, medians), with the same
+thread count on both sides (torch.get_num_threads() for MKL/oneDNN, the same number
+of threads for nmkern's kernels), and reports the ratio of medians plus the ratio of
+minima (the minima are less disturbed by other processes on a shared machine), warm
+cache (one layer) and cold cache (``cold_*``: a stack of distinct layers whose dense
+bytes exceed 4x the last-level cache, run like a model; ``--no-cold`` skips it).
 
     python bench/cpu_ratio_table.py                       # issue table, 4096x4096, batch 1/16/256
     python bench/cpu_ratio_table.py --minilm              # + MiniLM 384x1536 / 1536x384, tokens 1..512
     python bench/cpu_ratio_table.py --json r.json --png r.png
+    python bench/cpu_ratio_table.py --quick               # smoke run: 512x512, batch 1/16, 0.2 s per point
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,8 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nmkern  # noqa: E402
-from nmkern import _cpu  # noqa: E402
+from nmkern import _cpu, benchmark, timing  # noqa: E402
 
 # Targets from issue 5 (fp32, 4096x4096): max sparse/dense time ratio per batch.
 TARGETS = {
@@ -36,106 +34,100 @@ TARGETS = {
     "1x4@75%": {1: 0.30, 16: 0.50, 256: 0.80},
     "1:4": {1: 0.35, 16: 0.60, 256: 1.00},
 }
-CASES = {  # name -> (kind, n, m, block, block sparsity)
-    "2:4": ("nm", 2, 4, 0, 0.0),
-    "1x4@75%": ("1xn", 0, 0, 4, 0.75),
-    "1:4": ("nm", 1, 4, 0, 0.0),
+CASES = {  # name -> nmkern.benchmark pattern
+    "2:4": benchmark.parse_pattern("2:4"),
+    "1x4@75%": benchmark.parse_pattern("1x4:0.75"),
+    "1:4": benchmark.parse_pattern("1:4"),
 }
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
 def masked_weight(case: str, out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
-    kind, n, m, block, sparsity = CASES[case]
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g)
-    if kind == "nm":
-        return nmkern.apply_nm(w, n, m)
-    return w * nmkern.block_mask_1xn(w, block, sparsity)
+    return benchmark.masked_weight(CASES[case], out_f, in_f, generator=torch.Generator().manual_seed(seed))
 
 
-def time_pair(dense_fn, sparse_fn, repeats: int) -> tuple[list[float], list[float]]:
-    for _ in range(2):  # warm-up: page in the weights, start the thread pools
-        dense_fn()
-        sparse_fn()
-    td, ts = [], []
-    for r in range(repeats):
-        order = ((dense_fn, td), (sparse_fn, ts)) if r % 2 == 0 else ((sparse_fn, ts), (dense_fn, td))
-        for fn, acc in order:
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
-    return td, ts
+def prepare(case: str, w: torch.Tensor) -> _cpu.CpuLinear:
+    return _cpu.prepare_cpu_linear(w, *CASES[case].kernel_args())
 
 
-def measure(case: str, out_f: int, in_f: int, batch: int, repeats: int, threads: int) -> dict:
+def _ratios(t: dict[str, timing.Timing], prefix: str = "") -> dict:
+    """``{prefix}dense_median_ms`` ... (:func:`nmkern.timing.columns`) plus the ratio of medians and of minima."""
+    d, s = t["dense"], t["sparse"]
+    return timing.columns(t, prefix=prefix) | {f"{prefix}ratio_median": s.median / d.median,
+                                               f"{prefix}ratio_min": s.min / d.min}
+
+
+def measure(case: str, out_f: int, in_f: int, batch: int, seconds: float, threads: int, cold: bool = True) -> dict:
+    """One point: dense F.linear vs nmkern's CPU kernel, warm (and cold) cache, ``seconds`` each."""
     w = masked_weight(case, out_f, in_f)
-    kind, n, m, block, _ = CASES[case]
-    layer = _cpu.prepare_cpu_linear(w, kind, n, m, block)
+    copies = timing.cold_stack_size(w.numel() * 4) if cold else 1
+    weights = [w] + [w.clone() for _ in range(copies - 1)]
+    layers = [prepare(case, wc) for wc in weights]
     x = torch.randn(batch, in_f, generator=torch.Generator().manual_seed(1))
     torch.set_num_threads(threads)
+    stacks = {"dense": [lambda wc=wc: F.linear(x, wc) for wc in weights],
+              "sparse": [lambda layer=layer: layer(x, num_threads=threads) for layer in layers]}
     with torch.no_grad():
-        td, ts = time_pair(lambda: F.linear(x, w), lambda: layer(x, num_threads=threads), repeats)
-    md, ms = statistics.median(td), statistics.median(ts)
-    return {
-        "case": case, "out_features": out_f, "in_features": in_f, "batch": batch, "threads": threads,
-        "dense_median_ms": md * 1e3, "sparse_median_ms": ms * 1e3, "ratio_median": ms / md,
-        "dense_min_ms": min(td) * 1e3, "sparse_min_ms": min(ts) * 1e3, "ratio_min": min(ts) / min(td),
-        "repeats": repeats, "packed_bytes": layer.nbytes, "dense_bytes": w.numel() * 4,
-    }
+        res = timing.time_warm_cold(stacks, cold=cold, seconds=seconds)
+    row = {"case": case, "out_features": out_f, "in_features": in_f, "batch": batch, "threads": threads,
+           **_ratios(res.warm), "repeats": res.warm["dense"].repeats, "packed_bytes": layers[0].nbytes,
+           "dense_bytes": w.numel() * 4}
+    if res.cold is not None:
+        row |= _ratios(res.cold, "cold_") | {"cold_layers": copies, "cold_repeats": res.cold["dense"].repeats}
+    return row
 
 
-def repeats_for(out_f: int, in_f: int, batch: int, budget_s: float) -> int:
-    est = max(2e-5, 2.0 * out_f * in_f * batch / 20e9 + out_f * in_f * 4 / 15e9)  # rough dense time
-    return int(min(200, max(7, budget_s / (2 * est))))
-
-
-def main(argv=None) -> int:
+def _parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,16,256")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--size", type=int, default=4096, help="square weight size of the issue table")
     ap.add_argument("--minilm", action="store_true", help="also MiniLM 384x1536 / 1536x384, tokens 1..512")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing per point (sets the repeats)")
+    ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing per point and cache state")
+    ap.add_argument("--no-cold", action="store_true", help="warm cache only")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --size 512 --batches 1,16 --budget 0.2")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.batches, args.budget = 512, "1,16", 0.2
+    return args
+
+
+def _line(r: dict) -> str:
+    target = r["target"]
+    mark = "" if target is None else (f" target <= {target:.2f}: " + ("met" if r["met"] else "NOT met"))
+    cold = f"; cold ratio {r['cold_ratio_median']:.3f} ({r['cold_layers']} layers)" if "cold_ratio_median" in r else ""
+    return (f"{r['case']:8s} {r['out_features']:5d}x{r['in_features']:<5d} batch {r['batch']:4d}: "
+            f"dense {r['dense_median_ms']:9.3f} ms sparse {r['sparse_median_ms']:9.3f} ms  ratio {r['ratio_median']:.3f} "
+            f"(min-ratio {r['ratio_min']:.3f}, {r['repeats']} reps){cold}{mark}")
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
     if not _cpu.available():
         print("nmkern CPU library unavailable: build it with `pip install -e .`", file=sys.stderr)
         return 1
     batches = [int(b) for b in args.batches.split(",")]
-    cases = args.cases.split(",")
     shapes = [(args.size, args.size, batches)]
     if args.minilm:
         tokens = [1, 8, 32, 128, 512]
         shapes += [(1536, 384, tokens), (384, 1536, tokens)]
-    print(f"CPU: {cpu_model()}; nmkern ISA: {_cpu.isa()}; threads: {args.threads} (torch.set_num_threads "
-          f"and nmkern's threads); torch {torch.__version__}")
+    torch.set_num_threads(args.threads)
+    meta = timing.machine_info() | {
+        "isa": str(_cpu.isa()), "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
+    print(f"CPU: {meta['cpu']}; nmkern ISA: {meta['isa']}; threads: {args.threads} (torch.set_num_threads "
+          f"and nmkern's threads); torch {meta['torch']}; last-level cache {meta['llc_bytes'] >> 20} MiB")
     rows = []
     for out_f, in_f, bs in shapes:
-        for case in cases:
+        for case in args.cases.split(","):
             for b in bs:
-                r = measure(case, out_f, in_f, b, repeats_for(out_f, in_f, b, args.budget), args.threads)
+                r = measure(case, out_f, in_f, b, args.budget, args.threads, cold=not args.no_cold)
                 target = TARGETS.get(case, {}).get(b) if (out_f, in_f) == (args.size, args.size) == (4096, 4096) else None
                 r["target"] = target
                 r["met"] = None if target is None else r["ratio_median"] <= target
                 rows.append(r)
-                mark = "" if target is None else (f" target <= {target:.2f}: " + ("met" if r["met"] else "NOT met"))
-                print(f"{case:8s} {out_f:5d}x{in_f:<5d} batch {b:4d}: dense {r['dense_median_ms']:9.3f} ms "
-                      f"sparse {r['sparse_median_ms']:9.3f} ms  ratio {r['ratio_median']:.3f} "
-                      f"(min-ratio {r['ratio_min']:.3f}, {r['repeats']} reps){mark}", flush=True)
-    meta = {"cpu": cpu_model(), "isa": str(_cpu.isa()), "threads": args.threads, "torch": torch.__version__,
-            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}
+                print(_line(r), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.png:

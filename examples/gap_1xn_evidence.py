@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from nmkern.methods.blockprune import filter_prune_masks, prune_1xn  # noqa: E402
 from nmkern.data import load_digits, load_mnist1d  # noqa: E402
 from nmkern.methods.gap import gap_train  # noqa: E402
+from nmkern.timing import machine_info  # noqa: E402
 from nmkern.methods.masking import (  # noqa: E402
     MaskSet,
     TrainConfig,
@@ -254,6 +255,7 @@ def main(argv=None) -> int:
             args.out = os.path.join(tempfile.gettempdir(), "gap_1xn_evidence.quick.json")  # smoke output stays out of the repo
     torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
+    machine = machine_info()
     rows: list[dict] = []
     for name in args.datasets:
         for seed in args.seeds:
@@ -262,7 +264,7 @@ def main(argv=None) -> int:
             with open(args.out, "w") as f:  # after every seed: a killed run keeps what it measured
                 json.dump(dict(command=" ".join(["python", "examples/gap_1xn_evidence.py"] + (argv or sys.argv[1:])),
                                args=vars(args), torch=torch.__version__, python=platform.python_version(),
-                               threads=args.threads, elapsed_s=time.perf_counter() - t0,
+                               threads=args.threads, machine=machine, elapsed_s=time.perf_counter() - t0,
                                cpu_s=time.process_time() - c0, load_avg_end=os.getloadavg(), runs=rows,
                                summary=summary), f, indent=1)
     print()

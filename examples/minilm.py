@@ -47,7 +47,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nmkern  # noqa: E402
-from nmkern.demo import cpu_name, time_interleaved  # noqa: E402
+from nmkern import timing  # noqa: E402
+from nmkern.benchmark import pack_model, packed_variants, time_models  # noqa: E402
 from nmkern.methods.domino import Budget, domino_search  # noqa: E402
 
 
@@ -165,38 +166,17 @@ def linear_sparsity(model: nn.Module) -> float:
     return zero / max(1, total)
 
 
-def pack(model: nn.Module) -> nn.Module:
-    out = copy.deepcopy(model).eval()
-    for mod in out.modules():
-        if isinstance(mod, nmkern.SparseLinear):
-            mod.pack()
-    return out
-
-
 def latency(dense: nn.Module, packed: nn.Module, sparse_ref: nn.Module, texts: list[str], st, max_len: int,
             seconds: float) -> list[dict]:
-    from nmkern.dispatch import cpu_kernels
-
-    models = {"dense": dense.eval(), "packed_auto": packed.eval()}
-    if cpu_kernels() is not None:
-        forced = copy.deepcopy(packed)
-        for mod in forced.modules():
-            if isinstance(mod, nmkern.SparseLinear):
-                mod.backend = "cpu"
-                mod._clear_caches()
-        models["packed_cpu_kernel"] = forced.eval()
+    """Dense vs packed (auto dispatch, and nmkern's CPU kernels forced) at 1 and 32 sentences, timed
+    interleaved with nmkern.timing; max |diff| of the packed outputs to the sparse training form."""
+    models = packed_variants(dense, packed)
     rows = []
     for b in (1, 32):
         x = tokenize(st, texts[:b], max_len)
-        with torch.no_grad():
-            times = time_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, seconds)
-            row = {"sentences": b, "tokens": int(x[:, 1].sum()), "repeats": len(times["dense"])}
-            for k, ts in times.items():
-                row[f"{k}_median_ms"] = statistics.median(ts) * 1e3
-                row[f"{k}_min_ms"] = min(ts) * 1e3
-                if k != "dense":
-                    row[f"{k}_ratio"] = row[f"{k}_median_ms"] / row["dense_median_ms"]
-                    row[f"{k}_max_abs_diff_vs_sparse_train_form"] = float((models[k](x) - sparse_ref(x)).abs().max())
+        row = {"sentences": b, "tokens": int(x[:, 1].sum())}
+        row |= time_models(models, x, seconds=seconds, reference=sparse_ref,
+                           diff_key="max_abs_diff_vs_sparse_train_form")
         rows.append(row)
         print(f"latency {b:>2} sentence(s): " + ", ".join(f"{k} {row[f'{k}_median_ms']:.2f} ms" for k in models), flush=True)
     return rows
@@ -330,14 +310,14 @@ def main(argv=None) -> int:
                         distill_loss_last=statistics.mean(losses[-10:]), seconds=time.perf_counter() - t0)
 
     # latency: the SR-STE 2:4 encoder packed vs dense
-    packed = pack(student)
+    packed = pack_model(student)
     lat = latency(dense, packed, student.eval(), te_texts, st, args.max_len, args.latency_seconds)
 
     res = {
         "command": "HF_HUB_OFFLINE=1 python examples/minilm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args), "linear_layers": n_linear, "sparsify_report": report.to_dict(), "classes": classes,
         "rows": rows, "domino": scheme_info, "latency": lat,
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": timing.machine_info(),
         "seconds_total": time.perf_counter() - t_start,
     }
     (out / "results.json").write_text(json.dumps(res, indent=1))

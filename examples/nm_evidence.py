@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import statistics
@@ -45,6 +44,7 @@ from nmkern.data import load_digits, load_mnist1d  # noqa: E402
 from nmkern.methods.domino import Budget, domino_search  # noqa: E402
 from nmkern.models import DigitsNet, MNIST1DNet  # noqa: E402
 from nmkern.methods.srste import evaluate, nm_sparse_weights, train_srste  # noqa: E402
+from nmkern.timing import machine_info  # noqa: E402
 
 ROWS = [
     "dense",
@@ -224,7 +224,7 @@ def main(argv=None):
     t0 = time.time()
     report = {"command": "python examples/nm_evidence.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
               "seeds": [0] if args.quick else args.seeds, "torch": torch.__version__, "python": platform.python_version(),
-              "threads": args.threads, "search": {k: (v if not isinstance(v, range) else f"range({v.start}, {v.stop}, {v.step})")
+              "threads": args.threads, "machine": machine_info(), "search": {k: (v if not isinstance(v, range) else f"range({v.start}, {v.stop}, {v.step})")
                                                    for k, v in SEARCH.items()},
               "datasets": {}}
     for name in args.datasets:

@@ -1,8 +1,10 @@
 """Triton kernels, one op per file (shipped as ``nmkern.kernels``).
 
-Each file holds the ``@triton.jit`` kernel and its launcher (validate, allocate,
-launch). Launchers assume the public op in :mod:`nmkern.functional` already
-checked its input.
+Each file holds the ``@triton.jit`` kernel, its launcher (validate, allocate,
+launch) and one ``*_configs()`` function listing its block sizes / ``num_warps`` /
+``num_stages``, which feeds the launcher, ``AOT_SPECS`` and the optional
+``NMKERN_AUTOTUNE=1`` autotuner through :mod:`._configs`. Launchers assume the
+public op in :mod:`nmkern.functional` already checked its input.
 """
 
 from .block_1xn import block_scores_1xn_triton

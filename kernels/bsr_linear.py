@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nmkern.kernels._configs import aot_spec, launch, pick_by_rows
 from nmkern.kernels.nm_linear import dot_precision, interpreter_upcast
 
 
@@ -54,10 +55,27 @@ def bsr_linear_kernel(x_ptr, crow_ptr, col_ptr, values_ptr, bias_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=b_ok[:, None] & n_ok[None, :])
 
 
-def bsr_blocks(batch: int, block: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_NNZ)."""
-    block_b = 16 if batch <= 16 else (32 if batch <= 32 else 64)
-    return block_b, max(16, triton.next_power_of_2(block)), 32
+def bsr_linear_configs() -> list[dict]:
+    """Tiles of :func:`bsr_linear_kernel`, ``BLOCK_B`` ascending; the launcher takes the smallest covering the batch.
+
+    * ``BLOCK_B`` 16 / 32 / 64 batch rows, as in
+      :func:`nmkern.kernels.nm_linear.nm_linear_configs`: ``tl.dot`` needs >= 16, a
+      decode batch fills one 16-row tile, bigger batches share each gathered block.
+    * ``BLOCK_NNZ = 32`` stored blocks per step: the ``tl.dot`` reduction dim, 32
+      gathered input columns and their ``(32, BLOCK_N)`` values per step.
+    * ``num_warps = 4``, ``num_stages = 3``: Triton's defaults, which these tiles were
+      sized and spill-checked with (all three are spill-free on sm_80 / sm_90 for 1x4
+      and 1x16 blocks; nmkern.aot, Triton 3.9).
+
+    ``BLOCK_N`` is not tuned: it is the block height padded for ``tl.dot``
+    (:func:`_block_n`).
+    """
+    return [{"BLOCK_B": block_b, "BLOCK_NNZ": 32, "num_warps": 4, "num_stages": 3} for block_b in (16, 32, 64)]
+
+
+def _block_n(block: int) -> int:
+    """Lanes for the N outputs of a block row: ``tl.dot`` needs >= 16 and a power of two."""
+    return max(16, triton.next_power_of_2(block))
 
 
 def bsr_linear_triton(x2d: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
@@ -68,29 +86,30 @@ def bsr_linear_triton(x2d: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, 
     y = torch.empty(batch, out_features, dtype=x2d.dtype, device=x2d.device)
     if batch == 0:
         return y
-    block_b, block_n, block_nnz = bsr_blocks(batch, block)
-    grid = (triton.cdiv(batch, block_b), out_features // block)
+    configs = bsr_linear_configs()
     has_bias = bias is not None
     values = values.contiguous()
-    bsr_linear_kernel[grid](
+    launch(
+        bsr_linear_kernel, configs, pick_by_rows(configs, "BLOCK_B", batch),
+        lambda cfg: (triton.cdiv(batch, cfg["BLOCK_B"]), out_features // block),
         x2d, crow.contiguous(), col.contiguous(), values, bias if has_bias else values, y,
         batch, x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1),
         BLOCK=block, HAS_BIAS=has_bias, PRECISION=dot_precision(x2d.dtype), UPCAST=interpreter_upcast(x2d.dtype),
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_NNZ=block_nnz,
+        BLOCK_N=_block_n(block), tune_key=("B",),
     )
     return y
 
 
-# Representative configs for the sm_80 / sm_90 AOT compile checks: 1x4 and 1x16 blocks.
-AOT_SPECS = [
-    {
-        "name": f"bsr_linear_1x{block}_{dt}",
-        "fn": bsr_linear_kernel,
-        "signature": {"x_ptr": f"*{dt}", "crow_ptr": "*i32", "col_ptr": "*i32", "values_ptr": f"*{dt}",
-                      "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "B": "i32", "stride_xb": "i32", "stride_xk": "i32",
-                      "stride_yb": "i32", "stride_yo": "i32"},
-        "constexprs": {"BLOCK": block, "HAS_BIAS": True, "PRECISION": "tf32", "UPCAST": False,
-                       "BLOCK_B": 16, "BLOCK_N": max(16, block), "BLOCK_NNZ": 32},
-    }
-    for block, dt in ((4, "fp16"), (16, "bf16"))
-]
+def _aot_spec(block: int, dtype: str) -> dict:
+    sig = {arg: f"*{dtype}" for arg in ("x_ptr", "values_ptr", "bias_ptr", "y_ptr")}
+    sig.update({"crow_ptr": "*i32", "col_ptr": "*i32"},
+               **{arg: "i32" for arg in ("B", "stride_xb", "stride_xk", "stride_yb", "stride_yo")})
+    return aot_spec(f"bsr_linear_1x{block}_{dtype}", bsr_linear_kernel, sig,
+                    pick_by_rows(bsr_linear_configs(), "BLOCK_B", 1),
+                    {"BLOCK": block, "HAS_BIAS": True, "PRECISION": "tf32", "UPCAST": False,
+                     "BLOCK_N": _block_n(block)})
+
+
+# Representative configs for the sm_80 / sm_90 AOT compile checks: the tile a decode batch
+# gets, with 1x4 and 1x16 blocks.
+AOT_SPECS = [_aot_spec(4, "fp16"), _aot_spec(16, "bf16")]

@@ -17,13 +17,13 @@ import triton.language as tl
 
 from nmkern.reference.semi24 import META_GROUP, NIBBLE_OF_PATTERN
 
+from ._configs import aot_spec, launch
+
 # NIBBLE_OF_PATTERN as one 64-bit constant: nibble of pattern p at bits 4p..4p+3.
 # Entries -1 (more than two non-zeros) become 0 here; those groups are flagged
 # separately through first_bad and never returned.
 NIBBLE_TABLE_BITS = sum((nib if nib >= 0 else 0) << (4 * p) for p, nib in enumerate(NIBBLE_OF_PATTERN))
 
-_BLOCK_Q = 64  # 64 words = 1024 elements per program
-_NUM_WARPS = 4
 _NO_BAD = 2**62  # first_bad sentinel before the atomic_min
 
 
@@ -87,6 +87,15 @@ def compress_24_kernel(
         tl.atomic_min(first_bad_ptr, first)
 
 
+def compress_24_configs() -> list[dict]:
+    """Configs of :func:`compress_24_kernel`; the launcher runs the first.
+
+    ``BLOCK_Q = 64`` metadata words = 1024 elements per program (a ``(64, 4, 4)``
+    tile), 8 per thread at ``num_warps = 4``.
+    """
+    return [{"BLOCK_Q": 64, "num_warps": 4}]
+
+
 def compress_24_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(values, meta, first_bad)`` of contiguous fp16/bf16 ``w`` (rows % 32 == 0, k % 32 == 0).
 
@@ -98,20 +107,16 @@ def compress_24_triton(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int
     values = torch.empty(rows, k // 2, dtype=w.dtype, device=w.device)
     meta = torch.empty(rows, meta_cols, dtype=torch.int16, device=w.device)
     first_bad = torch.full((1,), _NO_BAD, dtype=torch.int64, device=w.device)
-    grid = (triton.cdiv(rows * meta_cols, _BLOCK_Q),)
-    compress_24_kernel[grid](w.view(torch.int16), values.view(torch.int16), meta, first_bad, rows, meta_cols,
-                             TABLE=NIBBLE_TABLE_BITS, BLOCK_Q=_BLOCK_Q, num_warps=_NUM_WARPS)
+    configs = compress_24_configs()
+    launch(compress_24_kernel, configs, configs[0], lambda cfg: (triton.cdiv(rows * meta_cols, cfg["BLOCK_Q"]),),
+           w.view(torch.int16), values.view(torch.int16), meta, first_bad, rows, meta_cols, TABLE=NIBBLE_TABLE_BITS)
     bad = int(first_bad.item())
     return values, meta, (-1 if bad == _NO_BAD else bad)
 
 
 AOT_SPECS = [
-    {
-        "name": "compress_24",
-        "fn": compress_24_kernel,
-        "signature": {"w_ptr": "*i16", "values_ptr": "*i16", "meta_ptr": "*i16", "first_bad_ptr": "*i64",
-                      "rows": "i32", "meta_cols": "i32", "TABLE": "constexpr", "BLOCK_Q": "constexpr"},
-        "constexprs": {"TABLE": NIBBLE_TABLE_BITS, "BLOCK_Q": _BLOCK_Q},
-        "num_warps": _NUM_WARPS,
-    }
+    aot_spec("compress_24", compress_24_kernel,
+             {"w_ptr": "*i16", "values_ptr": "*i16", "meta_ptr": "*i16", "first_bad_ptr": "*i64", "rows": "i32",
+              "meta_cols": "i32"},
+             compress_24_configs()[0], {"TABLE": NIBBLE_TABLE_BITS})
 ]

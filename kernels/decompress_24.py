@@ -15,10 +15,8 @@ import triton.language as tl
 
 from nmkern.reference.semi24 import META_GROUP
 
+from ._configs import aot_spec, launch
 from .compress_24 import cutlass_meta_offset
-
-_BLOCK_Q = 64  # 1024 dense elements per program
-_NUM_WARPS = 4
 
 
 @triton.jit
@@ -50,6 +48,15 @@ def decompress_24_kernel(
     tl.store(out_ptr + group[:, :, None] * 4 + slot, dense, mask=ok2[:, :, None])
 
 
+def decompress_24_configs() -> list[dict]:
+    """Configs of :func:`decompress_24_kernel`; the launcher runs the first.
+
+    ``BLOCK_Q = 64`` metadata words = 1024 dense elements per program, 8 per thread
+    at ``num_warps = 4``, the same tile as :func:`.compress_24.compress_24_configs`.
+    """
+    return [{"BLOCK_Q": 64, "num_warps": 4}]
+
+
 def decompress_24_triton(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """Dense ``(rows, 2 * values.shape[1])`` from contiguous ``values`` (fp16/bf16) and int16 ``meta``."""
     rows, half = values.shape
@@ -58,19 +65,14 @@ def decompress_24_triton(values: torch.Tensor, meta: torch.Tensor) -> torch.Tens
     out = torch.empty(rows, k, dtype=values.dtype, device=values.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(rows * meta_cols, _BLOCK_Q),)
-    decompress_24_kernel[grid](values.view(torch.int16), meta, out.view(torch.int16), rows, meta_cols,
-                               BLOCK_Q=_BLOCK_Q, num_warps=_NUM_WARPS)
+    configs = decompress_24_configs()
+    launch(decompress_24_kernel, configs, configs[0], lambda cfg: (triton.cdiv(rows * meta_cols, cfg["BLOCK_Q"]),),
+           values.view(torch.int16), meta, out.view(torch.int16), rows, meta_cols)
     return out
 
 
 AOT_SPECS = [
-    {
-        "name": "decompress_24",
-        "fn": decompress_24_kernel,
-        "signature": {"values_ptr": "*i16", "meta_ptr": "*i16", "out_ptr": "*i16", "rows": "i32",
-                      "meta_cols": "i32", "BLOCK_Q": "constexpr"},
-        "constexprs": {"BLOCK_Q": _BLOCK_Q},
-        "num_warps": _NUM_WARPS,
-    }
+    aot_spec("decompress_24", decompress_24_kernel,
+             {"values_ptr": "*i16", "meta_ptr": "*i16", "out_ptr": "*i16", "rows": "i32", "meta_cols": "i32"},
+             decompress_24_configs()[0])
 ]

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from nmkern.backend import triton_interpret
+from nmkern.kernels._configs import aot_spec, launch, pick_by_rows
 from nmkern.kernels.compress_24 import cutlass_meta_offset
 from nmkern.reference.nm_pack import index_bits, indices_per_word
 
@@ -114,10 +115,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or interpreter_upcast(dtype) else "tf32"
 
 
-def linear_blocks(batch: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_O, BLOCK_K): tl.dot needs every dim >= 16; decode batches get 16 rows."""
-    block_b = 16 if batch <= 16 else (32 if batch <= 32 else 64)
-    return block_b, 64, 32
+def nm_linear_configs() -> list[dict]:
+    """Tiles of :func:`nm_linear_kernel`, ``BLOCK_B`` ascending; the launcher takes the smallest covering the batch.
+
+    * ``BLOCK_B`` 16 / 32 / 64 batch rows: ``tl.dot`` needs every dim >= 16, so a
+      decode batch (<= 16 rows, the case this kernel is for) still fills one 16-row
+      tile; bigger batches take 32 or 64 rows, so each program's rebuilt weight tile
+      serves more rows. 64 rows still compile spill-free but use 244-246 registers
+      on sm_80 (near the 255 cap; nmkern.aot, Triton 3.9), so no larger tile is listed.
+    * ``BLOCK_O = 64`` by ``BLOCK_K = 32``: the weight tile rebuilt in registers each
+      step, 2048 elements = 16 per thread at 4 warps, beside the fp32 accumulator.
+      32 columns are two int16 words of 2:4 metadata, or one int32 index word of 2:4.
+    * ``num_warps = 4``, ``num_stages = 3``: Triton's defaults, which these tiles were
+      sized and spill-checked with.
+    """
+    return [{"BLOCK_B": block_b, "BLOCK_O": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+            for block_b in (16, 32, 64)]
 
 
 def _launch(x2d, values, aux, bias, out_features, n, m, fmt):
@@ -125,15 +138,15 @@ def _launch(x2d, values, aux, bias, out_features, n, m, fmt):
     y = torch.empty(batch, out_features, dtype=x2d.dtype, device=x2d.device)
     if batch == 0:
         return y
-    block_b, block_o, block_k = linear_blocks(batch)
-    grid = (triton.cdiv(batch, block_b), triton.cdiv(out_features, block_o))
+    configs = nm_linear_configs()
     has_bias = bias is not None
-    nm_linear_kernel[grid](
+    launch(
+        nm_linear_kernel, configs, pick_by_rows(configs, "BLOCK_B", batch),
+        lambda cfg: (triton.cdiv(batch, cfg["BLOCK_B"]), triton.cdiv(out_features, cfg["BLOCK_O"])),
         x2d, values, aux, bias if has_bias else values, y,
         batch, out_features, k, x2d.stride(0), x2d.stride(1), values.stride(0), aux.stride(0), y.stride(0), y.stride(1),
         N=n, M=m, BITS=index_bits(m), PER_WORD=indices_per_word(m), FMT=fmt, HAS_BIAS=has_bias,
-        PRECISION=dot_precision(x2d.dtype), UPCAST=interpreter_upcast(x2d.dtype),
-        BLOCK_B=block_b, BLOCK_O=block_o, BLOCK_K=block_k,
+        PRECISION=dot_precision(x2d.dtype), UPCAST=interpreter_upcast(x2d.dtype), tune_key=("B", "O", "K"),
     )
     return y
 
@@ -150,35 +163,19 @@ def semi24_linear_triton(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Te
     return _launch(x2d, values.contiguous(), meta.contiguous(), bias, values.shape[0], 2, 4, FMT_SEMI24)
 
 
-_COMMON_SIG = {
-    "x_ptr": "*fp16", "values_ptr": "*fp16", "bias_ptr": "*fp16", "y_ptr": "*fp16",
-    "B": "i32", "O": "i32", "K": "i32", "stride_xb": "i32", "stride_xk": "i32", "stride_v": "i32",
-    "stride_a": "i32", "stride_yb": "i32", "stride_yo": "i32",
-}
+def _aot_spec(name: str, dtype: str, aux: str, n: int, m: int, fmt: int, has_bias: bool) -> dict:
+    sig = {arg: f"*{dtype}" for arg in ("x_ptr", "values_ptr", "bias_ptr", "y_ptr")}
+    sig.update({"aux_ptr": f"*{aux}"}, **{arg: "i32" for arg in (
+        "B", "O", "K", "stride_xb", "stride_xk", "stride_v", "stride_a", "stride_yb", "stride_yo")})
+    return aot_spec(name, nm_linear_kernel, sig, pick_by_rows(nm_linear_configs(), "BLOCK_B", 1),
+                    {"N": n, "M": m, "BITS": index_bits(m), "PER_WORD": indices_per_word(m), "FMT": fmt,
+                     "HAS_BIAS": has_bias, "PRECISION": "tf32", "UPCAST": False})
 
-# Representative configs for the sm_80 / sm_90 AOT compile checks (nmkern/aot.py):
-# a decode-size fp16 tile (16 x 64 x 32) in both formats, and a bf16 1:8 one.
+
+# Representative configs for the sm_80 / sm_90 AOT compile checks (nmkern/aot.py): the tile a
+# decode batch gets, in both formats in fp16, and a bf16 1:8 one.
 AOT_SPECS = [
-    {
-        "name": "nm_linear_nm24_fp16",
-        "fn": nm_linear_kernel,
-        "signature": {**_COMMON_SIG, "aux_ptr": "*i32"},
-        "constexprs": {"N": 2, "M": 4, "BITS": 2, "PER_WORD": 16, "FMT": FMT_NM, "HAS_BIAS": True,
-                       "PRECISION": "tf32", "UPCAST": False, "BLOCK_B": 16, "BLOCK_O": 64, "BLOCK_K": 32},
-    },
-    {
-        "name": "nm_linear_nm18_bf16",
-        "fn": nm_linear_kernel,
-        "signature": {**_COMMON_SIG, "x_ptr": "*bf16", "values_ptr": "*bf16", "bias_ptr": "*bf16",
-                      "y_ptr": "*bf16", "aux_ptr": "*i32"},
-        "constexprs": {"N": 1, "M": 8, "BITS": 3, "PER_WORD": 10, "FMT": FMT_NM, "HAS_BIAS": False,
-                       "PRECISION": "tf32", "UPCAST": False, "BLOCK_B": 16, "BLOCK_O": 64, "BLOCK_K": 32},
-    },
-    {
-        "name": "nm_linear_semi24_fp16",
-        "fn": nm_linear_kernel,
-        "signature": {**_COMMON_SIG, "aux_ptr": "*i16"},
-        "constexprs": {"N": 2, "M": 4, "BITS": 2, "PER_WORD": 16, "FMT": FMT_SEMI24, "HAS_BIAS": True,
-                       "PRECISION": "tf32", "UPCAST": False, "BLOCK_B": 16, "BLOCK_O": 64, "BLOCK_K": 32},
-    },
+    _aot_spec("nm_linear_nm24_fp16", "fp16", "i32", 2, 4, FMT_NM, True),
+    _aot_spec("nm_linear_nm18_bf16", "bf16", "i32", 1, 8, FMT_NM, False),
+    _aot_spec("nm_linear_semi24_fp16", "fp16", "i16", 2, 4, FMT_SEMI24, True),
 ]

@@ -17,10 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Pairwise ranking holds a (BLOCK_G, MP, MP) tile; 4096 elements over 4 warps is
-# 32 values per thread, which compiles without spills for every m (see reports/aot.json).
-_PAIR_TILE = 4096
-_NUM_WARPS = 4
+from ._configs import aot_spec, launch
 
 
 @triton.jit
@@ -57,9 +54,16 @@ def nm_mask_kernel(
         tl.store(out_ptr + offs, keep.to(tl.uint8), mask=ok)
 
 
-def _config(m: int) -> tuple[int, int]:
+def nm_mask_configs(m: int) -> list[dict]:
+    """Configs of :func:`nm_mask_kernel` for groups of ``m``; the launcher runs the first.
+
+    Pairwise ranking holds a ``(BLOCK_G, MP, MP)`` tile (``MP = next_pow2(m)``), so
+    ``BLOCK_G = 4096 // MP**2`` groups keep that tile at 4096 elements whatever m:
+    32 values per thread at ``num_warps = 4``, which compiles without spills for
+    every m (1024 groups for m = 2, 16 for m = 16; see reports/aot.json).
+    """
     mp = triton.next_power_of_2(m)
-    return mp, max(1, _PAIR_TILE // (mp * mp))
+    return [{"BLOCK_G": max(1, 4096 // (mp * mp)), "num_warps": 4}]
 
 
 def nm_mask_triton(x2: torch.Tensor, n: int, m: int, *, apply: bool) -> torch.Tensor:
@@ -68,7 +72,6 @@ def nm_mask_triton(x2: torch.Tensor, n: int, m: int, *, apply: bool) -> torch.Te
     The public ops in :mod:`nmkern.functional` validate the input (dtype, K % m,
     1 <= n < m <= 16, finite values) before calling this.
     """
-    mp, block_g = _config(m)
     num_groups = x2.numel() // m
     if apply:
         out = torch.empty_like(x2)
@@ -77,25 +80,20 @@ def nm_mask_triton(x2: torch.Tensor, n: int, m: int, *, apply: bool) -> torch.Te
         out = torch.empty(x2.shape, dtype=torch.bool, device=x2.device)
         out_arg = out.view(torch.uint8)  # store 0/1 bytes; torch.bool is one byte
     if num_groups:
-        grid = (triton.cdiv(num_groups, block_g),)
-        nm_mask_kernel[grid](x2, out_arg, num_groups, n, M=m, MP=mp, BLOCK_G=block_g, APPLY=apply,
-                             MAG_DTYPE=tl.float64 if x2.dtype == torch.float64 else tl.float32, num_warps=_NUM_WARPS)
+        configs = nm_mask_configs(m)
+        launch(nm_mask_kernel, configs, configs[0], lambda cfg: (triton.cdiv(num_groups, cfg["BLOCK_G"]),),
+               x2, out_arg, num_groups, n, M=m, MP=triton.next_power_of_2(m), APPLY=apply,
+               MAG_DTYPE=tl.float64 if x2.dtype == torch.float64 else tl.float32)
     return out
 
 
 def _spec(dtype: str, n: int, m: int, apply: bool) -> dict:
-    mp, block_g = _config(m)
     out = dtype if apply else "u8"
-    return {
-        "name": f"nm_mask_{'apply' if apply else 'mask'}_{dtype}_{n}of{m}",
-        "fn": nm_mask_kernel,
-        "signature": {"x_ptr": f"*{dtype}", "out_ptr": f"*{out}", "num_groups": "i64", "n": "i32",
-                      "M": "constexpr", "MP": "constexpr", "BLOCK_G": "constexpr", "APPLY": "constexpr",
-                      "MAG_DTYPE": "constexpr"},
-        "constexprs": {"M": m, "MP": mp, "BLOCK_G": block_g, "APPLY": apply,
-                       "MAG_DTYPE": tl.float64 if dtype == "fp64" else tl.float32},
-        "num_warps": _NUM_WARPS,
-    }
+    return aot_spec(f"nm_mask_{'apply' if apply else 'mask'}_{dtype}_{n}of{m}", nm_mask_kernel,
+                    {"x_ptr": f"*{dtype}", "out_ptr": f"*{out}", "num_groups": "i64", "n": "i32"},
+                    nm_mask_configs(m)[0],
+                    {"M": m, "MP": triton.next_power_of_2(m), "APPLY": apply,
+                     "MAG_DTYPE": tl.float64 if dtype == "fp64" else tl.float32})
 
 
 # Representative configs: 2:4 (the tensor-core pattern), m = 5 (non-power-of-two padding),

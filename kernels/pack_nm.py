@@ -24,6 +24,8 @@ import triton.language as tl
 
 from nmkern.reference.nm_pack import index_bits, indices_per_word
 
+from ._configs import aot_spec, launch
+
 # Same-width integer view of each packable dtype, and the bits that make an element
 # non-zero: everything but the sign bit for floats (-0.0 == 0), every bit for int8.
 INT_VIEW = {
@@ -37,8 +39,6 @@ _TRITON_INT = {torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.i
 SHORT_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
               torch.int8: "int8"}
 
-_SLOT_TILE = 1024  # BLOCK_W * PER_P2 * MP elements per program (8 per thread at 4 warps)
-_NUM_WARPS = 4
 _NO_BAD = 2**62
 
 
@@ -98,12 +98,23 @@ def pack_nm_kernel(
         tl.atomic_min(first_bad_ptr, first)
 
 
-def _config(m: int) -> dict:
-    mp = triton.next_power_of_2(m)
+def _geometry(m: int) -> dict:
+    """The constexprs fixed by m: group lanes and the index-word layout."""
     per = indices_per_word(m)
-    per_p2 = triton.next_power_of_2(per)
-    return {"M": m, "MP": mp, "BITS": index_bits(m), "PER": per, "PER_P2": per_p2,
-            "BLOCK_W": max(1, _SLOT_TILE // (per_p2 * mp))}
+    return {"M": m, "MP": triton.next_power_of_2(m), "BITS": index_bits(m), "PER": per,
+            "PER_P2": triton.next_power_of_2(per)}
+
+
+def pack_nm_configs(m: int) -> list[dict]:
+    """Configs of :func:`pack_nm_kernel` for groups of ``m``; the launcher runs the first.
+
+    A program holds a ``(BLOCK_W, PER_P2, MP)`` tile: every slot of its index words
+    re-reads its whole group. ``BLOCK_W = 1024 // (PER_P2 * MP)`` keeps that tile at
+    1024 elements whatever m, 8 per thread at ``num_warps = 4`` (e.g. 16 words for
+    m = 4: 16 slots x 4 lanes each).
+    """
+    geo = _geometry(m)
+    return [{"BLOCK_W": max(1, 1024 // (geo["PER_P2"] * geo["MP"])), "num_warps": 4}]
 
 
 def pack_nm_triton(w2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -113,17 +124,18 @@ def pack_nm_triton(w2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torc
     with more than n non-zeros, or -1 (values/indices are meaningless then).
     """
     rows, k = w2.shape
-    cfg = _config(m)
+    geo = _geometry(m)
     kept = k // m * n
-    words = triton.cdiv(kept, cfg["PER"])
+    words = triton.cdiv(kept, geo["PER"])
     int_dtype, nonzero_bits = INT_VIEW[w2.dtype]
     values = torch.empty(rows, kept, dtype=w2.dtype, device=w2.device)
     indices = torch.empty(rows, words, dtype=torch.int32, device=w2.device)
     first_bad = torch.full((1,), _NO_BAD, dtype=torch.int64, device=w2.device)
     if rows * words:
-        grid = (triton.cdiv(rows * words, cfg["BLOCK_W"]),)
-        pack_nm_kernel[grid](w2.view(int_dtype), values.view(int_dtype), indices, first_bad, rows, k, n, kept, words,
-                             NONZERO_BITS=nonzero_bits, num_warps=_NUM_WARPS, **cfg)
+        configs = pack_nm_configs(m)
+        launch(pack_nm_kernel, configs, configs[0], lambda cfg: (triton.cdiv(rows * words, cfg["BLOCK_W"]),),
+               w2.view(int_dtype), values.view(int_dtype), indices, first_bad, rows, k, n, kept, words,
+               NONZERO_BITS=nonzero_bits, **geo)
     bad = int(first_bad.item())
     return values, indices, (-1 if bad == _NO_BAD else bad)
 
@@ -131,17 +143,10 @@ def pack_nm_triton(w2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torc
 def _spec(dtype: torch.dtype, n: int, m: int) -> dict:
     int_dtype, nonzero_bits = INT_VIEW[dtype]
     ty = _TRITON_INT[int_dtype]
-    cfg = _config(m)
     sig = {"w_ptr": f"*{ty}", "values_ptr": f"*{ty}", "indices_ptr": "*i32", "first_bad_ptr": "*i64",
            "rows": "i32", "K": "i32", "n": "i32", "L": "i32", "W": "i32"}
-    sig.update({name: "constexpr" for name in ("NONZERO_BITS", *cfg)})
-    return {
-        "name": f"pack_nm_{SHORT_NAME[dtype]}_{n}of{m}",
-        "fn": pack_nm_kernel,
-        "signature": sig,
-        "constexprs": {"NONZERO_BITS": nonzero_bits, **cfg},
-        "num_warps": _NUM_WARPS,
-    }
+    return aot_spec(f"pack_nm_{SHORT_NAME[dtype]}_{n}of{m}", pack_nm_kernel, sig, pack_nm_configs(m)[0],
+                    {"NONZERO_BITS": nonzero_bits, **_geometry(m)})
 
 
 # Every index width (1, 2, 3, 4 bits) and every value width (8..64 bits).

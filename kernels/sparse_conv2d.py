@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nmkern.kernels._configs import aot_spec, launch, pick_by_rows
 from nmkern.kernels.nm_linear import dot_precision, interpreter_upcast, nm_weight_tile
 from nmkern.reference.linear import conv_out_size
 from nmkern.reference.nm_pack import index_bits, indices_per_word
@@ -65,6 +66,22 @@ def nm_conv2d_kernel(x_ptr, values_ptr, idx_ptr, bias_ptr, y_ptr,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
 
 
+def nm_conv2d_configs() -> list[dict]:
+    """Tiles of :func:`nm_conv2d_kernel`, ``BLOCK_P`` ascending; the launcher takes the smallest covering the pixels.
+
+    * ``BLOCK_P`` 16 / 32 output pixels (GEMM rows): ``tl.dot`` needs >= 16, so a
+      tiny output still fills one 16-row tile; 32 rows for everything larger, because
+      64 rows spilled 32 B of stack on sm_80. Only the 32-row tile is in AOT_SPECS:
+      the 16-row one leaves 8 B of stack on sm_80 with Triton 3.9 (spill-free on sm_90).
+    * ``BLOCK_O = 64`` by ``BLOCK_K = 32``: the packed weight tile rebuilt per step,
+      as in :func:`nmkern.kernels.nm_linear.nm_linear_configs`.
+    * ``num_warps = 4``, ``num_stages = 3``: Triton's defaults, which these tiles were
+      sized and spill-checked with.
+    """
+    return [{"BLOCK_P": block_p, "BLOCK_O": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3}
+            for block_p in (16, 32)]
+
+
 def nm_conv2d_triton(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, weight_shape,
                      bias: torch.Tensor | None = None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
     """``conv2d(x, W, bias)`` with ``x (B, C, H, W)`` and W ``(O, C, KH, KW)`` packed N:M along C (NHWC rows).
@@ -80,18 +97,18 @@ def nm_conv2d_triton(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
     p = b * oh * ow
     if p == 0:
         return y
-    block_p, block_o, block_k = (16 if p <= 16 else 32), 64, 32
-    grid = (triton.cdiv(p, block_p), triton.cdiv(o, block_o))
+    configs = nm_conv2d_configs()
     has_bias = bias is not None
     values = values.contiguous()
-    nm_conv2d_kernel[grid](
+    launch(
+        nm_conv2d_kernel, configs, pick_by_rows(configs, "BLOCK_P", p),
+        lambda cfg: (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(o, cfg["BLOCK_O"])),
         x, values, indices.contiguous(), bias if has_bias else values, y,
         p, c, h, w, o, oh, ow, kw, kh * kw * c,
         *x.stride(), *y.stride(), values.stride(0), indices.stride(0) if indices.dim() == 2 else 1,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         N=n, M=m, BITS=index_bits(m), PER_WORD=indices_per_word(m), HAS_BIAS=has_bias,
-        PRECISION=dot_precision(x.dtype), UPCAST=interpreter_upcast(x.dtype),
-        BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_K=block_k,
+        PRECISION=dot_precision(x.dtype), UPCAST=interpreter_upcast(x.dtype), tune_key=("P", "O", "K"),
     )
     return y
 
@@ -99,15 +116,13 @@ def nm_conv2d_triton(x: torch.Tensor, values: torch.Tensor, indices: torch.Tenso
 _I32 = ("P", "C", "H", "W", "O", "OH", "OW", "KW", "K", "sxb", "sxc", "sxh", "sxw", "syb", "syo", "syh", "syw",
         "stride_v", "stride_i", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W")
 
-# Representative config for the sm_80 / sm_90 AOT compile checks: 2:4 fp16, 32x64x32 tiles
-# (64 pixel rows spilled 32 B on sm_80).
+# Representative config for the sm_80 / sm_90 AOT compile checks: 2:4 fp16 with the largest
+# tile, the one every conv of more than 16 output pixels runs.
 AOT_SPECS = [
-    {
-        "name": "nm_conv2d_nm24_fp16",
-        "fn": nm_conv2d_kernel,
-        "signature": {"x_ptr": "*fp16", "values_ptr": "*fp16", "idx_ptr": "*i32", "bias_ptr": "*fp16",
-                      "y_ptr": "*fp16", **{name: "i32" for name in _I32}},
-        "constexprs": {"N": 2, "M": 4, "BITS": 2, "PER_WORD": 16, "HAS_BIAS": True, "PRECISION": "tf32",
-                       "UPCAST": False, "BLOCK_P": 32, "BLOCK_O": 64, "BLOCK_K": 32},
-    },
+    aot_spec("nm_conv2d_nm24_fp16", nm_conv2d_kernel,
+             {"x_ptr": "*fp16", "values_ptr": "*fp16", "idx_ptr": "*i32", "bias_ptr": "*fp16", "y_ptr": "*fp16",
+              **{name: "i32" for name in _I32}},
+             nm_conv2d_configs()[-1],
+             {"N": 2, "M": 4, "BITS": index_bits(4), "PER_WORD": indices_per_word(4), "HAS_BIAS": True,
+              "PRECISION": "tf32", "UPCAST": False}),
 ]

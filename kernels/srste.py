@@ -26,13 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-# 128 groups per program over 4 warps: the one tile size that compiled with no stack for every
-# m tried (2..16, fp16/bf16/fp32) on sm_80 and sm_90; 512 or 1024 elements per program
-# independent of m left 8-16 B of stack on sm_90 for some m (e.g. fp32 m=6, fp16 m=4).
-# Known exception: non-power-of-two m in 9..15 (e.g. 12) in fp16/bf16 still shows 16-24 B
-# of stack on sm_90; every power-of-two m and m <= 8 is spill-free on sm_80 and sm_90.
-_BLOCK_G = 128
-_NUM_WARPS = 4
+from ._configs import aot_spec, launch
+
+# Compile options of both kernels, in the launchers and AOT_SPECS alike: no FMA contraction,
+# so the backward rounds after each of torch's three ops (see the module docstring).
+_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -111,8 +109,23 @@ def _round_to(x, dtype: tl.constexpr):
         return x.to(dtype).to(tl.float32)
 
 
-def _config(m: int) -> tuple[int, int]:
-    return triton.next_power_of_2(m), _BLOCK_G
+def srste_configs() -> list[dict]:
+    """Configs of :func:`srste_forward_kernel` and :func:`srste_backward_kernel`; the launchers run the first.
+
+    ``BLOCK_G = 128`` groups per program at ``num_warps = 4``, whatever m: the one
+    tile size that compiled with no stack for every m tried (2..16, fp16/bf16/fp32)
+    on sm_80 and sm_90; 512 or 1024 elements per program independent of m left
+    8-16 B of stack on sm_90 for some m (e.g. fp32 m=6, fp16 m=4). Known exception:
+    non-power-of-two m in 9..15 (e.g. 12) in fp16/bf16 still shows 16-24 B of stack
+    on sm_90; every power-of-two m and m <= 8 is spill-free on sm_80 and sm_90.
+    """
+    return [{"BLOCK_G": 128, "num_warps": 4}]
+
+
+def _launch(kernel, num_groups: int, *args, m: int) -> None:
+    configs = srste_configs()
+    launch(kernel, configs, configs[0], lambda cfg: (triton.cdiv(num_groups, cfg["BLOCK_G"]),), *args,
+           M=m, MP=triton.next_power_of_2(m), **_OPTIONS)
 
 
 def srste_forward_triton(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -120,51 +133,35 @@ def srste_forward_triton(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
     The caller (:func:`nmkern.autograd.srste_weight`) validated dtype, m | size and n.
     """
-    mp, block_g = _config(m)
     out = torch.empty_like(w)
     num_groups = w.numel() // m
     if num_groups:
-        grid = (triton.cdiv(num_groups, block_g),)
-        srste_forward_kernel[grid](w, out, num_groups, n, M=m, MP=mp, BLOCK_G=block_g, num_warps=_NUM_WARPS)
+        _launch(srste_forward_kernel, num_groups, w, out, num_groups, n, m=m)
     return out
 
 
 def srste_backward_triton(grad: torch.Tensor, w: torch.Tensor, n: int, m: int, lambda_w: float) -> torch.Tensor:
     """``grad + lambda_w * (1 - mask(w)) * w`` for contiguous ``grad`` and ``w`` of one shape and dtype."""
-    mp, block_g = _config(m)
     out = torch.empty_like(w)
     num_groups = w.numel() // m
     if num_groups:
-        grid = (triton.cdiv(num_groups, block_g),)
-        srste_backward_kernel[grid](grad, w, out, num_groups, n, float(lambda_w), M=m, MP=mp, BLOCK_G=block_g,
-                                    num_warps=_NUM_WARPS, enable_fp_fusion=False)
+        _launch(srste_backward_kernel, num_groups, grad, w, out, num_groups, n, float(lambda_w), m=m)
     return out
 
 
+def _spec(name: str, kernel, signature: dict, m: int) -> dict:
+    return aot_spec(name, kernel, signature, srste_configs()[0], {"M": m, "MP": triton.next_power_of_2(m)}, **_OPTIONS)
+
+
 def _spec_forward(dtype: str, n: int, m: int) -> dict:
-    mp, block_g = _config(m)
-    return {
-        "name": f"srste_forward_{dtype}_{n}of{m}",
-        "fn": srste_forward_kernel,
-        "signature": {"w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "num_groups": "i64", "n": "i32",
-                      "M": "constexpr", "MP": "constexpr", "BLOCK_G": "constexpr"},
-        "constexprs": {"M": m, "MP": mp, "BLOCK_G": block_g},
-        "num_warps": _NUM_WARPS,
-        "enable_fp_fusion": False,
-    }
+    return _spec(f"srste_forward_{dtype}_{n}of{m}", srste_forward_kernel,
+                 {"w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "num_groups": "i64", "n": "i32"}, m)
 
 
 def _spec_backward(dtype: str, n: int, m: int) -> dict:
-    mp, block_g = _config(m)
-    return {
-        "name": f"srste_backward_{dtype}_{n}of{m}",
-        "fn": srste_backward_kernel,
-        "signature": {"grad_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "num_groups": "i64",
-                      "n": "i32", "lambda_w": "fp32", "M": "constexpr", "MP": "constexpr", "BLOCK_G": "constexpr"},
-        "constexprs": {"M": m, "MP": mp, "BLOCK_G": block_g},
-        "num_warps": _NUM_WARPS,
-        "enable_fp_fusion": False,
-    }
+    return _spec(f"srste_backward_{dtype}_{n}of{m}", srste_backward_kernel,
+                 {"grad_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "num_groups": "i64",
+                  "n": "i32", "lambda_w": "fp32"}, m)
 
 
 # Representative configs: 2:4 in fp16/bf16 (the tensor-core training case), the widest

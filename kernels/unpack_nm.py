@@ -16,10 +16,8 @@ import triton.language as tl
 
 from nmkern.reference.nm_pack import index_bits, indices_per_word
 
+from ._configs import aot_spec, launch
 from .pack_nm import _TRITON_INT, INT_VIEW, SHORT_NAME
-
-_SELECT_TILE = 2048  # BLOCK_G * MP * NP elements per program
-_NUM_WARPS = 4
 
 
 @triton.jit
@@ -57,10 +55,21 @@ def unpack_nm_kernel(
     tl.store(out_ptr + g[:, None] * M + tl.arange(0, MP)[None, :], dense.to(val.dtype), mask=out_ok)
 
 
-def _config(n: int, m: int) -> dict:
-    mp, np2 = triton.next_power_of_2(m), triton.next_power_of_2(n)
-    return {"M": m, "MP": mp, "NP": np2, "BITS": index_bits(m), "PER": indices_per_word(m),
-            "BLOCK_G": max(1, _SELECT_TILE // (mp * np2))}
+def _geometry(n: int, m: int) -> dict:
+    """The constexprs fixed by n and m: lanes and the index-word layout."""
+    return {"M": m, "MP": triton.next_power_of_2(m), "NP": triton.next_power_of_2(n), "BITS": index_bits(m),
+            "PER": indices_per_word(m)}
+
+
+def unpack_nm_configs(n: int, m: int) -> list[dict]:
+    """Configs of :func:`unpack_nm_kernel` for n:m; the launcher runs the first.
+
+    Each group's m lanes test its n kept indices, a ``(BLOCK_G, MP, NP)`` tile.
+    ``BLOCK_G = 2048 // (MP * NP)`` keeps it at 2048 elements whatever n:m,
+    16 per thread at ``num_warps = 4`` (256 groups for 2:4, 8 for 15:16).
+    """
+    geo = _geometry(n, m)
+    return [{"BLOCK_G": max(1, 2048 // (geo["MP"] * geo["NP"])), "num_warps": 4}]
 
 
 def unpack_nm_triton(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -70,28 +79,21 @@ def unpack_nm_triton(values: torch.Tensor, indices: torch.Tensor, n: int, m: int
     k = groups_per_row * m
     int_dtype, _ = INT_VIEW[values.dtype]
     out = torch.empty(rows, k, dtype=values.dtype, device=values.device)
-    cfg = _config(n, m)
     num_groups = rows * groups_per_row
     if num_groups:
-        grid = (triton.cdiv(num_groups, cfg["BLOCK_G"]),)
-        unpack_nm_kernel[grid](values.view(int_dtype), indices, out.view(int_dtype), num_groups, groups_per_row, n,
-                               kept, indices.shape[1], num_warps=_NUM_WARPS, **cfg)
+        configs = unpack_nm_configs(n, m)
+        launch(unpack_nm_kernel, configs, configs[0], lambda cfg: (triton.cdiv(num_groups, cfg["BLOCK_G"]),),
+               values.view(int_dtype), indices, out.view(int_dtype), num_groups, groups_per_row, n,
+               kept, indices.shape[1], **_geometry(n, m))
     return out
 
 
 def _spec(dtype: torch.dtype, n: int, m: int) -> dict:
     ty = _TRITON_INT[INT_VIEW[dtype][0]]
-    cfg = _config(n, m)
     sig = {"values_ptr": f"*{ty}", "indices_ptr": "*i32", "out_ptr": f"*{ty}", "num_groups": "i32",
            "groups_per_row": "i32", "n": "i32", "L": "i32", "W": "i32"}
-    sig.update({name: "constexpr" for name in cfg})
-    return {
-        "name": f"unpack_nm_{SHORT_NAME[dtype]}_{n}of{m}",
-        "fn": unpack_nm_kernel,
-        "signature": sig,
-        "constexprs": cfg,
-        "num_warps": _NUM_WARPS,
-    }
+    return aot_spec(f"unpack_nm_{SHORT_NAME[dtype]}_{n}of{m}", unpack_nm_kernel, sig, unpack_nm_configs(n, m)[0],
+                    _geometry(n, m))
 
 
 AOT_SPECS = [

@@ -18,10 +18,20 @@ from .functional import (
     unpack_nm,
 )
 
-from .dispatch import ExecPath  # noqa: E402
-from .nn import Pattern, SparseConv2d, SparseLinear  # noqa: E402
+from .nn import SparseConv2d, SparseLinear  # noqa: E402
+from .spec import (  # noqa: E402
+    DENSE,
+    BlockSpec,
+    DenseSpec,
+    LayerSpec,
+    NMSpec,
+    Pattern,
+    SpecResolver,
+    UnstructuredSpec,
+    parse_spec,
+)
 from .sparsify import SparsifyReport, sparsify  # noqa: E402
-from .methods.masking import Distribution, Target  # noqa: E402
+from .methods.masking import Distribution  # noqa: E402
 from .methods.gap import GaPMethod, GaPResult, PGaP, SGaP, gap_train, make_partitions  # noqa: E402
 from .methods.blockprune import BlockPruneResult, prune_1xn  # noqa: E402
 from .autograd import srste_weight  # noqa: E402
@@ -45,14 +55,20 @@ __all__ = [
     "pack_nm",
     "to_bsr_1xn",
     "unpack_nm",
-    "ExecPath",
+    "DENSE",
+    "BlockSpec",
+    "DenseSpec",
+    "LayerSpec",
+    "NMSpec",
     "Pattern",
+    "SpecResolver",
+    "UnstructuredSpec",
+    "parse_spec",
     "SparseConv2d",
     "SparseLinear",
     "SparsifyReport",
     "sparsify",
     "Distribution",
-    "Target",
     "GaPMethod",
     "GaPResult",
     "PGaP",
@@ -71,3 +87,11 @@ __all__ = [
     "remove_srste",
     "set_lambda_w",
 ]
+
+
+def __getattr__(name: str):
+    # nmkern 0.1 names, kept for one release: ExecPath is Backend, Target is Pattern.
+    from ._moved import renamed_attribute
+
+    return renamed_attribute(__name__, name, {"ExecPath": (Backend, "nmkern.Backend (one enum of execution paths)"),
+                                              "Target": (Pattern, "nmkern.Pattern")})

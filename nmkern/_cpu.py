@@ -22,12 +22,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import _validate as v
 from .reference.cpu_layouts import bsr_1xn_pack_ref, nm_tile_pack_ref
-from .reference.linear import conv_out_size
-from .reference.nm_pack import first_overfull_group_ref, index_bits
+from .reference.linear import conv_out_size, fold_rows_nchw, unfold_nhwc
+from .reference.nm_pack import first_overfull_group_ref
 
 ABI_VERSION = 1  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
@@ -278,38 +277,67 @@ class CpuLinear:
             bias = bias.contiguous()
         return x.contiguous(), bias
 
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The packed layout: NM ``values``, ``index``; 1xN ``values``, ``rowptr``, ``col``."""
+        return self._t
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
                  num_threads: int | None = None) -> torch.Tensor:
         op = "nmkern cpu sparse linear"
         x, bias = self._check_input(op, x, bias)
-        lib = _require(op)
-        batch = x.shape[0]
-        y = torch.empty(batch, self.out_features, dtype=torch.float32)
-        if batch == 0:
-            return y
-        if num_threads is not None:
-            threads = int(num_threads)
-        elif self.kept_macs_per_row * batch < SINGLE_THREAD_MACS:
-            # Waking an OpenMP worker costs more than the work (and on a loaded
-            # machine a sleeping worker can wait milliseconds for a core).
-            threads = 1
-        else:
-            threads = torch.get_num_threads()
         t = self._t
-        with torch.no_grad():
-            if self.kind is SparseKind.NM:
-                rc = lib.nmkern_nm_linear_f32(
-                    _ptr(x), batch, self.in_features, _ptr(t["values"]), _ptr(t["index"]), self.out_features, self.n,
-                    self.m, _ptr(bias), _ptr(y), threads, int(algo),
-                )
-            else:
-                rc = lib.nmkern_bsr_linear_f32(
-                    _ptr(x), batch, self.in_features, _ptr(t["values"]) if t["values"].numel() else None,
-                    _ptr(t["rowptr"]), _ptr(t["col"]) if t["col"].numel() else None, t["col"].element_size(),
-                    t["col"].numel(), self.out_features, self.block, _ptr(bias), _ptr(y), threads, int(algo),
-                )
-        _check_status(op, rc)
+        if self.kind is SparseKind.NM:
+            return nm_linear_f32(x, t["values"], t["index"], self.n, self.m, self.out_features, bias, algo=algo,
+                                 num_threads=num_threads)
+        return bsr_linear_f32(x, t["values"], t["rowptr"], t["col"], self.block, self.out_features, bias, algo=algo,
+                              num_threads=num_threads)
+
+
+def _threads(macs: int, num_threads: int | None) -> int:
+    if num_threads is not None:
+        return int(num_threads)
+    # Waking an OpenMP worker costs more than the work below SINGLE_THREAD_MACS (and on a
+    # loaded machine a sleeping worker can wait milliseconds for a core).
+    return 1 if macs < SINGLE_THREAD_MACS else torch.get_num_threads()
+
+
+def _run_kernel(x: torch.Tensor, out_features: int, macs_per_row: int, num_threads: int | None, launch) -> torch.Tensor:
+    """y ``(B, out_features)`` fp32 from ``launch(lib, y, threads)``, the C call returning its status."""
+    op = "nmkern cpu sparse linear"
+    lib = _require(op)
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if x.shape[0] == 0:
         return y
+    with torch.no_grad():
+        rc = launch(lib, y, _threads(macs_per_row * x.shape[0], num_threads))
+    _check_status(op, rc)
+    return y
+
+
+def nm_linear_f32(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int, out_features: int,
+                  bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
+                  num_threads: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the CPU N:M tile layout (``CpuLinear.tensors``).
+
+    x: contiguous fp32 ``(B, K)`` on the CPU; bias fp32 ``(out_features,)`` or None. The
+    caller (:class:`CpuLinear`, the registered op ``nmkern::cpu_nm_linear``) checked them.
+    """
+    batch, k = x.shape
+    return _run_kernel(x, out_features, out_features * k * n // m, num_threads, lambda lib, y, threads: (
+        lib.nmkern_nm_linear_f32(_ptr(x), batch, k, _ptr(values), _ptr(index), out_features, n, m, _ptr(bias),
+                                 _ptr(y), threads, int(algo))))
+
+
+def bsr_linear_f32(x: torch.Tensor, values: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, block: int,
+                   out_features: int, bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
+                   num_threads: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the CPU 1xN layout (``CpuLinear.tensors``); checked by the caller."""
+    batch, k = x.shape
+    return _run_kernel(x, out_features, values.numel(), num_threads, lambda lib, y, threads: (
+        lib.nmkern_bsr_linear_f32(_ptr(x), batch, k, _ptr(values) if values.numel() else None, _ptr(rowptr),
+                                  _ptr(col) if col.numel() else None, col.element_size(), col.numel(), out_features,
+                                  block, _ptr(bias), _ptr(y), threads, int(algo))))
 
 
 def _weight_rows(op: str, w, ndim: int) -> torch.Tensor:
@@ -335,10 +363,17 @@ def _prepare_rows(op: str, w2: torch.Tensor, kind, n, m, block) -> CpuLinear:
             )
         _check_nm_sparse(op, w2, n, m)
         values, index = nm_tile_pack_ref(w2, n, m)
-        return CpuLinear(kind, n, m, 0, out_features, in_features, {"values": values, "index": index})
+        return CpuLinear(kind, n, m, 0, out_features, in_features, _owned({"values": values, "index": index}))
     block = _check_block(op, block, out_features)
     rowptr, col, values = bsr_1xn_pack_ref(w2.contiguous(), block)
-    return CpuLinear(kind, 0, 0, block, out_features, in_features, {"values": values, "rowptr": rowptr, "col": col})
+    return CpuLinear(kind, 0, 0, block, out_features, in_features,
+                     _owned({"values": values, "rowptr": rowptr, "col": col}))
+
+
+def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Views keep their base alive (the whole BSR tensor, or the dense weight), and torch.compile
+    # treats a view's base as a graph input too: give every layout tensor its own storage.
+    return {k: t.clone() if t._base is not None else t for k, t in tensors.items()}
 
 
 def prepare_cpu_linear(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: int = 0, block: int = 0) -> CpuLinear:
@@ -393,18 +428,15 @@ class CpuConv2d:
         stride = _pair(op, "stride", stride, 1)
         padding = _pair(op, "padding", padding, 0)
         dilation = _pair(op, "dilation", dilation, 1)
-        batch, _, h, w = x.shape
-        oh = conv_out_size(h, self.kh, stride[0], padding[0], dilation[0])
-        ow = conv_out_size(w, self.kw, stride[1], padding[1], dilation[1])
-        if oh < 1 or ow < 1:
+        h, w = x.shape[2:]
+        if min(conv_out_size(size, k, s, p, d) for size, k, s, p, d in
+               zip((h, w), (self.kh, self.kw), stride, padding, dilation)) < 1:
             raise ValueError(
                 f"{op}: input {h}x{w} with kernel {self.kh}x{self.kw}, padding {padding}, dilation {dilation} "
                 "gives an empty output; pad the input or use a smaller kernel"
             )
-        cols = F.unfold(x, (self.kh, self.kw), dilation=dilation, padding=padding, stride=stride)  # (B, I*kh*kw, L)
-        cols = cols.view(batch, self.in_channels, self.kh * self.kw, oh * ow).permute(0, 3, 2, 1)
-        y = self.linear(cols.reshape(batch * oh * ow, -1), bias, **kwargs)  # (B*L, O)
-        return y.view(batch, oh, ow, self.out_channels).permute(0, 3, 1, 2).contiguous()
+        cols, (batch, oh, ow) = unfold_nhwc(x, (self.kh, self.kw), stride, padding, dilation)
+        return fold_rows_nchw(self.linear(cols, bias, **kwargs), batch, oh, ow)
 
 
 def prepare_cpu_conv2d(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: int = 0, block: int = 0) -> CpuConv2d:

@@ -2,7 +2,9 @@
 
 Every module in :mod:`nmkern.kernels` that defines ``AOT_SPECS`` (a list of dicts
 ``{"name", "fn", "signature", "constexprs"}`` plus optional compile options such
-as ``num_warps``) is compiled with ``triton.compile(ASTSource(...),
+as ``num_warps``; kernel files build them from their ``*_configs()`` list with
+``nmkern.kernels._configs.aot_spec``, so the check compiles configs the
+launchers run) is compiled with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cc, 32))`` - no GPU needed. Each cubin goes through
 ``cuobjdump --dump-resource-usage``, whose ``REG/STACK/SHARED/LOCAL`` figures land
 in a JSON report and a markdown table beside it.

@@ -18,11 +18,11 @@ import math
 import torch
 
 from . import _validate as v
-from .backend import Backend, parse_backend, resolve_backend
+from .backend import Backend, parse_backend
+from .dispatch import TRITON_DTYPES, resolve_backend
 from .reference.srste import DEFAULT_LAMBDA_W, srste_backward_ref, srste_forward_ref
 
 _OP = "srste_weight"
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():

@@ -1,8 +1,13 @@
-"""Backend selection: one small function decides, everything else asks it.
+"""The one enum of execution paths, and the one reader of ``NMKERN_BACKEND``.
 
-``backend=`` arguments accept a :class:`Backend` or its string value. The
-``NMKERN_BACKEND`` environment variable overrides ``"auto"`` (never an explicit
-choice), which is how CI forces the Triton interpreter path on the CPU.
+``backend=`` arguments everywhere (ops, modules, ``sparsify``) accept a
+:class:`Backend` or its string value. What each path can run, and how ``"auto"``
+chooses, is the table in :mod:`nmkern.dispatch`.
+
+``NMKERN_BACKEND`` (read by :func:`env_backend`, nowhere else) is a preference for
+``"auto"``, one rule for ops and layers alike: a call that can run the named path
+takes it; any other call decides as if the variable were unset. An explicit
+``backend=`` always wins over the variable.
 """
 
 from __future__ import annotations
@@ -10,59 +15,58 @@ from __future__ import annotations
 import enum
 import os
 
-import torch
-
 
 class Backend(str, enum.Enum):
+    """How a call runs (``AUTO``: let :mod:`nmkern.dispatch` decide)."""
+
     AUTO = "auto"
-    REFERENCE = "reference"  # pure torch, every device
-    TRITON = "triton"  # CUDA, or CPU under TRITON_INTERPRET=1
-    CUDA = "cuda"  # csrc/cuda through CuPy
-    CUSPARSELT = "cusparselt"  # torch._cslt_sparse_mm
-    CPU = "cpu"  # csrc/cpu through ctypes
+    REFERENCE = "reference"  # pure torch, every device: decompress, then the dense op (every call)
+    TRITON = "triton"  # nmkern.kernels (CUDA, or CPU under TRITON_INTERPRET=1)
+    DENSE = "dense"  # layers: the dense op on the cached decompressed masked weight
+    CUDA = "cuda"  # csrc/cuda 2:4 tensor-core GEMM through CuPy
+    CUSPARSELT = "cusparselt"  # torch's cuSPARSELt 2:4 GEMM
+    CPU = "cpu"  # csrc/cpu native kernels through ctypes
 
     def __str__(self) -> str:  # "triton", not "Backend.TRITON", in messages
         return self.value
 
 
+ENV_BACKEND = "NMKERN_BACKEND"
+
+
 def triton_interpret() -> bool:
+    """True when Triton runs its interpreter (``TRITON_INTERPRET`` set and not 0)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def parse_backend(op: str, backend) -> Backend:
+    """A :class:`Backend` from a Backend or its (case-insensitive) string value."""
     if isinstance(backend, Backend):
         return backend
     if isinstance(backend, str):
         try:
-            return Backend(backend.lower())
+            return Backend(backend.strip().lower())
         except ValueError:
             pass
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {[b.value for b in Backend]}")
     raise TypeError(f"{op}: backend must be a str or nmkern.Backend, got {type(backend).__name__}")
 
 
-def resolve_backend(op: str, backend, tensor: torch.Tensor, supported=(Backend.REFERENCE, Backend.TRITON)) -> Backend:
-    """Turn ``backend`` (maybe "auto") into a concrete backend for ``tensor``.
+def env_backend(op: str) -> Backend | None:
+    """The path ``NMKERN_BACKEND`` asks for, or None when it is unset, empty or "auto"."""
+    text = os.environ.get(ENV_BACKEND, "").strip()
+    if not text:
+        return None
+    b = parse_backend(f"{op} ({ENV_BACKEND})", text)
+    return None if b is Backend.AUTO else b
 
-    auto: the ``NMKERN_BACKEND`` variable if set, else triton for CUDA tensors and
-    for CPU tensors under ``TRITON_INTERPRET=1``, else reference.
-    """
-    b = parse_backend(op, backend)
-    if b is Backend.AUTO:
-        env = os.environ.get("NMKERN_BACKEND", "").strip()
-        if env and env != "auto":
-            b = parse_backend(f"{op} (NMKERN_BACKEND)", env)
-            if b not in supported:
-                return Backend.REFERENCE
-        elif Backend.TRITON in supported and (tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpret())):
-            b = Backend.TRITON
-        else:
-            b = Backend.REFERENCE
-    if b not in supported:
-        raise ValueError(f"{op}: backend {b.value!r} is not available for this op; choose one of {[s.value for s in supported]}")
-    if b is Backend.TRITON and tensor.device.type == "cpu" and not triton_interpret():
-        raise ValueError(
-            f"{op}: the triton backend needs a CUDA tensor (got one on cpu); "
-            "set TRITON_INTERPRET=1 to run Triton on the CPU, or use backend='reference'"
-        )
-    return b
+
+def __getattr__(name: str):
+    from ._moved import renamed_attribute
+
+    def resolve_backend():  # nmkern 0.1 home of the op-level decision (a lazy import: dispatch imports this module)
+        from .dispatch import resolve_backend
+
+        return resolve_backend
+
+    return renamed_attribute(__name__, name, {"resolve_backend": (resolve_backend, "nmkern.dispatch.resolve_backend")})

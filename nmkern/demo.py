@@ -9,7 +9,8 @@
 4. pack the sparse model (compressed weights only) and check that it computes the
    same logits;
 5. time the packed model against the dense one on this CPU, batch by batch,
-   interleaved in one process.
+   interleaved in one process (:mod:`nmkern.timing`, the harness ``nmkern bench`` and
+   ``bench/`` use; the machine is recorded with :func:`nmkern.timing.machine_info`).
 
 Writes ``report.md``, ``results.json``, ``scheme.json``, the dense and packed
 checkpoints, and three PNG plots (per-layer N, accuracy vs sparsity, latency ratio
@@ -18,27 +19,25 @@ vs batch) into the output folder.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
-import platform
-import statistics
-import subprocess
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from . import timing
+from .benchmark import pack_model, packed_variants, time_models
 from .data import Dataset, load_mnist1d
 from .methods.domino import Budget, domino_search
 from .models import MNIST1DNet
 from .nn import SparseConv2d, SparseLinear
 from .sparsify import sparsify
-from .methods.srste import evaluate, train_srste
 
 SPARSE_TYPES = (SparseLinear, SparseConv2d)
 DENSE_TYPES = (nn.Linear, nn.Conv2d, nn.Conv1d)
@@ -91,22 +90,20 @@ def _seed_all(seed: int) -> None:
 def train(model: nn.Module, data: Dataset, epochs: int, lr: float, batch_size: int, *, seed: int, desc: str,
           progress: bool = True) -> list[float]:
     """Adam with a cosine learning-rate schedule over ``epochs``; returns the mean loss per epoch."""
-    steps = epochs * math.ceil(len(data.y_train) / batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    out = []
-    from tqdm.auto import tqdm
+    from .methods.loop import train_epochs
 
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    for ep in bar:
-        losses = train_srste(model, data.train_batches(batch_size, seed=seed * 1000 + ep), opt, scheduler=sched,
-                             progress=False)
-        out.append(sum(losses) / len(losses))
-        bar.set_postfix_str(f"loss {out[-1]:.3f}")
-    return out
+    steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    out = train_epochs(model, lambda ep: data.train_batches(batch_size, seed=seed * 1000 + ep), opt, epochs=epochs,
+                       scheduler=sched, steps_per_epoch=steps_per_epoch, progress=progress, desc=desc)
+    return [e.mean for e in out]
 
 
 def accuracy(model: nn.Module, data: Dataset) -> float:
+    """Test-set accuracy (:func:`nmkern.methods.loop.evaluate`)."""
+    from .methods.loop import evaluate
+
     return evaluate(model, data.test_batches())[1]
 
 
@@ -137,39 +134,8 @@ def sparsify_copy(dense: nn.Module, scheme) -> tuple[nn.Module, dict]:
     return model, report.to_dict()
 
 
-def pack_model(model: nn.Module) -> nn.Module:
-    packed = copy.deepcopy(model).eval()
-    for mod in packed.modules():
-        if isinstance(mod, SPARSE_TYPES):
-            mod.pack()
-    return packed
-
-
 def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
-
-
-def time_interleaved(fns: Mapping[str, Callable[[], object]], seconds: float, *, min_repeats: int = 5,
-                     max_repeats: int = 500, warmup: int = 2) -> dict[str, list[float]]:
-    """Wall times (s) of each function, called in turn (the order rotates every repeat) so that a
-    shared machine's load hits all of them alike. Repeats: as many as fit ``seconds``."""
-    names = list(fns)
-    for _ in range(warmup):
-        for k in names:
-            fns[k]()
-    t0 = time.perf_counter()
-    for k in names:
-        fns[k]()
-    one_round = max(1e-6, time.perf_counter() - t0)
-    repeats = int(min(max_repeats, max(min_repeats, seconds / one_round)))
-    out: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            t = time.perf_counter()
-            fns[k]()
-            out[k].append(time.perf_counter() - t)
-    return out
 
 
 def exec_paths(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
@@ -196,56 +162,21 @@ def exec_paths(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
     return paths
 
 
-def force_backend(model: nn.Module, backend: str) -> nn.Module:
-    """A copy of a packed model whose sparse layers all run ``backend`` (e.g. "cpu")."""
-    out = copy.deepcopy(model)
-    for mod in out.modules():
-        if isinstance(mod, SPARSE_TYPES):
-            mod.backend = backend
-            mod._clear_caches()
-    return out
-
-
-def cpu_name() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in text.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 def measure_latency(dense: nn.Module, packed: nn.Module, batches, seconds: float, sample: torch.Tensor,
                     reference: nn.Module, progress: bool = True) -> list[dict]:
-    """Per batch size: median / min ms of the dense model, the packed model (auto dispatch), and the packed
-    model with every sparse layer forced onto nmkern's CPU kernels (when they load). ``reference``: the
-    sparse model in its training form; the packed variants' max |output difference| to it is recorded."""
-    from .dispatch import cpu_kernels
+    """Per batch size: median / quartiles / min ms of the dense model, the packed model (auto dispatch),
+    and the packed model with every sparse layer forced onto nmkern's CPU kernels (when they load), timed
+    interleaved (:func:`nmkern.benchmark.time_models`). ``reference``: the sparse model in its training
+    form; the packed variants' max |output difference| to it is recorded."""
     from tqdm.auto import tqdm
 
-    models = {"dense": dense.eval(), "packed_auto": packed.eval()}
-    if cpu_kernels() is not None:
-        models["packed_cpu_kernel"] = force_backend(packed, "cpu").eval()
+    models = packed_variants(dense, packed)
     rows = []
     for b in tqdm(list(batches), desc="latency", disable=not progress, leave=False):
         reps = -(-b // len(sample))
         x = sample.repeat(reps, *([1] * (sample.dim() - 1)))[:b].contiguous()
-        with torch.no_grad():
-            ref = reference.eval()(x)
-            fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
-            times = time_interleaved(fns, seconds)
-            max_diff = {k: float((m(x) - ref).abs().max()) for k, m in models.items() if k != "dense"}
-        row = {"batch": b, "repeats": len(times["dense"]), "paths_auto": exec_paths(models["packed_auto"], x)}
-        for k, ts in times.items():
-            row[f"{k}_median_ms"] = statistics.median(ts) * 1e3
-            row[f"{k}_min_ms"] = min(ts) * 1e3
-        for k in models:
-            if k != "dense":
-                row[f"{k}_ratio"] = row[f"{k}_median_ms"] / row["dense_median_ms"]
-                row[f"{k}_max_abs_diff"] = max_diff[k]
-        rows.append(row)
+        row = time_models(models, x, seconds=seconds, reference=reference)
+        rows.append({"batch": b, "paths_auto": exec_paths(models["packed_auto"], x)} | row)
     return rows
 
 
@@ -308,16 +239,29 @@ def _fmt_pct(x: float) -> str:
 
 
 def write_report(res: dict, out: Path) -> None:
-    cfg = res["config"]
-    lines = [
+    """``report.md``: the run, accuracy table, searched scheme, packing and CPU latency of ``res``."""
+    lines = (_report_header(res) + _report_accuracy(res) + _report_scheme(res) + _report_packing(res)
+             + _report_latency(res) + _report_footer())
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _report_header(res: dict) -> list[str]:
+    cfg, mach = res["config"], res["machine"]
+    isa = f", nmkern CPU kernels: {mach['cpu_isa']}" if mach.get("cpu_isa") else ""
+    return [
         "# nmkern demo: MNIST-1D, 1-D CNN, DominoSearch + SR-STE",
         "",
         f"Command: `{res['command']}`  ",
-        f"Mode: {'quick' if cfg['quick'] else 'full'}; seed {cfg['seed']}; {res['machine']['threads']} torch thread(s) on "
-        f"{res['machine']['cpu']} ({res['machine']['cores']} cores visible); torch {res['machine']['torch']}.  ",
+        f"Mode: {'quick' if cfg['quick'] else 'full'}; seed {cfg['seed']}; {mach['threads']} torch thread(s) on "
+        f"{mach['cpu']} ({mach['cores']} cores visible{isa}); torch {mach['torch']}.  ",
         f"Total time: {res['seconds']['total']:.0f} s wall, {res['seconds']['cpu_total']:.0f} s CPU "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in res['seconds'].items() if k not in ('total', 'cpu_total'))}).",
         "",
+    ]
+
+
+def _report_accuracy(res: dict) -> list[str]:
+    lines = [
         "## Accuracy",
         "",
         f"Test accuracy on {res['data']['test']} MNIST-1D signals (trained on {res['data']['train']}). "
@@ -330,8 +274,12 @@ def write_report(res: dict, out: Path) -> None:
     for r in res["accuracy"]:
         lines.append(f"| {r['name']} | {r['kind']} | {_fmt_pct(r['sparsity'])}% | {_fmt_pct(r['sparsity_all'])}% | "
                      f"{_fmt_pct(r['accuracy'])} |")
-    sch = res["scheme"]
-    lines += [
+    return lines
+
+
+def _report_scheme(res: dict) -> list[str]:
+    cfg, sch = res["config"], res["scheme"]
+    lines = [
         "",
         f"## DominoSearch scheme (budget: {_fmt_pct(cfg['budget'])}% parameter sparsity, M = {cfg['m']})",
         "",
@@ -346,8 +294,12 @@ def write_report(res: dict, out: Path) -> None:
         lines.append(f"| {name} | {sch['layer_params'][name]} | {sch['layer_flops'][name]} | {pat} |")
     for name in sch.get("skipped", []):
         lines.append(f"| {name} | - | - | dense (input width not divisible by {cfg['m']}) |")
+    return lines
+
+
+def _report_packing(res: dict) -> list[str]:
     pk = res["packing"]
-    lines += [
+    return [
         "",
         "## Packing",
         "",
@@ -355,11 +307,17 @@ def write_report(res: dict, out: Path) -> None:
         f"packed {pk['packed_bytes']:,} ({pk['packed_bytes'] / pk['dense_bytes']:.2f}x of dense). "
         f"Packed model accuracy {_fmt_pct(pk['packed_accuracy'])}% (training form {_fmt_pct(pk['train_form_accuracy'])}%); "
         f"max |logit difference| packed vs training form: {pk['max_abs_logit_diff']:.2e}.",
+    ]
+
+
+def _report_latency(res: dict) -> list[str]:
+    lines = [
         "",
         "## CPU latency, packed vs dense",
         "",
-        "Median wall time per forward pass; dense, packed and forced-kernel calls interleaved in one process "
-        "(the machine may be shared: the ratio is the number to read). *auto*: each packed layer runs where "
+        "Median wall time per forward pass (`nmkern.timing`: warm-up, then dense, packed and forced-kernel calls "
+        "interleaved round by round in one process; the machine may be shared: the ratio is the number to read; "
+        "warm cache: the whole model fits in the last-level cache). *auto*: each packed layer runs where "
         "`nmkern` dispatch sends it (the dense op on the decompressed weight where no sparse kernel wins); "
         "*cpu kernel*: every sparse layer forced onto nmkern's native CPU kernels.",
         "",
@@ -377,7 +335,11 @@ def write_report(res: dict, out: Path) -> None:
     if lat:
         paths = sorted({f"{k}: {v}" for r in lat for k, v in r["paths_auto"].items()})
         lines += ["", "Auto dispatch per layer (any batch): " + ", ".join(paths) + "."]
-    lines += [
+    return lines
+
+
+def _report_footer() -> list[str]:
+    return [
         "",
         "## Plots",
         "",
@@ -390,7 +352,6 @@ def write_report(res: dict, out: Path) -> None:
         "(packed state_dict; `nmkern inspect` it, or load it into a model sparsified with the scheme).",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -410,40 +371,78 @@ def run_demo(out_dir: str | os.PathLike = "nmkern-demo", *, quick: bool = False,
         torch.set_num_threads(before)
 
 
+class _Stages:
+    """The demo's progress bar and the wall time of each stage (``seconds``)."""
+
+    def __init__(self, total: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="nmkern demo", disable=not progress)
+        self.seconds: dict[str, float] = {}
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
+
+    @contextlib.contextmanager
+    def stage(self, key: str, label: str | None = None):
+        self.bar.set_postfix_str(label or key)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[key] = time.perf_counter() - t0
+        self.bar.update(1)
+
+    def close(self) -> dict[str, float]:
+        self.bar.close()
+        self.seconds["total"] = time.perf_counter() - self._start
+        self.seconds["cpu_total"] = time.process_time() - self._cpu_start
+        return self.seconds
+
+
 def _run(cfg: DemoConfig, out: Path, progress: bool, command: str | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    secs: dict[str, float] = {}
-    t_start = time.perf_counter()
-    cpu_start = time.process_time()
+    st = _Stages(6, progress)
+    with st.stage("data"):
+        data = load_mnist1d()
+    with st.stage("dense training"):  # 1. dense
+        dense, dense_acc = _train_dense(cfg, data, out, progress)
+    with st.stage("search", "DominoSearch"):  # 2. search
+        scheme = _search_scheme(cfg, dense, data, out, progress)
+    with st.stage("retraining", "SR-STE retraining"):  # 3. retrain
+        rows = [{"name": "dense", "kind": "dense", "accuracy": dense_acc, **_sp(dense)}]
+        main_model, sparsify_report = _run_variants(cfg, dense, scheme, data, rows, progress)
+    with st.stage("packing"):  # 4. pack
+        packed, packing = _pack_and_check(dense, main_model, data, out)
+        packing |= {"train_form_accuracy": rows[-1]["accuracy"], "sparsify_report": sparsify_report}
+    with st.stage("latency"):  # 5. latency
+        latency = measure_latency(dense, packed, cfg.latency_batches, cfg.latency_seconds, data.x_test, main_model,
+                                  progress=progress)
+    res = {
+        "command": command or "nmkern.demo.run_demo(...)",
+        "config": dataclasses.asdict(cfg),
+        "machine": timing.machine_info(),
+        "data": {"name": data.name, "train": len(data.y_train), "test": len(data.y_test)},
+        "accuracy": rows,
+        "scheme": scheme.to_dict() | {"iterations": scheme.meta.get("iterations"),
+                                     "skipped": scheme.meta.get("skipped", [])},
+        "packing": packing,
+        "latency": latency,
+        "seconds": st.close(),
+    }
+    res["scheme"].pop("meta", None)
+    _write_outputs(res, dense_acc, out)
+    return res
 
-    def lap(name: str, t0: float) -> None:
-        secs[name] = time.perf_counter() - t0
 
-    from tqdm.auto import tqdm
-
-    stages = tqdm(total=6, desc="nmkern demo", disable=not progress)
-
-    t0 = time.perf_counter()
-    stages.set_postfix_str("data")
-    data = load_mnist1d()
-    lap("data", t0)
-    stages.update(1)
-
-    # 1. dense
-    t0 = time.perf_counter()
-    stages.set_postfix_str("dense training")
+def _train_dense(cfg: DemoConfig, data: Dataset, out: Path, progress: bool) -> tuple[nn.Module, float]:
+    """Step 1: the dense model, trained and saved (``dense.pt``); returns it and its test accuracy."""
     _seed_all(cfg.seed)
     dense = MNIST1DNet()
     train(dense, data, cfg.dense_epochs, cfg.lr, cfg.batch_size, seed=cfg.seed, desc="dense", progress=progress)
     dense.eval()
-    dense_acc = accuracy(dense, data)
     torch.save(dense.state_dict(), out / "dense.pt")
-    lap("dense training", t0)
-    stages.update(1)
+    return dense, accuracy(dense, data)
 
-    # 2. search
-    t0 = time.perf_counter()
-    stages.set_postfix_str("DominoSearch")
+
+def _search_scheme(cfg: DemoConfig, dense: nn.Module, data: Dataset, out: Path, progress: bool):
+    """Step 2: DominoSearch's layer-wise N:M scheme for the budget (``scheme.json``, ``per_layer_n.png``)."""
     _seed_all(cfg.seed + 1)
     search_data = data.train_batches(cfg.batch_size, seed=cfg.seed + 7, epochs=1)
     scheme = domino_search(dense, search_data, budget=Budget(params=cfg.budget), m=cfg.m, lr=cfg.search_lr,
@@ -451,21 +450,27 @@ def _run(cfg: DemoConfig, out: Path, progress: bool, command: str | None) -> dic
                            check_every=cfg.search_check_every, max_iters=cfg.search_max_iters, progress=progress,
                            plot=out / "per_layer_n.png")
     scheme.save(out / "scheme.json")
-    lap("search", t0)
-    stages.update(1)
+    return scheme
 
-    # 3. retrain: the searched scheme and uniform baselines with SR-STE; one-shot masks without
-    t0 = time.perf_counter()
-    stages.set_postfix_str("SR-STE retraining")
-    rows = [{"name": "dense", "kind": "dense", "accuracy": dense_acc, **_sp(dense)}]
-    variants: list[tuple[str, str, object, bool]] = []  # name, kind, scheme, retrain
-    for pat in cfg.oneshot:
-        variants.append((f"{pat} one-shot", "one-shot", pat, False))
+
+def _variants(cfg: DemoConfig, scheme) -> list[tuple[str, str, object, bool]]:
+    """(name, kind, scheme, retrain) of every sparse model: one-shot masks first, the searched scheme
+    retrained with SR-STE last."""
+    variants = [(f"{pat} one-shot", "one-shot", pat, False) for pat in cfg.oneshot]
     variants.append(("DominoSearch one-shot", "one-shot", scheme, False))
-    for pat in cfg.baselines:
-        variants.append((f"{pat} SR-STE", "SR-STE", pat, True))
+    variants += [(f"{pat} SR-STE", "SR-STE", pat, True) for pat in cfg.baselines]
     variants.append(("DominoSearch SR-STE", "DominoSearch", scheme, True))
+    return variants
+
+
+def _run_variants(cfg: DemoConfig, dense: nn.Module, scheme, data: Dataset, rows: list[dict],
+                  progress: bool) -> tuple[nn.Module, dict]:
+    """Step 3: sparsify copies of ``dense`` (retrain some with SR-STE) and append their accuracy rows to
+    ``rows``; returns the DominoSearch SR-STE model and its sparsify report."""
+    from tqdm.auto import tqdm
+
     main_model, sparsify_report = None, None
+    variants = _variants(cfg, scheme)
     for i, (name, kind, sch, retrain) in enumerate(tqdm(variants, desc="variants", disable=not progress, leave=False)):
         model, rep = sparsify_copy(dense, sch)
         if retrain:
@@ -477,55 +482,28 @@ def _run(cfg: DemoConfig, out: Path, progress: bool, command: str | None) -> dic
                      "retrained_epochs": cfg.sparse_epochs if retrain else 0})
         if name == "DominoSearch SR-STE":
             main_model, sparsify_report = model, rep
-    lap("retraining", t0)
-    stages.update(1)
+    return main_model, sparsify_report
 
-    # 4. pack
-    t0 = time.perf_counter()
-    stages.set_postfix_str("packing")
-    packed = pack_model(main_model)
+
+def _pack_and_check(dense: nn.Module, model: nn.Module, data: Dataset, out: Path) -> tuple[nn.Module, dict]:
+    """Step 4: the packed copy of ``model`` (``sparse_packed.pt``), its sizes, accuracy and logit difference."""
+    packed = pack_model(model)
     torch.save(packed.state_dict(), out / "sparse_packed.pt")
     with torch.no_grad():
-        diff = float((packed(data.x_test) - main_model(data.x_test)).abs().max())
-    packing = {
-        "dense_bytes": state_bytes(dense), "train_form_bytes": state_bytes(main_model), "packed_bytes": state_bytes(packed),
-        "packed_accuracy": accuracy(packed, data), "train_form_accuracy": rows[-1]["accuracy"],
-        "max_abs_logit_diff": diff, "sparsify_report": sparsify_report,
-    }
-    lap("packing", t0)
-    stages.update(1)
+        diff = float((packed(data.x_test) - model(data.x_test)).abs().max())
+    return packed, {"dense_bytes": state_bytes(dense), "train_form_bytes": state_bytes(model),
+                    "packed_bytes": state_bytes(packed), "packed_accuracy": accuracy(packed, data),
+                    "max_abs_logit_diff": diff}
 
-    # 5. latency
-    t0 = time.perf_counter()
-    stages.set_postfix_str("latency")
-    latency = measure_latency(dense, packed, cfg.latency_batches, cfg.latency_seconds, data.x_test, main_model,
-                              progress=progress)
-    lap("latency", t0)
-    stages.update(1)
-    stages.close()
-    secs["total"] = time.perf_counter() - t_start
-    secs["cpu_total"] = time.process_time() - cpu_start
 
-    res = {
-        "command": command or "nmkern.demo.run_demo(...)",
-        "config": dataclasses.asdict(cfg),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "platform": platform.platform()},
-        "data": {"name": data.name, "train": len(data.y_train), "test": len(data.y_test)},
-        "accuracy": rows,
-        "scheme": scheme.to_dict() | {"iterations": scheme.meta.get("iterations"),
-                                     "skipped": scheme.meta.get("skipped", [])},
-        "packing": packing,
-        "latency": latency,
-        "seconds": secs,
-    }
-    res["scheme"].pop("meta", None)
+def _write_outputs(res: dict, dense_acc: float, out: Path) -> None:
+    """``results.json``, the accuracy and latency plots and ``report.md``."""
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    plot_accuracy(rows, dense_acc, out / "accuracy_vs_sparsity.png")
-    plot_latency(latency, out / "latency_ratio.png",
-                 f"MNIST-1D CNN, packed DominoSearch model vs dense, {torch.get_num_threads()} thread(s)\n{cpu_name()}")
+    plot_accuracy(res["accuracy"], dense_acc, out / "accuracy_vs_sparsity.png")
+    plot_latency(res["latency"], out / "latency_ratio.png",
+                 f"MNIST-1D CNN, packed DominoSearch model vs dense, {res['machine']['threads']} thread(s)\n"
+                 f"{res['machine']['cpu']}")
     write_report(res, out)
-    return res
 
 
 def _sp(model: nn.Module) -> dict:
@@ -533,4 +511,4 @@ def _sp(model: nn.Module) -> dict:
     return {"sparsity": cap, "sparsity_all": total}
 
 
-__all__ = ["DemoConfig", "FULL", "QUICK", "run_demo", "time_interleaved"]
+__all__ = ["DemoConfig", "FULL", "QUICK", "run_demo"]

@@ -1,22 +1,24 @@
-"""Per-call choice of how a packed sparse layer runs: one small function, tested with fakes.
+"""The one backend table: what every execution path can run, and the callables that run it.
+
+In the spirit of torch's ``torch/sparse/semi_structured.py`` (its dtype/shape
+constraints plus one dispatch table): each :class:`PathEntry` of :data:`TABLE` states
+its constraints once (devices, dtypes, patterns, ops, a shape rule, whether its
+native code is present) and provides the ``linear`` and ``conv2d`` callables a packed
+layer runs. :func:`why_not` reads the constraints; :func:`choose` (packed layers) and
+:func:`resolve_backend` (the functional ops and mask / pack kernels) decide with it.
 
 Rule of the house: a sparse layer is never slower than its dense twin. Where no
 sparse kernel would win (a CPU without nmkern's native kernels or where they lose,
-a large batch on the GPU, a pattern too dense to save bytes, a device nmkern has
-no kernel for) the layer runs the dense op on its cached, decompressed, masked
-weight (:attr:`ExecPath.DENSE`).
+a large batch on the GPU, a pattern too dense to save bytes, a device nmkern has no
+kernel for) ``"auto"`` runs the dense op on the layer's cached, decompressed, masked
+weight (:attr:`Backend.DENSE`).
 
-The native kernels are optional and found lazily:
+Adding a path (say an fp8 2:4 GEMM): its kernel and reference, one registered op in
+:mod:`nmkern.ops`, one :class:`Backend` member and one row here.
 
-* ``nmkern._cpu`` (csrc/cpu through ctypes): ``available()``,
-  ``prepare_cpu_linear(dense_masked_weight, kind, n, m, block)``,
-  ``prepare_cpu_conv2d(dense_masked_weight, kind, n, m, block)`` (called with
-  ``(x, bias, stride, padding, dilation)``), fp32 only,
-  ``cpu_beats_dense(kind, n, m, block, sparsity, batch, out_features, in_features)``;
-* ``nmkern._cuda`` (csrc/cuda through CuPy): ``available()``,
-  ``sparse24_linear(x2d, values, meta, bias)``;
-* torch's cuSPARSELt (``torch._cslt_sparse_mm``, used through
-  ``torch.sparse.to_sparse_semi_structured``).
+The native kernels are optional and found lazily: :func:`cpu_kernels` (``nmkern._cpu``,
+csrc/cpu through ctypes) and :func:`cuda_kernels` (``nmkern._cuda``, csrc/cuda through
+CuPy); cuSPARSELt is torch's ``torch._cslt_sparse_mm``.
 """
 
 from __future__ import annotations
@@ -24,25 +26,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
-import os
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from .backend import Backend, triton_interpret
+from ._moved import renamed_attribute
+from .backend import Backend, env_backend, parse_backend, triton_interpret
+from .reference.linear import fold_rows_nchw, unfold_nhwc
+from .spec import Pattern
 
-
-class ExecPath(str, enum.Enum):
-    """How one call of a packed layer runs."""
-
-    REFERENCE = "reference"  # pure torch: decompress, then the dense op (every call)
-    TRITON = "triton"  # nmkern.kernels (CUDA, or CPU under TRITON_INTERPRET=1)
-    DENSE = "dense"  # the dense op on the cached decompressed masked weight
-    CUDA = "cuda"  # nmkern._cuda 2:4 tensor-core GEMM
-    CUSPARSELT = "cusparselt"  # torch's cuSPARSELt 2:4 GEMM
-    CPU = "cpu"  # nmkern._cpu native kernels
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = ["Backend", "Call", "LayerInfo", "LayerOp", "PathEntry", "TABLE", "choose", "choose_linear_backend",
+           "cpu_kernels", "cuda_kernels", "cusparselt_available", "resolve_backend", "run", "why_not"]
 
 
 class LayerOp(str, enum.Enum):
@@ -55,11 +50,12 @@ class LayerInfo:
     """What the decision needs to know about a packed layer (no tensors).
 
     ``in_features`` / ``out_features`` are the GEMM's K and N: for a conv,
-    ``in_channels * kh * kw`` and ``out_channels``. ``pattern`` is ``"nm"`` or ``"1xn"``.
+    ``in_channels * kh * kw`` and ``out_channels``. ``pattern``: a :class:`Pattern`
+    (or its value, "nm" / "1xn").
     """
 
     op: LayerOp
-    pattern: str
+    pattern: Pattern
     n: int
     m: int
     block: int
@@ -69,18 +65,30 @@ class LayerInfo:
     dtype: torch.dtype
     semi24_fits: bool = False  # 2:4, fp16/bf16, rows and K multiples of 32 (CUTLASS layout)
 
+    def __post_init__(self):
+        object.__setattr__(self, "pattern", Pattern(self.pattern))
+
     @property
     def kind(self) -> str:
-        return self.pattern
+        return self.pattern.value
 
     def packed_bytes_ratio(self) -> float:
         """Bytes a sparse kernel reads for the weight / bytes of the dense weight."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        if self.pattern == "nm":
+        if self.pattern is Pattern.NM:
             bits = max(1, (self.m - 1).bit_length())
             return (self.n / self.m) * (1 + bits / (8 * elem))
         # 1xN BSR: kept blocks of `block` values plus one int32 column index each.
         return (1 - self.sparsity) * (1 + 4 / (self.block * elem))
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One call of a packed layer: the layer, the input's device type and the GEMM's row count."""
+
+    layer: LayerInfo
+    device: str
+    rows: int
 
 
 # Sparse kernels read fewer weight bytes; that only wins while the GEMM is bound by
@@ -89,7 +97,10 @@ SMALL_BATCH = 16
 # ... and only if they read clearly fewer bytes (gathers cost more than streaming).
 MAX_BYTES_RATIO = 0.75
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
+
+# ---------------------------------------------------------------- native code, found lazily
 
 def _native(name: str):
     try:
@@ -125,100 +136,280 @@ def cusparselt_available() -> bool:
         return False
 
 
-def parse_path(op: str, requested) -> ExecPath | None:
-    """``backend=`` value -> ExecPath, or None for "auto"."""
-    if isinstance(requested, Backend):
-        requested = requested.value
-    if isinstance(requested, ExecPath):
-        return requested
-    if not isinstance(requested, str):
-        raise TypeError(f"{op}: backend must be a str, nmkern.Backend or nmkern.ExecPath, got {type(requested).__name__}")
-    if requested.lower() == "auto":
-        return None
-    try:
-        return ExecPath(requested.lower())
-    except ValueError:
-        choices = ["auto"] + [p.value for p in ExecPath]
-        raise ValueError(f"{op}: unknown backend {requested!r}; choose one of {choices}") from None
+# ---------------------------------------------------------------- the callables of the table
+# A ``linear`` callable takes (layer, x of shape (..., K)) and returns (..., N); a ``conv2d``
+# callable takes (layer, NCHW x) and returns NCHW. ``layer`` is a packed SparseLinear /
+# SparseConv2d: its buffers, its caches (``_dense_cached`` ...) and its geometry.
+
+def _over_rows(x: torch.Tensor, op, *args) -> torch.Tensor:
+    """Run a 2-D ``op(x2d, *args)`` over the leading dims of ``x``."""
+    y = op(x.reshape(-1, x.shape[-1]), *args)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def _why_not(path: ExecPath, x: torch.Tensor, layer: LayerInfo) -> str | None:
-    """None if ``path`` can run this call, else the reason it cannot."""
-    dev = x.device.type
-    if path in (ExecPath.REFERENCE, ExecPath.DENSE):
+def _packed_linear(impl: str) -> Callable:
+    """The linear callable over nmkern's packed buffers through ``torch.ops.nmkern.*_<impl>``."""
+    def linear(layer, x):
+        if layer.pattern is Pattern.NM:
+            return _over_rows(x, getattr(torch.ops.nmkern, f"nm_linear_{impl}"), layer.packed_values,
+                              layer.packed_indices, layer.n, layer.m, layer.bias)
+        return _over_rows(x, getattr(torch.ops.nmkern, f"bsr_linear_{impl}"), layer.bsr_crow, layer.bsr_col,
+                          layer.bsr_values, layer.weight_shape[0], layer.bias)
+    return linear
+
+
+def _packed_conv2d(impl: str) -> Callable:
+    def conv2d(layer, x):
+        geometry = (list(layer.weight_shape), layer.bias, list(layer.stride), list(layer.padding),
+                    list(layer.dilation))
+        if layer.pattern is Pattern.NM:
+            return getattr(torch.ops.nmkern, f"nm_conv2d_{impl}")(x, layer.packed_values, layer.packed_indices,
+                                                                  layer.n, layer.m, *geometry)
+        return getattr(torch.ops.nmkern, f"bsr_conv2d_{impl}")(x, layer.bsr_crow, layer.bsr_col, layer.bsr_values,
+                                                               *geometry)
+    return conv2d
+
+
+def _dense_linear(layer, x):
+    return F.linear(x, layer._dense_cached(), layer.bias)
+
+
+def _dense_conv2d(layer, x):
+    return F.conv2d(x, layer._dense_cached(), layer.bias, layer.stride, layer.padding, layer.dilation)
+
+
+def _cpu_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
+    """The native CPU kernel on (rows, K) fp32: the layer's prepared CPU layout, one registered op."""
+    packed = layer._cpu_cached()
+    t = packed.tensors
+    if packed.kind.value == Pattern.NM.value:
+        return torch.ops.nmkern.cpu_nm_linear(x2d, t["values"], t["index"], packed.n, packed.m,
+                                              packed.out_features, layer.bias)
+    return torch.ops.nmkern.cpu_bsr_linear(x2d, t["values"], t["rowptr"], t["col"], packed.block,
+                                           packed.out_features, layer.bias)
+
+
+def _cpu_linear(layer, x):
+    return _over_rows(x, lambda x2d: _cpu_rows(layer, x2d))
+
+
+def _cpu_conv2d(layer, x):
+    # im2col in NHWC order (the order N:M groups run along), the sparse GEMM, back to NCHW
+    cols, (batch, oh, ow) = unfold_nhwc(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    return fold_rows_nchw(_cpu_rows(layer, cols), batch, oh, ow)
+
+
+def _cuda_linear(layer, x):
+    values, meta = layer._semi24_cached()
+    return _over_rows(x, torch.ops.nmkern.cuda_sparse24_linear, values, meta, layer.bias)
+
+
+def _cusparselt_linear(layer, x):
+    return F.linear(x, layer._cslt_cached(), layer.bias)
+
+
+# ---------------------------------------------------------------- rules that are not plain data
+
+def _triton_device(call: Call) -> str | None:
+    if call.device == "cuda" or (call.device == "cpu" and triton_interpret()):
         return None
-    if path is ExecPath.TRITON:
-        if not (dev == "cuda" or (dev == "cpu" and triton_interpret())):
-            return f"the triton backend needs a CUDA tensor (got one on {dev}); set TRITON_INTERPRET=1 to run it on the CPU"
-        if layer.dtype not in TRITON_DTYPES:
-            return f"the triton kernels take fp16, bf16 or fp32, not {str(layer.dtype).replace('torch.', '')}"
-        if layer.op is LayerOp.CONV2D and layer.pattern != "nm":
-            return "there is no Triton 1xN conv kernel (1xN convs run the dense conv on the masked weight)"
-        return None
-    if path is ExecPath.CPU:
-        if dev != "cpu":
-            return f"the cpu backend needs a CPU tensor (got one on {dev})"
-        if cpu_kernels() is None:
-            return "nmkern's native CPU kernels (nmkern._cpu) are not built or do not load here"
-        if layer.dtype != torch.float32:
-            return f"the native CPU kernels take fp32, not {str(layer.dtype).replace('torch.', '')}"
-        return None
-    # CUDA and cuSPARSELt: 2:4 tensor cores only.
-    if dev != "cuda":
-        return f"the {path.value} backend needs a CUDA tensor (got one on {dev})"
-    if layer.op is not LayerOp.LINEAR or not layer.semi24_fits:
-        return (f"the {path.value} backend runs 2:4 Linear layers with fp16/bf16 weights whose out/in features are "
-                "multiples of 32")
-    if path is ExecPath.CUDA and cuda_kernels() is None:
-        return "nmkern's CUDA kernels (nmkern._cuda) are not built or cannot run here"
-    if path is ExecPath.CUSPARSELT and not cusparselt_available():
-        return "this torch build has no cuSPARSELt"
+    return (f"the triton backend needs a CUDA tensor (got one on {call.device}); "
+            "set TRITON_INTERPRET=1 to run it on the CPU")
+
+
+def _cpu_present(call: Call) -> str | None:
+    if cpu_kernels() is None:
+        return "nmkern's native CPU kernels (nmkern._cpu) are not built or do not load here"
     return None
 
 
-def _auto(x: torch.Tensor, layer: LayerInfo, rows: int) -> ExecPath:
-    dev = x.device.type
-    if dev == "cpu":
-        cpu = cpu_kernels()
-        beats = getattr(cpu, "cpu_beats_dense", None)
-        if beats is not None and layer.dtype == torch.float32 and beats(
-            layer.kind, layer.n, layer.m, layer.block, layer.sparsity, rows, layer.out_features, layer.in_features
-        ):
-            return ExecPath.CPU
-        return ExecPath.DENSE
-    if dev != "cuda" or rows > SMALL_BATCH or layer.packed_bytes_ratio() > MAX_BYTES_RATIO:
-        return ExecPath.DENSE
-    if layer.semi24_fits and layer.pattern == "nm" and layer.op is LayerOp.LINEAR and cuda_kernels() is not None:
-        return ExecPath.CUDA
-    if _why_not(ExecPath.TRITON, x, layer) is None:
-        return ExecPath.TRITON
-    return ExecPath.DENSE
+def _cuda_present(call: Call) -> str | None:
+    if cuda_kernels() is None:
+        return "nmkern's CUDA kernels (nmkern._cuda) are not built or cannot run here"
+    return None
 
 
-def choose_linear_backend(requested, x: torch.Tensor, layer: LayerInfo, rows: int | None = None) -> ExecPath:
-    """How this call of a packed Linear / Conv2d runs.
+def _cusparselt_present(call: Call) -> str | None:
+    return None if cusparselt_available() else "this torch build has no cuSPARSELt"
 
-    ``requested``: the layer's ``backend`` ("auto", or a :class:`Backend` /
-    :class:`ExecPath` value, which is obeyed or refused with ``ValueError``).
-    ``"auto"`` first looks at ``NMKERN_BACKEND`` (used when it can run this call),
-    then: CPU -> the native kernel if ``nmkern._cpu`` says it beats dense at this
-    shape, else dense; CUDA -> dense above :data:`SMALL_BATCH` GEMM rows or when
-    the packed weight saves too few bytes, else the CUDA 2:4 kernel for 2:4
-    fp16/bf16 Linear weights that fit the CUTLASS layout, else Triton; any other
-    device -> dense. ``rows``: the GEMM's row count (default ``x.numel() //
-    in_features``; a conv passes ``batch * out_h * out_w``).
+
+def _semi24_shape(path: Backend) -> Callable:
+    def rule(layer: LayerInfo) -> str | None:
+        if layer.semi24_fits:
+            return None
+        return (f"the {path.value} backend runs 2:4 Linear layers with fp16/bf16 weights whose out/in features "
+                "are multiples of 32")
+    return rule
+
+
+@dataclasses.dataclass(frozen=True)
+class PathEntry:
+    """One execution path: its constraints (stated once) and its callables.
+
+    ``devices`` / ``dtypes``: None means any. ``present``: None when the path's code
+    can run this call on this machine (native library loaded, interpreter set), else
+    why not. ``shape_rule``: None when the layer's geometry fits, else why not.
+    ``conv2d`` None: the path has no conv kernel.
     """
-    op = f"nmkern.{layer.op.value}"
-    if rows is None:
-        rows = x.numel() // max(1, layer.in_features)
-    path = parse_path(op, requested)
-    if path is None:
-        env = os.environ.get("NMKERN_BACKEND", "").strip()
-        env_path = parse_path(f"{op} (NMKERN_BACKEND)", env) if env else None
-        if env_path is not None and _why_not(env_path, x, layer) is None:
-            return env_path
-        return _auto(x, layer, rows)
-    reason = _why_not(path, x, layer)
+
+    backend: Backend
+    devices: tuple[str, ...] | None
+    dtypes: tuple[torch.dtype, ...] | None
+    patterns: tuple[Pattern, ...]
+    linear: Callable
+    conv2d: Callable | None
+    present: Callable[[Call], str | None] | None = None
+    shape_rule: Callable[[LayerInfo], str | None] | None = None
+    conv_note: str = ""
+
+    def ops(self) -> tuple[LayerOp, ...]:
+        return (LayerOp.LINEAR, LayerOp.CONV2D) if self.conv2d is not None else (LayerOp.LINEAR,)
+
+
+_NM_1XN = (Pattern.NM, Pattern.BLOCK)
+
+TABLE: dict[Backend, PathEntry] = {e.backend: e for e in (
+    PathEntry(Backend.REFERENCE, None, None, _NM_1XN, _packed_linear("reference"), _packed_conv2d("reference")),
+    PathEntry(Backend.DENSE, None, None, _NM_1XN, _dense_linear, _dense_conv2d),
+    PathEntry(Backend.TRITON, ("cuda", "cpu"), TRITON_DTYPES, _NM_1XN, _packed_linear("triton"),
+              _packed_conv2d("triton"), present=_triton_device,
+              shape_rule=lambda layer: ("there is no Triton 1xN conv kernel (1xN convs run the dense conv on the "
+                                        "masked weight)" if layer.op is LayerOp.CONV2D
+                                        and layer.pattern is Pattern.BLOCK else None)),
+    PathEntry(Backend.CPU, ("cpu",), (torch.float32,), _NM_1XN, _cpu_linear, _cpu_conv2d, present=_cpu_present),
+    PathEntry(Backend.CUDA, ("cuda",), HALF_DTYPES, (Pattern.NM,), _cuda_linear, None, present=_cuda_present,
+              shape_rule=_semi24_shape(Backend.CUDA)),
+    PathEntry(Backend.CUSPARSELT, ("cuda",), HALF_DTYPES, (Pattern.NM,), _cusparselt_linear, None,
+              present=_cusparselt_present, shape_rule=_semi24_shape(Backend.CUSPARSELT)),
+)}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _reasons(entry: PathEntry, call: Call) -> list[str]:
+    name, layer = entry.backend.value, call.layer
+    out = []
+    if entry.devices is not None and call.device not in entry.devices:
+        out.append(f"the {name} backend needs a {' or '.join(d.upper() for d in entry.devices)}"
+                   f" tensor (got one on {call.device})")
+    elif entry.present is not None and (why := entry.present(call)) is not None:
+        out.append(why)
+    if entry.dtypes is not None and layer.dtype not in entry.dtypes:
+        out.append(f"the {name} kernels take {', '.join(_dtype_name(d) for d in entry.dtypes)}, "
+                   f"not {_dtype_name(layer.dtype)}")
+    if layer.op not in entry.ops():
+        out.append(f"the {name} backend has no {layer.op.value} kernel")
+    if layer.pattern not in entry.patterns:
+        out.append(f"the {name} backend runs {', '.join(p.value for p in entry.patterns)} patterns, "
+                   f"not {layer.pattern.value}")
+    if entry.shape_rule is not None and (why := entry.shape_rule(layer)) is not None and why not in out:
+        out.append(why)
+    return out
+
+
+def why_not(path: Backend | str, call: Call) -> str | None:
+    """None if ``path`` can run ``call``, else every reason it cannot (joined with '; ')."""
+    entry = TABLE[parse_backend("nmkern.dispatch.why_not", path)]
+    reasons = _reasons(entry, call)
+    return "; ".join(reasons) if reasons else None
+
+
+def _auto(call: Call) -> Backend:
+    layer = call.layer
+    if call.device == "cpu":
+        beats = getattr(cpu_kernels(), "cpu_beats_dense", None)
+        if beats is not None and why_not(Backend.CPU, call) is None and beats(
+                layer.kind, layer.n, layer.m, layer.block, layer.sparsity, call.rows, layer.out_features,
+                layer.in_features):
+            return Backend.CPU
+        return Backend.DENSE
+    if call.device != "cuda" or call.rows > SMALL_BATCH or layer.packed_bytes_ratio() > MAX_BYTES_RATIO:
+        return Backend.DENSE
+    for path in (Backend.CUDA, Backend.TRITON):
+        if why_not(path, call) is None:
+            return path
+    return Backend.DENSE
+
+
+def choose(requested, call: Call) -> Backend:
+    """How ``call`` of a packed layer runs.
+
+    ``requested``: the layer's ``backend`` ("auto", or a :class:`Backend` value, which is
+    obeyed or refused with ``ValueError`` listing every reason). ``"auto"`` first takes
+    ``NMKERN_BACKEND`` when that path can run the call, then: CPU -> the native kernel
+    where ``nmkern._cpu`` says it beats dense at this shape, else dense; CUDA -> dense
+    above :data:`SMALL_BATCH` GEMM rows or when the packed weight saves too few bytes,
+    else the CUDA 2:4 kernel where it fits, else Triton; any other device -> dense.
+    """
+    op = f"nmkern.{call.layer.op.value}"
+    path = parse_backend(op, requested)
+    if path is Backend.AUTO:
+        env = env_backend(op)
+        if env is not None and why_not(env, call) is None:
+            return env
+        return _auto(call)
+    reason = why_not(path, call)
     if reason is not None:
         raise ValueError(f"{op}: backend {path.value!r} cannot run this layer: {reason}; use backend='auto'")
     return path
+
+
+def choose_linear_backend(requested, x: torch.Tensor, layer: LayerInfo, rows: int | None = None) -> Backend:
+    """:func:`choose` for an input ``x`` (reads ``x.device`` and ``x.numel()``).
+
+    ``rows``: the GEMM's row count (default ``x.numel() // in_features``; a conv passes
+    ``batch * out_h * out_w``).
+    """
+    if rows is None:
+        rows = x.numel() // max(1, layer.in_features)
+    return choose(requested, Call(layer, x.device.type, rows))
+
+
+def run(path: Backend, layer, x: torch.Tensor) -> torch.Tensor:
+    """Run a packed layer's call on ``path``: the table's ``linear`` or ``conv2d`` callable."""
+    entry = TABLE[path]
+    return entry.conv2d(layer, x) if layer._op is LayerOp.CONV2D else entry.linear(layer, x)
+
+
+# ---------------------------------------------------------------- functional ops and kernels
+
+def resolve_backend(op: str, backend, tensor: torch.Tensor,
+                    supported=(Backend.REFERENCE, Backend.TRITON)) -> Backend:
+    """The path of a functional op / mask or pack kernel (``supported``: the paths it has).
+
+    auto: ``NMKERN_BACKEND`` when the op has that path and it can run here (the same rule
+    as for layers), else Triton for CUDA tensors and for CPU tensors under
+    ``TRITON_INTERPRET=1``, else the reference.
+    """
+    b = parse_backend(op, backend)
+    device = tensor.device.type
+
+    def runs(path: Backend) -> bool:
+        return path in supported and (path is not Backend.TRITON or _triton_device(Call(None, device, 0)) is None)
+
+    if b is Backend.AUTO:
+        env = env_backend(op)
+        if env is not None and runs(env):
+            return env
+        return Backend.TRITON if runs(Backend.TRITON) else Backend.REFERENCE
+    if b not in supported:
+        raise ValueError(f"{op}: backend {b.value!r} is not available for this op; "
+                         f"choose one of {[s.value for s in supported]}")
+    if b is Backend.TRITON and (why := _triton_device(Call(None, device, 0))) is not None:
+        raise ValueError(f"{op}: {why}, or use backend='reference'")
+    return b
+
+
+def _parse_path(op: str, requested) -> Backend | None:
+    """nmkern 0.1 helper: the Backend of ``requested``, None for "auto" (use :func:`parse_backend`)."""
+    b = parse_backend(op, requested)
+    return None if b is Backend.AUTO else b
+
+
+def __getattr__(name: str):
+    return renamed_attribute(__name__, name, {
+        "ExecPath": (Backend, "nmkern.Backend (one enum of execution paths)"),
+        "parse_path": (_parse_path, "nmkern.backend.parse_backend"),
+    })

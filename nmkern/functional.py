@@ -17,7 +17,9 @@ import enum
 import torch
 
 from . import _validate as v
-from .backend import Backend, resolve_backend
+from .backend import Backend
+from .dispatch import resolve_backend
+from .spec import accepts_n_for_block, check_block
 from .formats import NMPacked
 from .reference import (
     apply_nm_ref,
@@ -185,22 +187,22 @@ def unpack_nm(packed: NMPacked, *, backend="auto") -> torch.Tensor:
     return packed.dense_from_rows(dense2)
 
 
-def _check_block_weight(op: str, w, n) -> None:
+def _check_block_weight(op: str, w, block) -> None:
     v.check_tensor(op, "w", w, v.FLOAT_DTYPES, ndim=(2, 3, 4, 5))
     if w.numel() == 0:
         raise ValueError(f"{op}: w of shape {tuple(w.shape)} is empty; there are no blocks to score or prune")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{op}: block size n must be a positive int, got {n!r}")
-    if w.shape[0] % n:
+    check_block(op, block)
+    if w.shape[0] % block:
         raise ValueError(
-            f"{op}: {w.shape[0]} output channels (shape {tuple(w.shape)}) are not divisible by the block size n={n}; "
-            f"choose an n that divides {w.shape[0]}"
+            f"{op}: {w.shape[0]} output channels (shape {tuple(w.shape)}) are not divisible by the block size "
+            f"block={block}; choose a block that divides {w.shape[0]}"
         )
 
 
+@accepts_n_for_block
 def block_mask_1xn(
     w: torch.Tensor,
-    n: int,
+    block: int,
     sparsity: float,
     *,
     rearrange: bool = False,
@@ -208,7 +210,7 @@ def block_mask_1xn(
     generator: torch.Generator | None = None,
     backend="auto",
 ) -> torch.Tensor:
-    """1xN block keep-mask: blocks of n output channels x 1 input channel (x the whole kernel).
+    """1xN block keep-mask: blocks of ``block`` output channels x 1 input channel (x the whole kernel).
 
     The ``floor(sparsity * blocks)`` blocks with the lowest L1 norm are dropped
     (``criterion="random"``: random blocks, the paper's baseline; pass
@@ -216,7 +218,7 @@ def block_mask_1xn(
     filters by L1 norm, forms blocks in that order and scatters the mask back.
     """
     op = "block_mask_1xn"
-    _check_block_weight(op, w, n)
+    _check_block_weight(op, w, block)
     sparsity = v.check_fraction(op, "sparsity", sparsity)
     try:
         criterion = BlockCriterion(criterion)
@@ -225,11 +227,12 @@ def block_mask_1xn(
     v.check_finite(op, "w", w)
     b = resolve_backend(op, backend, w)
     if b is Backend.REFERENCE or criterion is BlockCriterion.RANDOM:
-        return block_mask_1xn_ref(w, n, sparsity, rearrange=rearrange, criterion=criterion.value, generator=generator)
+        return block_mask_1xn_ref(w, block, sparsity, rearrange=rearrange, criterion=criterion.value,
+                                  generator=generator)
     order = filter_order_1xn(w) if rearrange else None
     src = (w[order] if order is not None else w).contiguous()
-    scores = _kernels().block_scores_1xn_triton(src.reshape(src.shape[0], src.shape[1], -1), n)
-    mask_sorted = expand_block_mask_1xn(drop_lowest_fraction(scores, sparsity), w.shape, n)
+    scores = _kernels().block_scores_1xn_triton(src.reshape(src.shape[0], src.shape[1], -1), block)
+    mask_sorted = expand_block_mask_1xn(drop_lowest_fraction(scores, sparsity), w.shape, block)
     if order is None:
         return mask_sorted
     mask = torch.empty_like(mask_sorted)
@@ -237,22 +240,24 @@ def block_mask_1xn(
     return mask
 
 
-def block_scores_1xn(w: torch.Tensor, n: int, *, backend="auto") -> torch.Tensor:
-    """L1 norm of every 1xN block, ``(O/n, I)`` fp32."""
+@accepts_n_for_block
+def block_scores_1xn(w: torch.Tensor, block: int, *, backend="auto") -> torch.Tensor:
+    """L1 norm of every 1xN block, ``(O/block, I)`` fp32."""
     op = "block_scores_1xn"
-    _check_block_weight(op, w, n)
+    _check_block_weight(op, w, block)
     b = resolve_backend(op, backend, w)
     if b is Backend.REFERENCE:
-        return block_scores_1xn_ref(w, n)
-    return _kernels().block_scores_1xn_triton(w.contiguous().reshape(w.shape[0], w.shape[1], -1), n)
+        return block_scores_1xn_ref(w, block)
+    return _kernels().block_scores_1xn_triton(w.contiguous().reshape(w.shape[0], w.shape[1], -1), block)
 
 
-def to_bsr_1xn(w: torch.Tensor, n: int) -> torch.Tensor:
-    """``torch.sparse_bsr_tensor`` with blocksize (n, 1) of a 1xN block-sparse weight.
+@accepts_n_for_block
+def to_bsr_1xn(w: torch.Tensor, block: int) -> torch.Tensor:
+    """``torch.sparse_bsr_tensor`` with blocksize (block, 1) of a 1xN block-sparse weight.
 
     Conv weights ``(O, I, kh, kw)`` are viewed as ``(O, I*kh*kw)`` (PyTorch's own
     flattening). Only non-zero blocks are stored.
     """
     op = "to_bsr_1xn"
-    _check_block_weight(op, w, n)
-    return to_bsr_1xn_ref(w.reshape(w.shape[0], -1), n)
+    _check_block_weight(op, w, block)
+    return to_bsr_1xn_ref(w.reshape(w.shape[0], -1), block)

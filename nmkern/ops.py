@@ -1,97 +1,66 @@
-"""Sparse GEMM / conv ops registered with ``torch.library`` (``torch.ops.nmkern.*``).
+"""Sparse GEMM / conv ops registered with ``torch.library`` (``torch.ops.nmkern.*``), one per kernel.
 
-Every op has a real implementation (pure-torch reference or Triton kernel, picked
-by its ``backend`` string argument) and a fake one, so modules that call them
-trace under ``torch.compile`` and pass ``torch.library.opcheck``.
+Every kernel - pure-torch reference, Triton, the native CPU kernels (ctypes) and the
+CUDA 2:4 GEMM (CuPy) - is its own custom op with a fake implementation, so packed
+modules trace into one graph under ``torch.compile(fullgraph=True)`` and pass
+``torch.library.opcheck``. No op takes a backend string: which op runs is decided
+by the table in :mod:`nmkern.dispatch`.
 
-The Python wrappers below are the public boundary: they validate (``ValueError``
-/ ``TypeError`` naming the op, the shapes/dtypes and the fix), flatten leading
-batch dims, resolve ``backend="auto"`` (:func:`nmkern.backend.resolve_backend`:
-Triton on CUDA and under ``TRITON_INTERPRET=1``, the reference otherwise) and
-call the registered op.
+The Python wrappers below (``nm_linear``, ``semi24_linear``, ``bsr_linear``,
+``nm_conv2d``, ``bsr_conv2d``) are the public boundary: they validate (``ValueError``
+/ ``TypeError`` naming the op, the shapes/dtypes and the fix), flatten leading batch
+dims, resolve ``backend`` (:func:`nmkern.dispatch.resolve_backend`) and call the op.
 
-Registered ops (2-D ``x`` for the linears, NCHW ``x`` for the convs):
+Registered ops (2-D ``x`` for the linears, NCHW ``x`` for the convs; ``<impl>`` is
+``reference`` or ``triton``):
 
-* ``nmkern::nm_linear(x, values, indices, n, m, bias, backend)``
-* ``nmkern::semi24_linear(x, values, meta, bias, backend)``
-* ``nmkern::bsr_linear(x, crow, col, values, out_features, bias, backend)``
-* ``nmkern::nm_conv2d(x, values, indices, n, m, weight_shape, bias, stride, padding, dilation, backend)``
-* ``nmkern::bsr_conv2d(x, crow, col, values, weight_shape, bias, stride, padding, dilation)`` (reference only)
+* ``nmkern::nm_linear_<impl>(x, values, indices, n, m, bias)``
+* ``nmkern::semi24_linear_<impl>(x, values, meta, bias)``
+* ``nmkern::bsr_linear_<impl>(x, crow, col, values, out_features, bias)``
+* ``nmkern::nm_conv2d_<impl>(x, values, indices, n, m, weight_shape, bias, stride, padding, dilation)``
+* ``nmkern::bsr_conv2d_reference(x, crow, col, values, weight_shape, bias, stride, padding, dilation)``
+* ``nmkern::cpu_nm_linear(x, values, index, n, m, out_features, bias)`` and
+  ``nmkern::cpu_bsr_linear(x, values, rowptr, col, block, out_features, bias)``: fp32
+  on the CPU, weights in the layouts of :class:`nmkern._cpu.CpuLinear`;
+* ``nmkern::cuda_sparse24_linear(x, values, meta, bias)``: fp16/bf16 on sm_80+.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import importlib
 
 import torch
 
 from . import _validate as v
-from .backend import Backend, resolve_backend
+from .backend import Backend
+from . import dispatch
+from .dispatch import resolve_backend
 from .formats import NMPacked
 from .reference import linear as ref
 from .reference.semi24 import COL_ALIGN, META_GROUP, ROW_ALIGN
 
 LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CONV_ARGS = "int[] weight_shape, Tensor? bias, int[] stride, int[] padding, int[] dilation"
+SCHEMAS = {
+    "nm_linear": "(Tensor x, Tensor values, Tensor indices, int n, int m, Tensor? bias) -> Tensor",
+    "semi24_linear": "(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor",
+    "bsr_linear": "(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features, Tensor? bias) -> Tensor",
+    "nm_conv2d": f"(Tensor x, Tensor values, Tensor indices, int n, int m, {_CONV_ARGS}) -> Tensor",
+    "bsr_conv2d": f"(Tensor x, Tensor crow, Tensor col, Tensor values, {_CONV_ARGS}) -> Tensor",
+    "cpu_nm_linear": "(Tensor x, Tensor values, Tensor index, int n, int m, int out_features, Tensor? bias) -> Tensor",
+    "cpu_bsr_linear": ("(Tensor x, Tensor values, Tensor rowptr, Tensor col, int block, int out_features, "
+                       "Tensor? bias) -> Tensor"),
+}
 
 
-def _kernel(module: str):
-    import importlib
-
-    return importlib.import_module(f"nmkern.kernels.{module}")
+def _module(name: str):
+    return importlib.import_module(f"nmkern.{name}")
 
 
-# ---------------------------------------------------------------- registered ops
-
-
-@torch.library.custom_op("nmkern::nm_linear", mutates_args=())
-def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-                  bias: torch.Tensor | None, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return _kernel("nm_linear").nm_linear_triton(x, values, indices, n, m, bias)
-    return ref.nm_linear_ref(x, values, indices, n, m, bias)
-
-
-@_nm_linear_op.register_fake
-def _(x, values, indices, n, m, bias, backend):
-    return x.new_empty(x.shape[0], values.shape[0])
-
-
-@torch.library.custom_op("nmkern::semi24_linear", mutates_args=())
-def _semi24_linear_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
-                      backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return _kernel("nm_linear").semi24_linear_triton(x, values, meta, bias)
-    return ref.semi24_linear_ref(x, values, meta, bias)
-
-
-@_semi24_linear_op.register_fake
-def _(x, values, meta, bias, backend):
-    return x.new_empty(x.shape[0], values.shape[0])
-
-
-@torch.library.custom_op("nmkern::bsr_linear", mutates_args=())
-def _bsr_linear_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out_features: int,
-                   bias: torch.Tensor | None, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return _kernel("bsr_linear").bsr_linear_triton(x, crow, col, values, out_features, bias)
-    return ref.bsr_linear_ref(x, crow, col, values, out_features, bias)
-
-
-@_bsr_linear_op.register_fake
-def _(x, crow, col, values, out_features, bias, backend):
-    return x.new_empty(x.shape[0], out_features)
-
-
-@torch.library.custom_op("nmkern::nm_conv2d", mutates_args=())
-def _nm_conv2d_op(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int,
-                  weight_shape: Sequence[int], bias: torch.Tensor | None, stride: Sequence[int],
-                  padding: Sequence[int], dilation: Sequence[int], backend: str) -> torch.Tensor:
-    if backend == "triton":
-        y = _kernel("sparse_conv2d").nm_conv2d_triton(x, values, indices, n, m, weight_shape, bias, stride, padding,
-                                                      dilation)
-        return y.contiguous()
-    return ref.nm_conv2d_ref(x, values, indices, n, m, weight_shape, bias, stride, padding, dilation).contiguous()
+def _define(name: str, schema: str, impl, fake) -> None:
+    """Register ``nmkern::<name>`` with ``impl`` and its fake (shapes only)."""
+    op = torch.library.custom_op(f"nmkern::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
 
 
 def _conv_fake(x, weight_shape, stride, padding, dilation):
@@ -100,21 +69,65 @@ def _conv_fake(x, weight_shape, stride, padding, dilation):
     return x.new_empty(x.shape[0], weight_shape[0], oh, ow)
 
 
-@_nm_conv2d_op.register_fake
-def _(x, values, indices, n, m, weight_shape, bias, stride, padding, dilation, backend):
-    return _conv_fake(x, weight_shape, stride, padding, dilation)
+def _triton(module: str, fn: str, contiguous: bool = False):
+    def impl(*args):
+        y = getattr(_module(f"kernels.{module}"), fn)(*args)
+        return y.contiguous() if contiguous else y
+    return impl
 
 
-@torch.library.custom_op("nmkern::bsr_conv2d", mutates_args=())
-def _bsr_conv2d_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                   weight_shape: Sequence[int], bias: torch.Tensor | None, stride: Sequence[int],
-                   padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
-    return ref.bsr_conv2d_ref(x, crow, col, values, weight_shape, bias, stride, padding, dilation).contiguous()
+def _reference(fn, contiguous: bool = False):
+    def impl(*args):
+        y = fn(*args)
+        return y.contiguous() if contiguous else y
+    return impl
 
 
-@_bsr_conv2d_op.register_fake
-def _(x, crow, col, values, weight_shape, bias, stride, padding, dilation):
-    return _conv_fake(x, weight_shape, stride, padding, dilation)
+# (op, reference or triton implementation, fake): one registered op per implementation.
+_GEMMS = (
+    ("nm_linear", ref.nm_linear_ref, ("nm_linear", "nm_linear_triton"),
+     lambda x, values, indices, n, m, bias: x.new_empty(x.shape[0], values.shape[0])),
+    ("semi24_linear", ref.semi24_linear_ref, ("nm_linear", "semi24_linear_triton"),
+     lambda x, values, meta, bias: x.new_empty(x.shape[0], values.shape[0])),
+    ("bsr_linear", ref.bsr_linear_ref, ("bsr_linear", "bsr_linear_triton"),
+     lambda x, crow, col, values, out_features, bias: x.new_empty(x.shape[0], out_features)),
+    ("nm_conv2d", ref.nm_conv2d_ref, ("sparse_conv2d", "nm_conv2d_triton"),
+     lambda x, values, indices, n, m, ws, bias, stride, padding, dilation: _conv_fake(x, ws, stride, padding, dilation)),
+    ("bsr_conv2d", ref.bsr_conv2d_ref, None,
+     lambda x, crow, col, values, ws, bias, stride, padding, dilation: _conv_fake(x, ws, stride, padding, dilation)),
+)
+for _name, _ref_fn, _triton_fn, _fake in _GEMMS:
+    _conv = _name.endswith("conv2d")
+    _define(f"{_name}_reference", SCHEMAS[_name], _reference(_ref_fn, _conv), _fake)
+    if _triton_fn is not None:
+        _define(f"{_name}_triton", SCHEMAS[_name], _triton(*_triton_fn, contiguous=_conv), _fake)
+
+
+def _cpu_nm_linear(x, values, index, n, m, out_features, bias):
+    return _module("_cpu").nm_linear_f32(x.contiguous(), values, index, n, m, out_features,
+                                         None if bias is None else bias.contiguous())
+
+
+def _cpu_bsr_linear(x, values, rowptr, col, block, out_features, bias):
+    return _module("_cpu").bsr_linear_f32(x.contiguous(), values, rowptr, col, block, out_features,
+                                          None if bias is None else bias.contiguous())
+
+
+def _cuda_sparse24_linear(x, values, meta, bias):
+    return _module("_cuda").sparse24_linear(x, values, meta, bias)
+
+
+_define("cpu_nm_linear", SCHEMAS["cpu_nm_linear"], _cpu_nm_linear,
+        lambda x, values, index, n, m, out_features, bias: x.new_empty(x.shape[0], out_features))
+_define("cpu_bsr_linear", SCHEMAS["cpu_bsr_linear"], _cpu_bsr_linear,
+        lambda x, values, rowptr, col, block, out_features, bias: x.new_empty(x.shape[0], out_features))
+_define("cuda_sparse24_linear", SCHEMAS["semi24_linear"], _cuda_sparse24_linear,
+        lambda x, values, meta, bias: x.new_empty(x.shape[0], values.shape[0]))
+
+
+def _op(name: str, backend: Backend):
+    """The registered op of kernel ``name`` for ``backend`` (reference or triton)."""
+    return getattr(torch.ops.nmkern, f"{name}_{backend.value}")
 
 
 # ---------------------------------------------------------------- public wrappers
@@ -122,7 +135,7 @@ def _(x, crow, col, values, weight_shape, bias, stride, padding, dilation):
 
 def _backend(op: str, backend, x: torch.Tensor) -> Backend:
     b = resolve_backend(op, backend, x)
-    if b is Backend.TRITON and x.dtype not in TRITON_DTYPES:
+    if b is Backend.TRITON and x.dtype not in dispatch.TRITON_DTYPES:
         raise TypeError(f"{op}: the triton backend takes fp16, bf16 or fp32 inputs, got {x.dtype}; "
                         "use backend='reference' for fp64")
     return b
@@ -164,7 +177,7 @@ def nm_linear(x: torch.Tensor, packed: NMPacked, bias: torch.Tensor | None = Non
     _check_bias(op, bias, packed.dtype, out_f)
     v.check_same_device(op, x=x, values=packed.values, indices=packed.indices, bias=bias)
     b = _backend(op, backend, x)
-    y = torch.ops.nmkern.nm_linear(_flat(x, in_f), packed.values, packed.indices, packed.n, packed.m, bias, b.value)
+    y = _op("nm_linear", b)(_flat(x, in_f), packed.values, packed.indices, packed.n, packed.m, bias)
     return y.reshape(*x.shape[:-1], out_f)
 
 
@@ -184,7 +197,7 @@ def semi24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bia
     _check_bias(op, bias, values.dtype, out_f)
     v.check_same_device(op, x=x, values=values, meta=meta, bias=bias)
     b = _backend(op, backend, x)
-    y = torch.ops.nmkern.semi24_linear(_flat(x, in_f), values.contiguous(), meta.contiguous(), bias, b.value)
+    y = _op("semi24_linear", b)(_flat(x, in_f), values.contiguous(), meta.contiguous(), bias)
     return y.reshape(*x.shape[:-1], out_f)
 
 
@@ -214,7 +227,7 @@ def bsr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
     _check_bias(op, bias, values.dtype, out_features)
     v.check_same_device(op, x=x, crow=crow, col=col, values=values, bias=bias)
     b = _backend(op, backend, x)
-    y = torch.ops.nmkern.bsr_linear(_flat(x, in_f), crow, col, values.contiguous(), out_features, bias, b.value)
+    y = _op("bsr_linear", b)(_flat(x, in_f), crow, col, values.contiguous(), out_features, bias)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -261,8 +274,8 @@ def nm_conv2d(x: torch.Tensor, packed: NMPacked, bias: torch.Tensor | None = Non
     _check_bias(op, bias, packed.dtype, packed.shape[0])
     v.check_same_device(op, x=x, values=packed.values, indices=packed.indices, bias=bias)
     b = _backend(op, backend, x)
-    return torch.ops.nmkern.nm_conv2d(x, packed.values, packed.indices, packed.n, packed.m, list(packed.shape), bias,
-                                      stride, padding, dilation, b.value)
+    return _op("nm_conv2d", b)(x, packed.values, packed.indices, packed.n, packed.m, list(packed.shape), bias, stride,
+                               padding, dilation)
 
 
 def bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, weight_shape,
@@ -278,7 +291,8 @@ def bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
     _check_conv_x(op, x, values.dtype, weight_shape, stride, padding, dilation)
     _check_bias(op, bias, values.dtype, weight_shape[0])
     v.check_same_device(op, x=x, crow=crow, col=col, values=values, bias=bias)
-    return torch.ops.nmkern.bsr_conv2d(x, crow, col, values.contiguous(), weight_shape, bias, stride, padding, dilation)
+    return torch.ops.nmkern.bsr_conv2d_reference(x, crow, col, values.contiguous(), weight_shape, bias, stride, padding,
+                                                 dilation)
 
 
 __all__ = ["bsr_conv2d", "bsr_linear", "nm_conv2d", "nm_linear", "semi24_linear"]

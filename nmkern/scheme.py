@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 
-from . import _validate as v
+from .spec import Pattern, parse_spec
 
 _FORMAT = "nmkern.scheme/1"
 _OP = "Scheme"
@@ -23,18 +23,9 @@ _FIXED_N_NOTE = "n must divide m to map n:m to 1:(m/n)"
 
 
 def _pair(op: str, name: str, value) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        parts = value.split(":")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"{op}: layer {name!r} has pattern {value!r}; write it as 'n:m' (e.g. '2:4'), (n, m) or None")
-        value = (int(parts[0]), int(parts[1]))
-    try:
-        n, m = value
-    except (TypeError, ValueError):
-        raise TypeError(f"{op}: layer {name!r} has pattern {value!r}; expected (n, m), 'n:m' or None (dense)") from None
-    return v.check_nm(f"{op} (layer {name!r})", n, m)
+    """``(n, m)`` or None (dense) from any N:M form :func:`nmkern.spec.parse_spec` reads."""
+    spec = parse_spec(value, op=op, where=f"layer {name!r}", allowed=[Pattern.NM])
+    return None if spec.pattern is Pattern.DENSE else (spec.n, spec.m)
 
 
 def _counts(op: str, what: str, counts, names) -> dict[str, int] | None:
@@ -58,7 +49,7 @@ class Scheme(Mapping):
     """Per-layer N:M patterns, with the parameter/FLOPs sparsity they achieve.
 
     Args:
-        layers: ``{name: (n, m) | "n:m" | None}``; ``None`` keeps the layer dense.
+        layers: ``{name: (n, m) | "n:m" | NMSpec | "dense" | None}``; ``None`` keeps the layer dense.
         layer_params: ``{name: dense weight count}`` (optional; needed for
             :attr:`param_sparsity`).
         layer_flops: ``{name: weight multiply-accumulates per sample}`` (optional; needed

@@ -1,10 +1,11 @@
 """``nmkern.sparsify``: swap a model's ``nn.Linear`` / ``nn.Conv2d`` for sparse modules in place.
 
-Scheme forms:
+Scheme forms (parsed by :func:`nmkern.spec.parse_spec` / :class:`nmkern.spec.SpecResolver`):
 
-* ``"2:4"`` or ``(2, 4)``: every Linear / Conv2d gets that N:M pattern;
-* ``"1xN:<block>:<sparsity>"`` (e.g. ``"1xN:4:0.5"``): every layer gets 1xN blocks;
-* a Mapping ``{qualified name or glob: (n, m) | "n:m" | "1xN:<block>:<sparsity>" | None}``
+* ``"2:4"``, ``(2, 4)`` or ``NMSpec(2, 4)``: every Linear / Conv2d gets that N:M pattern;
+* ``"1x<block>:<sparsity>"`` (e.g. ``"1x4:0.5"``) or ``BlockSpec(4, 0.5)``: every layer gets
+  1xN blocks (the nmkern 0.1 spelling ``"1xN:4:0.5"`` still works, with a DeprecationWarning);
+* a Mapping ``{qualified name or glob: any of the above | "dense" | None}``
   (``nmkern.scheme.Scheme`` is one): an exact name wins over globs, then the first
   matching glob in the mapping's order; ``None`` keeps the layer dense; layers no key
   matches stay dense.
@@ -13,36 +14,53 @@ Layers whose shapes do not fit the pattern (in_features not divisible by m, out
 channels not divisible by the block, grouped / depthwise convs, ...) are skipped
 with a logged reason. The :class:`SparsifyReport` lists what was swapped and what
 was skipped and why.
+
+``LayerPattern``, ``parse_layer_pattern`` and ``_Resolver`` (nmkern 0.1) still work, with a
+DeprecationWarning; use :mod:`nmkern.spec` instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
-from collections.abc import Mapping
+import warnings
 
 import torch.nn as nn
 
-from . import _validate as v
-from .dispatch import LayerOp, parse_path
-from .nn import Pattern, SparseConv2d, SparseLinear, fit_reason
+from ._moved import renamed_attribute
+from .backend import parse_backend
+from .dispatch import LayerOp
+from .nn import SparseConv2d, SparseLinear, fit_reason, spec_kwargs
 from .reference.srste import DEFAULT_LAMBDA_W
+from .spec import DENSE, BlockSpec, LayerSpec, Pattern, SpecResolver, parse_spec
 
 log = logging.getLogger("nmkern.sparsify")
 
 _OP = "sparsify"
+_ALLOWED = (Pattern.NM, Pattern.BLOCK)  # what SparseLinear / SparseConv2d carry
+
+
+def _module_kwargs(spec: LayerSpec) -> dict:
+    """The ``SparseLinear``/``SparseConv2d`` keywords for an N:M or (not rearranged) 1xN spec."""
+    if isinstance(spec, BlockSpec) and spec.rearrange:
+        raise ValueError(f"{_OP}: {spec} with rearrange=True has no sparse module form; prune it with "
+                         "nmkern.prune_1xn (its export wraps rearranged layers) or use rearrange=False")
+    return spec_kwargs(spec)
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerPattern:
-    """A parsed per-layer pattern."""
+class _LayerPattern:
+    """nmkern 0.1's parsed per-layer pattern (deprecated: :class:`nmkern.spec.NMSpec` / :class:`~nmkern.spec.BlockSpec`)."""
 
     pattern: Pattern
     n: int = 2
     m: int = 4
     block: int = 4
     sparsity: float = 0.5
+
+    @classmethod
+    def from_spec(cls, spec: LayerSpec) -> "_LayerPattern | None":
+        return None if spec is DENSE else cls(**_module_kwargs(spec))
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.pattern is Pattern.NM else f"1x{self.block}:{self.sparsity:g}"
@@ -51,31 +69,36 @@ class LayerPattern:
         return {"pattern": self.pattern, "n": self.n, "m": self.m, "block": self.block, "sparsity": self.sparsity}
 
 
-def parse_layer_pattern(value, where: str = "scheme") -> LayerPattern | None:
-    """``(n, m)`` / ``"n:m"`` / ``"1xN:<block>:<sparsity>"`` / None -> LayerPattern (None = stay dense)."""
-    if value is None:
-        return None
-    if isinstance(value, LayerPattern):
+_NEW_SPELLING = "nmkern.spec (parse_spec, SpecResolver, NMSpec, BlockSpec)"
+
+
+def _deprecated(old: str) -> None:
+    warnings.warn(f"nmkern.sparsify.{old} is deprecated; use {_NEW_SPELLING} (the old name goes away in nmkern 0.3)",
+                  DeprecationWarning, stacklevel=3)
+
+
+def parse_layer_pattern(value, where: str = "scheme") -> _LayerPattern | None:
+    """Deprecated: :func:`nmkern.spec.parse_spec` (``allowed=[NM, BLOCK]``) as nmkern 0.1's LayerPattern (None = dense)."""
+    _deprecated("parse_layer_pattern")
+    if isinstance(value, _LayerPattern):
         return value
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        n, m = v.check_nm(f"{_OP} ({where})", value[0], value[1])
-        return LayerPattern(Pattern.NM, n, m)
-    if isinstance(value, str):
-        text = value.strip()
-        parts = text.split(":")
-        if parts[0].lower() == "1xn" and len(parts) == 3:
-            try:
-                block, sparsity = int(parts[1]), float(parts[2])
-            except ValueError:
-                block, sparsity = -1, -1.0
-            if block >= 1:
-                sparsity = v.check_fraction(f"{_OP} ({where})", "sparsity", sparsity)
-                return LayerPattern(Pattern.ONE_BY_N, block=block, sparsity=sparsity)
-        elif len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-            n, m = v.check_nm(f"{_OP} ({where})", int(parts[0]), int(parts[1]))
-            return LayerPattern(Pattern.NM, n, m)
-    raise ValueError(f"{_OP}: {where} value {value!r} is not a pattern; use (n, m), 'n:m' (e.g. '2:4'), "
-                     "'1xN:<block>:<sparsity>' (e.g. '1xN:4:0.5') or None to keep the layer dense")
+    return _LayerPattern.from_spec(parse_spec(value, op=_OP, where=where, allowed=_ALLOWED))
+
+
+class _Resolver(SpecResolver):
+    """Deprecated: :class:`nmkern.spec.SpecResolver` whose ``lookup`` gives nmkern 0.1's ``(matched, LayerPattern)``."""
+
+    def __init__(self, scheme):
+        _deprecated("_Resolver")
+        super().__init__(scheme, op=_OP, allowed=_ALLOWED)
+
+    def lookup(self, name: str) -> tuple[bool, _LayerPattern | None]:
+        spec = super().lookup(name)
+        return spec is not None, None if spec is None else _LayerPattern.from_spec(spec)
+
+
+def __getattr__(name: str):
+    return renamed_attribute(__name__, name, {"LayerPattern": (_LayerPattern, _NEW_SPELLING)})
 
 
 @dataclasses.dataclass
@@ -108,57 +131,20 @@ class SparsifyReport:
         }
 
 
-class _Resolver:
-    """Maps a qualified layer name to its pattern (or None) under one scheme."""
-
-    def __init__(self, scheme):
-        self.uniform: LayerPattern | None = None
-        self.table: dict[str, LayerPattern | None] = {}
-        self.used: set[str] = set()
-        if isinstance(scheme, Mapping):
-            for key in scheme:
-                if not isinstance(key, str):
-                    raise TypeError(f"{_OP}: scheme keys must be layer names or globs (str), got {key!r}")
-                self.table[key] = parse_layer_pattern(scheme[key], f"scheme[{key!r}]")
-        elif isinstance(scheme, (str, tuple, list)):
-            self.uniform = parse_layer_pattern(scheme)
-            if self.uniform is None:
-                raise ValueError(f"{_OP}: scheme is empty")
-        else:
-            raise TypeError(f"{_OP}: scheme must be 'n:m', (n, m), '1xN:<block>:<sparsity>' or a Mapping "
-                            f"{{name or glob: pattern}}, got {type(scheme).__name__}")
-
-    @property
-    def is_mapping(self) -> bool:
-        return self.uniform is None
-
-    def lookup(self, name: str) -> tuple[bool, LayerPattern | None]:
-        """(matched, pattern)."""
-        if not self.is_mapping:
-            return True, self.uniform
-        if name in self.table:
-            self.used.add(name)
-            return True, self.table[name]
-        for key, pat in self.table.items():
-            if fnmatch.fnmatchcase(name, key):
-                self.used.add(key)
-                return True, pat
-        return False, None
-
-
 def _describe(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return f"Linear {module.in_features}->{module.out_features}"
     return f"Conv2d {module.in_channels}->{module.out_channels} k{tuple(module.kernel_size)}"
 
 
-def _why_skip(module: nn.Module, pat: LayerPattern) -> str | None:
+def _why_skip(module: nn.Module, spec: LayerSpec) -> str | None:
+    kw = _module_kwargs(spec)
+    fit = (kw["pattern"], kw.get("n"), kw.get("m"), kw.get("block"))
     if isinstance(module, nn.Linear):
-        return fit_reason(LayerOp.LINEAR, module.in_features, module.out_features, pat.pattern, pat.n, pat.m, pat.block)
+        return fit_reason(LayerOp.LINEAR, module.in_features, module.out_features, *fit)
     if module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
-    return fit_reason(LayerOp.CONV2D, module.in_channels, module.out_channels, pat.pattern, pat.n, pat.m, pat.block,
-                      module.groups)
+    return fit_reason(LayerOp.CONV2D, module.in_channels, module.out_channels, *fit, module.groups)
 
 
 def sparsify(model: nn.Module, scheme, *, backend="auto", srste: bool = True, lambda_w: float = DEFAULT_LAMBDA_W,
@@ -176,17 +162,19 @@ def sparsify(model: nn.Module, scheme, *, backend="auto", srste: bool = True, la
         # A bare layer has no parent to swap it in.
         raise ValueError(f"{_OP}: model is itself an nn.{type(model).__name__}; wrap it (nn.Sequential(layer)) or "
                          "use SparseLinear.from_dense / SparseConv2d.from_dense")
-    parse_path(_OP, backend)
-    resolver = _Resolver(scheme)
+    parse_backend(_OP, backend)
+    resolver = SpecResolver(scheme, op=_OP, allowed=_ALLOWED)
+    if resolver.uniform is DENSE:
+        raise ValueError(f"{_OP}: scheme {scheme!r} keeps every layer dense; give a pattern such as '2:4' or '1x4:0.5'")
     report = SparsifyReport(packed=bool(pack))
     targets = [(name, mod) for name, mod in model.named_modules()
                if type(mod) in (nn.Linear, nn.Conv2d) or (isinstance(mod, (nn.Linear, nn.Conv2d))
                                                           and not isinstance(mod, (SparseLinear, SparseConv2d)))]
     for name, module in targets:
-        matched, pat = resolver.lookup(name)
-        if not matched:
+        pat = resolver.lookup(name)
+        if pat is None:
             reason = "not in the scheme (left dense)"
-        elif pat is None:
+        elif pat is DENSE:
             reason = "the scheme keeps it dense (None)"
         elif type(module) not in (nn.Linear, nn.Conv2d):
             reason = f"{type(module).__name__} subclasses nn.{type(module).__mro__[1].__name__}; only plain layers are swapped"
@@ -197,7 +185,7 @@ def sparsify(model: nn.Module, scheme, *, backend="auto", srste: bool = True, la
             log.info("sparsify: skipped %s (%s): %s", name, _describe(module), reason)
             continue
         cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
-        new = cls.from_dense(module, backend=backend, srste=srste, lambda_w=lambda_w, **pat.kwargs())
+        new = cls.from_dense(module, backend=backend, srste=srste, lambda_w=lambda_w, **_module_kwargs(pat))
         new.train(module.training)
         if pack:
             new.pack()
@@ -207,7 +195,7 @@ def sparsify(model: nn.Module, scheme, *, backend="auto", srste: bool = True, la
         report.swapped.append((name, f"{_describe(module)} as {pat}"))
         log.info("sparsify: %s (%s) -> %s", name, _describe(module), pat)
     if resolver.is_mapping:
-        report.unmatched_keys = [k for k in resolver.table if k not in resolver.used]
+        report.unmatched_keys = resolver.unused_keys()
         for key in report.unmatched_keys:
             log.warning("sparsify: scheme key %r matched no Linear/Conv2d layer", key)
     return report

@@ -5,7 +5,9 @@ Every part of nmkern that takes a per-layer pattern (``sparsify``, SR-STE, GaP,
 
 * :class:`NMSpec` ``(n, m)``: n kept of every m consecutive inputs; text ``"2:4"``;
 * :class:`BlockSpec` ``(block, sparsity)``: blocks of ``block`` output channels x 1
-  input column, the ``sparsity`` fraction of them pruned; text ``"1x4:0.5"``;
+  input column, the ``sparsity`` fraction of them pruned; text ``"1x4:0.5"``
+  (``block`` names the 1xN block size everywhere in nmkern; ``rearrange=True``, for the
+  training methods only, forms the blocks in L1-sorted filter order);
 * :class:`UnstructuredSpec` ``(sparsity)``: the smallest ``sparsity`` fraction of
   |w| pruned; text ``"unstructured:0.9"``;
 * :class:`DenseSpec`: the layer stays dense; text ``"dense"`` (``None`` means the same).
@@ -13,7 +15,8 @@ Every part of nmkern that takes a per-layer pattern (``sparsify``, SR-STE, GaP,
 :func:`parse_spec` is the one parser of the text, tuple and dataclass forms, and
 :class:`SpecResolver` the one name-or-glob resolver of a scheme (a single spec for
 every layer, or a mapping ``{name or glob: spec}``: an exact name wins, then the
-first glob in the mapping's order that matches).
+first glob in the mapping's order that matches). :func:`accepts_n_for_block` keeps the
+nmkern 0.1 keyword ``n=`` for the 1xN block size working, with a DeprecationWarning.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
+import functools
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import ClassVar
@@ -74,18 +78,31 @@ class NMSpec(LayerSpec):
         return self.n / self.m
 
 
+def check_block(op: str, block) -> int:
+    """The 1xN block size: a positive int (output channels per block)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{op}: block must be a positive int (output channels per 1xN block, e.g. 4), got {block!r}")
+    return block
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSpec(LayerSpec):
-    """1xN blocks: ``block`` consecutive output channels x 1 input column; ``sparsity`` of the blocks pruned."""
+    """1xN blocks: ``block`` consecutive output channels x 1 input column; ``sparsity`` of the blocks pruned.
+
+    ``rearrange`` (training methods only, not part of the text form): the blocks are formed
+    in L1-sorted filter order and the mask scattered back; :func:`nmkern.sparsify` rejects it.
+    """
 
     block: int
     sparsity: float
+    rearrange: bool = False
     pattern: ClassVar[Pattern] = Pattern.BLOCK
 
     def __post_init__(self):
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
-            raise ValueError(f"BlockSpec: block must be a positive int (output channels per block), got {self.block!r}")
+        check_block("BlockSpec", self.block)
         object.__setattr__(self, "sparsity", v.check_fraction("BlockSpec", "sparsity", self.sparsity))
+        if not isinstance(self.rearrange, bool):
+            raise TypeError(f"BlockSpec: rearrange must be a bool, got {self.rearrange!r}")
 
     def __str__(self) -> str:
         return f"1x{self.block}:{self.sparsity:g}"
@@ -129,7 +146,20 @@ class DenseSpec(LayerSpec):
 
 DENSE = DenseSpec()
 
-FORMS = "'n:m' (e.g. '2:4'), (n, m), '1x<block>:<sparsity>' (e.g. '1x4:0.5'), 'unstructured:<sparsity>', 'dense' or None"
+_FORMS = {
+    Pattern.NM: "'n:m' (e.g. '2:4'), (n, m)",
+    Pattern.BLOCK: "'1x<block>:<sparsity>' (e.g. '1x4:0.5')",
+    Pattern.UNSTRUCTURED: "'unstructured:<sparsity>'",
+}
+
+
+def forms(allowed: Iterable[Pattern] | None = None) -> str:
+    """The accepted text / tuple forms of the ``allowed`` patterns (all by default), for messages."""
+    allowed = None if allowed is None else tuple(allowed)
+    return ", ".join(f for p, f in _FORMS.items() if allowed is None or p in allowed) + ", 'dense' or None"
+
+
+FORMS = forms()
 
 
 def _number(text: str, cast):
@@ -139,13 +169,14 @@ def _number(text: str, cast):
         return None
 
 
-def _parse_text(text: str) -> LayerSpec | None:
+def _parse_text(text: str, label: str) -> LayerSpec | None:
+    """The spec ``text`` spells, None when it spells none; ``label`` ("op (where)") prefixes range errors."""
     t = text.strip().lower()
     parts = [p.strip() for p in t.split(":")]
     if t == "dense":
         return DENSE
     if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-        return NMSpec(int(parts[0]), int(parts[1]))
+        return NMSpec(*v.check_nm(label, int(parts[0]), int(parts[1])))
     if parts[0] == "1xn" and len(parts) == 3:  # nmkern 0.1 spelling '1xN:<block>:<sparsity>'
         warnings.warn(f"pattern {text!r}: write 1xN blocks as '1x{parts[1]}:{parts[2]}' "
                       "(the '1xN:<block>:<sparsity>' spelling goes away in nmkern 0.3)", DeprecationWarning, stacklevel=4)
@@ -153,47 +184,56 @@ def _parse_text(text: str) -> LayerSpec | None:
     if len(parts) == 2 and parts[0].startswith("1x"):
         block, sparsity = _number(parts[0][2:], int), _number(parts[1], float)
         if block is not None and sparsity is not None:
-            return BlockSpec(block, sparsity)
+            return BlockSpec(check_block(label, block), v.check_fraction(label, "sparsity", sparsity))
     if len(parts) == 2 and parts[0] == "unstructured":
         sparsity = _number(parts[1], float)
         if sparsity is not None:
-            return UnstructuredSpec(sparsity)
+            return UnstructuredSpec(v.check_fraction(label, "sparsity", sparsity))
     return None
 
 
 def parse_spec(value, *, op: str = "nmkern", where: str = "pattern",
                allowed: Iterable[Pattern] | None = None) -> LayerSpec:
-    """A :class:`LayerSpec` from any accepted form (see :data:`FORMS`); ``None`` gives :data:`DENSE`.
+    """A :class:`LayerSpec` from any accepted form (see :func:`forms`); ``None`` gives :data:`DENSE`.
 
     ``allowed``: the patterns the caller can apply (dense is always allowed); others
     raise ``ValueError`` naming ``op`` and ``where``. Bad values raise ``ValueError``
     (``TypeError`` for a value of the wrong type), with the accepted forms.
     """
+    allowed = None if allowed is None else tuple(allowed)
     if value is None:
         spec = DENSE
     elif isinstance(value, LayerSpec):
         spec = value
     elif isinstance(value, (tuple, list)) and len(value) == 2:
-        try:
-            spec = NMSpec(*value)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{op}: {where} {value!r} is not an N:M pair: {e}") from None
+        spec = NMSpec(*v.check_nm(f"{op} ({where})", value[0], value[1]))
     elif isinstance(value, str):
-        try:
-            spec = _parse_text(value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{op}: {where} {value!r}: {e}") from None
+        spec = _parse_text(value, f"{op} ({where})")
         if spec is None:
-            raise ValueError(f"{op}: {where} {value!r} is not a pattern; use {FORMS}")
+            raise ValueError(f"{op}: {where} = {value!r} is not a pattern; write it as {forms(allowed)}")
     else:
-        raise TypeError(f"{op}: {where} must be {FORMS}, got {type(value).__name__} {value!r}")
-    if allowed is not None and spec.pattern is not Pattern.DENSE:
-        allowed = tuple(allowed)
-        if spec.pattern not in allowed:
-            names = ", ".join(p.value for p in allowed)
-            raise ValueError(f"{op}: {where} {str(spec)!r} is a {spec.pattern.value} pattern; {op} takes {names} "
-                             "(or 'dense' / None)")
+        raise TypeError(f"{op}: {where} must be {forms(allowed)}, got {type(value).__name__} {value!r}")
+    if allowed is not None and spec.pattern is not Pattern.DENSE and spec.pattern not in allowed:
+        raise ValueError(f"{op}: {where} = {str(spec)!r} is a {spec.pattern.value} pattern; {op} takes "
+                         f"{forms(allowed)}")
     return spec
+
+
+def accepts_n_for_block(fn):
+    """Decorator: ``fn(..., n=4)``, the nmkern 0.1 keyword for the 1xN block size, still works as ``block=4``
+    (with a DeprecationWarning) for one release. Positional calls are unchanged."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "n" in kwargs:
+            if "block" in kwargs:
+                raise TypeError(f"{fn.__name__}: got both block= and n= (its old name); pass block= only")
+            warnings.warn(f"{fn.__name__}: the 1xN block size is now called block= (n= goes away in nmkern 0.3)",
+                          DeprecationWarning, stacklevel=2)
+            kwargs["block"] = kwargs.pop("n")
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class SpecResolver:
@@ -217,8 +257,8 @@ class SpecResolver:
         elif scheme is None or isinstance(scheme, (str, tuple, list, LayerSpec)):
             self.uniform = parse_spec(scheme, op=op, where="scheme", allowed=allowed)
         else:
-            raise TypeError(f"{op}: scheme must be one pattern ({FORMS}) or a Mapping {{name or glob: pattern}}, "
-                            f"got {type(scheme).__name__}")
+            raise TypeError(f"{op}: scheme must be one pattern ({forms(allowed)}) or a Mapping "
+                            f"{{name or glob: pattern}}, got {type(scheme).__name__}")
 
     @property
     def is_mapping(self) -> bool:
@@ -247,4 +287,4 @@ class SpecResolver:
 
 
 __all__ = ["DENSE", "BlockSpec", "DenseSpec", "LayerSpec", "NMSpec", "Pattern", "SpecResolver", "UnstructuredSpec",
-           "parse_spec"]
+           "accepts_n_for_block", "check_block", "forms", "parse_spec"]

@@ -51,7 +51,7 @@ def data(seed=1, count=64):
 def test_masks_match_numpy(n, rearrange, sparsity):
     model = cnn()
     before = {k: model.get_submodule(k).weight.detach().clone() for k in ("0", "2", "6")}
-    res = prune_1xn(model, n=n, sparsity=sparsity, rearrange=rearrange, layers=["0", "2", "6"], export=False)
+    res = prune_1xn(model, block=n, sparsity=sparsity, rearrange=rearrange, layers=["0", "2", "6"], export=False)
     for k, w in before.items():
         want = np_block_mask(w.numpy(), n, sparsity, rearrange)
         assert np.array_equal(res.masks[k].numpy(), want), k
@@ -61,14 +61,14 @@ def test_masks_match_numpy(n, rearrange, sparsity):
 
 
 def test_default_layers_skip_what_cannot_be_blocked():
-    res = prune_1xn(cnn(), n=4, sparsity=0.5, export=False)
+    res = prune_1xn(cnn(), block=4, sparsity=0.5, export=False)
     assert sorted(res.masks) == ["0", "2", "6"]
     assert res.skipped == ["8"]  # 10 output channels, not divisible by 4
 
 
 def test_rearrangement_changes_which_blocks_go_but_never_the_count():
-    plain = prune_1xn(cnn(), n=4, sparsity=0.5, rearrange=False, export=False)
-    rearr = prune_1xn(cnn(), n=4, sparsity=0.5, rearrange=True, export=False)
+    plain = prune_1xn(cnn(), block=4, sparsity=0.5, rearrange=False, export=False)
+    rearr = prune_1xn(cnn(), block=4, sparsity=0.5, rearrange=True, export=False)
     changed = 0
     for k in plain.masks:
         assert int(plain.masks[k].sum()) == int(rearr.masks[k].sum())
@@ -77,9 +77,9 @@ def test_rearrangement_changes_which_blocks_go_but_never_the_count():
 
 
 def test_rearrangement_is_chosen_per_layer():
-    plain = prune_1xn(cnn(), n=4, sparsity=0.5, rearrange=False, export=False)
-    some = prune_1xn(cnn(), n=4, sparsity=0.5, rearrange=["2"], export=False)
-    also = prune_1xn(cnn(), n=4, sparsity=0.5, rearrange={"2": True, "0": False}, export=False)
+    plain = prune_1xn(cnn(), block=4, sparsity=0.5, rearrange=False, export=False)
+    some = prune_1xn(cnn(), block=4, sparsity=0.5, rearrange=["2"], export=False)
+    also = prune_1xn(cnn(), block=4, sparsity=0.5, rearrange={"2": True, "0": False}, export=False)
     assert torch.equal(some.masks["0"], plain.masks["0"]) and torch.equal(some.masks["6"], plain.masks["6"])
     assert not torch.equal(some.masks["2"], plain.masks["2"])
     assert all(torch.equal(some.masks[k], also.masks[k]) for k in some.masks)
@@ -87,10 +87,10 @@ def test_rearrangement_is_chosen_per_layer():
 
 
 def test_random_criterion_is_seeded_and_keeps_the_count():
-    a = prune_1xn(cnn(), n=4, sparsity=0.5, criterion="random", seed=3, export=False)
-    b = prune_1xn(cnn(), n=4, sparsity=0.5, criterion="random", seed=3, export=False)
-    c = prune_1xn(cnn(), n=4, sparsity=0.5, criterion="random", seed=4, export=False)
-    l1 = prune_1xn(cnn(), n=4, sparsity=0.5, criterion="l1", export=False)
+    a = prune_1xn(cnn(), block=4, sparsity=0.5, criterion="random", seed=3, export=False)
+    b = prune_1xn(cnn(), block=4, sparsity=0.5, criterion="random", seed=3, export=False)
+    c = prune_1xn(cnn(), block=4, sparsity=0.5, criterion="random", seed=4, export=False)
+    l1 = prune_1xn(cnn(), block=4, sparsity=0.5, criterion="l1", export=False)
     for k in a.masks:
         assert torch.equal(a.masks[k], b.masks[k])
         assert int(a.masks[k].sum()) == int(l1.masks[k].sum())
@@ -100,7 +100,7 @@ def test_random_criterion_is_seeded_and_keeps_the_count():
 def test_finetune_keeps_masks_frozen_and_changes_kept_weights():
     model = cnn()
     w0 = model.get_submodule("2").weight.detach().clone()
-    res = prune_1xn(model, n=4, sparsity=0.5, rearrange=True, data=data(), epochs=2, batch_size=16, lr=0.05,
+    res = prune_1xn(model, block=4, sparsity=0.5, rearrange=True, data=data(), epochs=2, batch_size=16, lr=0.05,
                     export=False, progress=False)
     w = model.get_submodule("2").weight.detach()
     assert torch.equal(res.masks["2"], torch.from_numpy(np_block_mask(w0.numpy(), 4, 0.5, True)))
@@ -112,7 +112,7 @@ def test_finetune_keeps_masks_frozen_and_changes_kept_weights():
 @pytest.mark.parametrize("rearrange", [False, True])
 def test_bsr_equals_the_masked_weight(rearrange):
     model = cnn()
-    res = prune_1xn(model, n=4, sparsity=0.5, rearrange=rearrange, data=data(), epochs=1, batch_size=32,
+    res = prune_1xn(model, block=4, sparsity=0.5, rearrange=rearrange, data=data(), epochs=1, batch_size=32,
                     export=False, progress=False)
     for k, bsr in res.bsr.items():
         w = model.get_submodule(k).weight.detach()
@@ -126,7 +126,7 @@ def test_bsr_equals_the_masked_weight(rearrange):
 
 
 def test_block_order_lines_up_rearranged_blocks():
-    res = prune_1xn(cnn(), n=4, sparsity=0.5, rearrange=True, export=False)
+    res = prune_1xn(cnn(), block=4, sparsity=0.5, rearrange=True, export=False)
     for k, mask in res.masks.items():
         order = block_order(mask, 4)
         rows = mask[order].reshape(mask.shape[0], mask.shape[1], -1)[:, :, 0].reshape(mask.shape[0] // 4, 4, -1)
@@ -141,7 +141,7 @@ def test_block_order_lines_up_rearranged_blocks():
 def test_export_to_packed_sparse_modules(rearrange):
     nmnn = pytest.importorskip("nmkern.nn")
     model = cnn()
-    res = prune_1xn(model, n=4, sparsity=0.5, rearrange=rearrange, data=data(), epochs=1, batch_size=32,
+    res = prune_1xn(model, block=4, sparsity=0.5, rearrange=rearrange, data=data(), epochs=1, batch_size=32,
                     progress=False)
     exp = res.exported
     assert exp is not None
@@ -171,20 +171,31 @@ def test_filter_pruning_baseline():
 
 def test_bad_input_errors():
     with pytest.raises(ValueError, match="not divisible by block=4"):
-        prune_1xn(cnn(), n=4, layers=["8"], export=False)
+        prune_1xn(cnn(), block=4, layers=["8"], export=False)
     with pytest.raises(ValueError, match="unknown criterion"):
         prune_1xn(cnn(), criterion="magnitude", export=False)
     with pytest.raises(ValueError, match="not being pruned"):
         prune_1xn(cnn(), rearrange=["8"], export=False)
     with pytest.raises(ValueError, match="no data to fine-tune on"):
         prune_1xn(cnn(), epochs=2, export=False)
-    with pytest.raises(ValueError, match="block size n must be a positive int"):
-        prune_1xn(cnn(), n=0, export=False)
+    with pytest.raises(ValueError, match=r"prune_1xn: block must be a positive int \(output channels per 1xN block"):
+        prune_1xn(cnn(), block=0, export=False)
     with pytest.raises(ValueError, match=r"sparsity=1.0 must lie in \[0, 1\)"):
         prune_1xn(cnn(), sparsity=1.0, export=False)
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         prune_1xn("model")
-    with pytest.raises(ValueError, match="no Linear/Conv layer of the model has output channels divisible by n=7"):
-        prune_1xn(cnn(), n=7, export=False)
+    with pytest.raises(ValueError, match="no Linear/Conv layer of the model has output channels divisible by block=7"):
+        prune_1xn(cnn(), block=7, export=False)
     with pytest.raises(TypeError, match="rearrange must be a bool"):
         prune_1xn(cnn(), rearrange=3, export=False)
+
+
+def test_n_is_the_deprecated_name_of_block():
+    new = prune_1xn(cnn(), block=4, sparsity=0.5, export=False)
+    with pytest.warns(DeprecationWarning, match=r"prune_1xn: the 1xN block size is now called block="):
+        old = prune_1xn(cnn(), n=4, sparsity=0.5, export=False)
+    assert all(torch.equal(new.masks[k], old.masks[k]) for k in new.masks)
+    with pytest.warns(DeprecationWarning, match="block_order: the 1xN block size is now called block="):
+        assert torch.equal(block_order(new.masks["2"], n=4), block_order(new.masks["2"], block=4))
+    with pytest.raises(TypeError, match="prune_1xn: got both block= and n="):
+        prune_1xn(cnn(), block=4, n=4, export=False)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -208,7 +209,7 @@ def test_train_and_search_usage_errors(tmp_path, capsys):
 def test_bench_small_shape(tmp_path, capsys):
     path = tmp_path / "bench.json"
     argv = ["bench", "--shape", "64x128", "--batch", "1,8", "--pattern", "2:4,1x4:0.75", "--seconds", "0.05",
-            "--json", str(path), "--no-progress"]
+            "--json", str(path), "--no-progress", "--no-cold"]  # cold: a 1024-layer stack of this small shape
     assert main(argv) == 0
     data = json.loads(path.read_text())
     assert [(r["pattern"], r["batch"]) for r in data["rows"]] == [("2:4", 1), ("2:4", 8), ("1x4:0.75", 1),
@@ -226,3 +227,76 @@ def test_bench_bad_input_writes_nothing(tmp_path, capsys):
                   "not divisible by m=4")
     _assert_error(capsys, ["bench", "--batch", "0,2", "--json", str(path)], 2, "positive integers")
     assert not path.exists()
+
+
+# --------------------------------------------------------------------------- layout and the pattern vocabulary
+
+
+def test_1xn_spellings_prune_alike(dense_ckpt, tmp_path):
+    src, _ = dense_ckpt
+    outs = []
+    for i, scheme in enumerate(("1x4:0.5", "1xN:4:0.5")):  # the second: nmkern 0.1's spelling, deprecated
+        out = tmp_path / f"p{i}.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            assert main(["prune", str(src), "--factory", FACTORY, "--scheme", scheme, "-o", str(out)]) == 0
+        outs.append(torch.load(out, weights_only=True))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert (outs[0]["fc1.weight"] == 0).float().mean() == 0.5
+
+
+def test_scheme_and_bench_patterns_use_parse_spec(tmp_path):
+    from nmkern.cli._common import UsageError, parse_scheme_arg
+    from nmkern.benchmark import parse_pattern
+    from nmkern.spec import DENSE, BlockSpec, NMSpec
+
+    assert parse_scheme_arg("2:4") == NMSpec(2, 4)
+    assert parse_scheme_arg("1x4:0.5") == BlockSpec(4, 0.5)
+    with pytest.warns(DeprecationWarning):
+        assert parse_scheme_arg("1xN:4:0.5") == BlockSpec(4, 0.5)
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"fc*": "1x8:0.75", "conv2": [1, 4], "conv1": None}))
+    assert parse_scheme_arg(str(path)) == {"fc*": BlockSpec(8, 0.75), "conv2": NMSpec(1, 4), "conv1": DENSE}
+    for bad in ("dense", "unstructured:0.5", "4:2"):
+        with pytest.raises(UsageError, match="is not a pattern"):
+            parse_scheme_arg(bad)
+    with pytest.warns(DeprecationWarning):
+        assert parse_pattern("1x4:0.75").spec == parse_pattern("1xN:4:0.75").spec == BlockSpec(4, 0.75)
+    assert parse_pattern("2:4").spec == NMSpec(2, 4)
+    with pytest.raises(ValueError, match="1x<block>:<sparsity>"):
+        parse_pattern("1x4:0")
+
+
+def test_gap_target_from_specs():
+    from nmkern.methods.recipes import gap_target
+    from nmkern.spec import BlockSpec, NMSpec
+
+    model = MNIST1DNet()
+    logged = []
+    kw = gap_target(NMSpec(2, 4), model, log=logged.append)
+    assert kw["target"] == "nm" and (kw["n"], kw["m"]) == (2, 4) and "conv1" not in kw["layers"]
+    assert logged == ["gap: left dense (shape does not fit 2:4): conv1"]
+    assert gap_target(BlockSpec(4, 0.5), model, log=logged.append)["target"] == "1xn"
+    kw = gap_target({"fc1": NMSpec(1, 4), "fc2": None}, model)
+    assert kw == {"target": "nm", "scheme": {"fc1": (1, 4)}, "layers": ["fc1"]}
+    with pytest.raises(ValueError, match="exact layer names"):
+        gap_target({"conv*": NMSpec(2, 4)}, model)
+
+
+def test_commands_are_thin_and_independent():
+    import ast
+    from pathlib import Path
+
+    import nmkern.cli
+
+    root = Path(nmkern.cli.__file__).parent
+    commands = {p.stem for p in root.glob("*.py") if not p.stem.startswith("_")}
+    assert commands == {"inspect", "prune", "demo", "search", "train", "bench"}
+    for name in commands:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module == "_common" or node.module is None and not {a.name for a in node.names} & commands, \
+                    (name, node.module)
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 80, (name, node.name)

@@ -64,3 +64,25 @@ def test_inspect_not_a_checkpoint(tmp_path, capsys):
 
 def test_no_command_is_usage_error(capsys):
     assert main([]) == 2
+
+
+def test_detection_is_a_library_call():
+    from nmkern.inspect_tensors import describe_state_dict, describe_tensor, detect_1xn, detect_nm
+
+    w = nmkern.apply_nm(torch.randn(8, 16), 1, 4)
+    assert detect_nm(w) == (1, 4) and detect_nm(torch.randn(8, 16)) is None
+    blocky = torch.randn(16, 8)
+    blocky = blocky * nmkern.block_mask_1xn(blocky, 4, 0.5)
+    assert detect_1xn(blocky) == (4, 0.5)
+    assert describe_tensor("b", blocky)["pattern"] == "1x4"
+    assert [r["pattern"] for r in describe_state_dict({"w": w, "bias": torch.ones(8)})] == ["1:4", "-"]
+
+
+def test_load_state_dict_errors_are_value_errors(tmp_path):
+    import pytest
+
+    from nmkern.checkpoint_io import CheckpointError, load_state_dict
+
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_state_dict(str(tmp_path / "nope.pt"))
+    assert issubclass(CheckpointError, ValueError)  # the CLI reports it as bad input (exit 2)

@@ -45,6 +45,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for r in res["latency"]:
         assert r["dense_median_ms"] > 0 and math.isfinite(r["packed_auto_ratio"]) and r["packed_auto_ratio"] > 0
         assert r["packed_auto_max_abs_diff"] < 1e-4
+        assert r["dense_q1_ms"] <= r["dense_median_ms"] <= r["dense_q3_ms"] and r["repeats"] >= 5
+    # The machine as nmkern.timing records it (the harness the latency rows come from).
+    assert {"cpu", "cpu_flags", "cpu_isa", "cores", "threads", "torch", "nmkern", "platform"} <= set(res["machine"])
+    assert res["machine"]["threads"] == 1  # the demo's thread count, recorded while it ran
 
     report = (out / "report.md").read_text()
     for heading in ("## Accuracy", "## DominoSearch scheme", "## Packing", "## CPU latency"):

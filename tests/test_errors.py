@@ -98,7 +98,7 @@ def test_unpack_nm_type():
 
 
 def test_block_mask_bad_block_size_and_sparsity():
-    with pytest.raises(ValueError, match=r"block_mask_1xn: 6 output channels .* not divisible by the block size n=4"):
+    with pytest.raises(ValueError, match=r"block_mask_1xn: 6 output channels .* not divisible by the block size block=4"):
         nmkern.block_mask_1xn(torch.randn(6, 8), 4, 0.5)
     with pytest.raises(ValueError, match=r"block_mask_1xn: sparsity=1.0 must lie in \[0, 1\)"):
         nmkern.block_mask_1xn(torch.randn(8, 8), 4, 1.0)
@@ -120,7 +120,8 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 
 
 def test_env_backend_overrides_auto(monkeypatch):
-    from nmkern.backend import Backend, resolve_backend
+    from nmkern.backend import Backend
+    from nmkern.dispatch import resolve_backend
 
     monkeypatch.setenv("NMKERN_BACKEND", "reference")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -18,8 +18,7 @@ from torch.sparse._semi_structured_conversions import (
 import nmkern
 from nmkern.kernels.compress_24 import compress_24_triton
 from nmkern.kernels.decompress_24 import decompress_24_triton
-from nmkern.kernels.pack_nm import _config as pack_config
-from nmkern.kernels.pack_nm import pack_nm_triton
+from nmkern.kernels.pack_nm import pack_nm_configs, pack_nm_triton
 from nmkern.kernels.unpack_nm import unpack_nm_triton
 from nmkern.reference import compress_24_ref, decompress_24_ref, pack_nm_ref, unpack_nm_ref
 from nmkern.reference.nm_pack import indices_per_word
@@ -142,9 +141,9 @@ PACK_PATTERNS = [(1, 2), (2, 3), (2, 4), (3, 4), (2, 5), (3, 8), (5, 16), (15, 1
 
 def pack_shape(n: int, m: int) -> tuple[int, int]:
     """(rows, groups): rows of 7 groups, words spread over 2 programs, the last one ragged."""
-    cfg = pack_config(m)
+    block_w = pack_nm_configs(m)[0]["BLOCK_W"]  # the launcher runs the first config
     words_per_row = -(-7 * n // indices_per_word(m))
-    rows = -(-(cfg["BLOCK_W"] + cfg["BLOCK_W"] // 2 + 1) // words_per_row)
+    rows = -(-(block_w + block_w // 2 + 1) // words_per_row)
     return rows, 7
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from test_nm_linear import assert_matches_torch
 
 import nmkern
+import nmkern._cpu
 from nmkern import dispatch
 from nmkern.reference import apply_nm_ref, block_mask_1xn_ref, nm_mask_ref
 from nmkern.reference.srste import srste_backward_ref
@@ -220,19 +221,21 @@ def test_packed_module_follows_to_and_half():
 
 
 def test_dispatch_hooks_reach_the_native_cpu_kernel(monkeypatch):
+    """The CPU path runs the registered op nmkern::cpu_nm_linear on the layer's prepared CPU layout."""
     calls = []
 
-    class FakePrepared:
+    class FakePrepared:  # stands in for nmkern._cpu.CpuLinear: the dense weight as its "layout"
         def __init__(self, w, kind, n, m, block):
             calls.append(("prepare", kind, n, m, block, tuple(w.shape)))
-            self.w = w
+            self.kind, self.n, self.m, self.block, self.out_features = nmkern._cpu.SparseKind(kind), n, m, block, w.shape[0]
+            self.tensors = {"values": w, "index": torch.zeros(0, dtype=torch.int32)}
 
-        def __call__(self, x, bias):
-            calls.append(("run", tuple(x.shape)))
-            return F.linear(x, self.w, bias)
+    def fake_nm_linear_f32(x, values, index, n, m, out_features, bias):
+        calls.append(("run", tuple(x.shape)))
+        return F.linear(x, values, bias)
 
-    fake = types.SimpleNamespace(cpu_beats_dense=lambda *a: a[5] <= 4, prepare_cpu_linear=FakePrepared,
-                                 prepare_cpu_conv2d=None)
+    monkeypatch.setattr(nmkern._cpu, "nm_linear_f32", fake_nm_linear_f32)
+    fake = types.SimpleNamespace(cpu_beats_dense=lambda *a: a[5] <= 4, prepare_cpu_linear=FakePrepared)
     monkeypatch.setattr(dispatch, "cpu_kernels", lambda: fake)
     monkeypatch.delenv("NMKERN_BACKEND", raising=False)
     lin = _linear(in_f=32, out_f=16)
@@ -247,13 +250,13 @@ def test_dispatch_hooks_reach_the_native_cpu_kernel(monkeypatch):
 
 def test_dispatch_decision_is_remembered_per_input_size(monkeypatch):
     decisions = []
-    real = dispatch.choose_linear_backend
+    real = dispatch.choose
 
-    def counting(requested, x, layer, rows=None):
-        decisions.append((str(requested), rows))
-        return real(requested, x, layer, rows)
+    def counting(requested, call):
+        decisions.append((str(requested), call.rows))
+        return real(requested, call)
 
-    monkeypatch.setattr(dispatch, "choose_linear_backend", counting)
+    monkeypatch.setattr(dispatch, "choose", counting)
     sl = nmkern.SparseLinear.from_dense(_linear(in_f=32, out_f=16)).pack()
     for _ in range(3):
         sl(torch.randn(2, 32))

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import nmkern
 from nmkern import dispatch, ops
-from nmkern.dispatch import ExecPath, LayerInfo, LayerOp, choose_linear_backend
+from nmkern.backend import Backend
+from nmkern.dispatch import LayerInfo, LayerOp, choose_linear_backend
 from nmkern.reference import apply_nm_ref, block_mask_1xn_ref, compress_24_ref, to_bsr_1xn_ref
 
 
@@ -39,26 +40,24 @@ def _conv():
 def test_opcheck_linear_ops_reference():
     w, p = _nm()
     x, b = torch.randn(3, 64), torch.randn(32)
-    torch.library.opcheck(torch.ops.nmkern.nm_linear.default, (x, p.values, p.indices, 2, 4, b, "reference"))
-    torch.library.opcheck(torch.ops.nmkern.nm_linear.default, (x, p.values, p.indices, 2, 4, None, "reference"))
+    torch.library.opcheck(torch.ops.nmkern.nm_linear_reference.default, (x, p.values, p.indices, 2, 4, b))
+    torch.library.opcheck(torch.ops.nmkern.nm_linear_reference.default, (x, p.values, p.indices, 2, 4, None))
     w24 = apply_nm_ref(torch.randn(32, 64), 2, 4).half()
     v24, meta = compress_24_ref(w24)
-    torch.library.opcheck(torch.ops.nmkern.semi24_linear.default, (x.half(), v24, meta, b.half(), "reference"))
+    torch.library.opcheck(torch.ops.nmkern.semi24_linear_reference.default, (x.half(), v24, meta, b.half()))
     wb, crow, col, vals = _bsr()
-    torch.library.opcheck(torch.ops.nmkern.bsr_linear.default, (torch.randn(5, 24), crow, col, vals, 16, None,
-                                                                "reference"))
+    torch.library.opcheck(torch.ops.nmkern.bsr_linear_reference.default, (torch.randn(5, 24), crow, col, vals, 16, None))
 
 
 def test_opcheck_conv_ops_reference():
     w, p = _conv()
     x = torch.randn(2, 8, 5, 5)
-    torch.library.opcheck(torch.ops.nmkern.nm_conv2d.default,
-                          (x, p.values, p.indices, 2, 4, list(w.shape), torch.randn(8), [1, 1], [1, 1], [1, 1],
-                           "reference"))
+    torch.library.opcheck(torch.ops.nmkern.nm_conv2d_reference.default,
+                          (x, p.values, p.indices, 2, 4, list(w.shape), torch.randn(8), [1, 1], [1, 1], [1, 1]))
     wb = torch.randn(8, 8, 3, 3)
     wb = wb * block_mask_1xn_ref(wb, 4, 0.5)
     bsr = to_bsr_1xn_ref(wb.reshape(8, -1), 4)
-    torch.library.opcheck(torch.ops.nmkern.bsr_conv2d.default,
+    torch.library.opcheck(torch.ops.nmkern.bsr_conv2d_reference.default,
                           (x, bsr.crow_indices().clone(), bsr.col_indices().clone(),
                            bsr.values().reshape(-1, 4).clone(), list(wb.shape), None,
                            [2, 1], [0, 1], [1, 1]))
@@ -66,11 +65,11 @@ def test_opcheck_conv_ops_reference():
 
 def test_opcheck_triton_backend(interpret):
     w, p = _nm(16, 32)
-    torch.library.opcheck(torch.ops.nmkern.nm_linear.default,
-                          (torch.randn(2, 32), p.values, p.indices, 2, 4, None, "triton"))
+    torch.library.opcheck(torch.ops.nmkern.nm_linear_triton.default,
+                          (torch.randn(2, 32), p.values, p.indices, 2, 4, None))
     wb, crow, col, vals = _bsr()
-    torch.library.opcheck(torch.ops.nmkern.bsr_linear.default,
-                          (torch.randn(2, 24), crow, col, vals, 16, torch.randn(16), "triton"))
+    torch.library.opcheck(torch.ops.nmkern.bsr_linear_triton.default,
+                          (torch.randn(2, 24), crow, col, vals, 16, torch.randn(16)))
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -162,54 +161,54 @@ def _fake_cpu(beats: bool, calls: list):
 
 
 def test_auto_cpu_without_native_is_dense(no_native):
-    assert choose_linear_backend("auto", _FakeX("cpu"), _layer(dtype=torch.float32)) is ExecPath.DENSE
-    assert choose_linear_backend("auto", _FakeX("cpu"), _layer(pattern="1xn")) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cpu"), _layer(dtype=torch.float32)) is Backend.DENSE
+    assert choose_linear_backend("auto", _FakeX("cpu"), _layer(pattern="1xn")) is Backend.DENSE
 
 
 def test_auto_cpu_asks_the_native_kernel(no_native, monkeypatch):
     calls = []
     monkeypatch.setattr(dispatch, "cpu_kernels", lambda: _fake_cpu(True, calls))
     layer = _layer(dtype=torch.float32, semi24_fits=False)
-    assert choose_linear_backend("auto", _FakeX("cpu", rows=3), layer) is ExecPath.CPU
+    assert choose_linear_backend("auto", _FakeX("cpu", rows=3), layer) is Backend.CPU
     assert calls == [("nm", 2, 4, 4, 0.5, 3, 3072, 768)]
     monkeypatch.setattr(dispatch, "cpu_kernels", lambda: _fake_cpu(False, calls))
-    assert choose_linear_backend("auto", _FakeX("cpu", rows=512), layer) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cpu", rows=512), layer) is Backend.DENSE
     assert calls[-1][5] == 512
     # The native kernels are fp32 only: half weights never go there.
     monkeypatch.setattr(dispatch, "cpu_kernels", lambda: _fake_cpu(True, calls))
-    assert choose_linear_backend("auto", _FakeX("cpu"), _layer(dtype=torch.bfloat16)) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cpu"), _layer(dtype=torch.bfloat16)) is Backend.DENSE
 
 
 def test_auto_cuda(no_native, monkeypatch):
     fake_cuda = types.SimpleNamespace(sparse24_linear=None)
     # small batch, 2:4 half fitting CUTLASS: the CUDA kernel when present, else Triton
-    assert choose_linear_backend("auto", _FakeX("cuda", rows=1), _layer()) is ExecPath.TRITON
+    assert choose_linear_backend("auto", _FakeX("cuda", rows=1), _layer()) is Backend.TRITON
     monkeypatch.setattr(dispatch, "cuda_kernels", lambda: fake_cuda)
-    assert choose_linear_backend("auto", _FakeX("cuda", rows=16), _layer()) is ExecPath.CUDA
-    assert choose_linear_backend("auto", _FakeX("cuda", rows=16), _layer(semi24_fits=False)) is ExecPath.TRITON
+    assert choose_linear_backend("auto", _FakeX("cuda", rows=16), _layer()) is Backend.CUDA
+    assert choose_linear_backend("auto", _FakeX("cuda", rows=16), _layer(semi24_fits=False)) is Backend.TRITON
     # large batch: compute-bound, dense wins
-    assert choose_linear_backend("auto", _FakeX("cuda", rows=17), _layer()) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cuda", rows=17), _layer()) is Backend.DENSE
     # too dense a pattern saves too few bytes (6:8 fp16 reads 89% of the dense bytes)
     assert _layer(n=6, m=8, semi24_fits=False).packed_bytes_ratio() == pytest.approx(0.75 * (1 + 3 / 16))
-    assert choose_linear_backend("auto", _FakeX("cuda"), _layer(n=6, m=8, semi24_fits=False)) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cuda"), _layer(n=6, m=8, semi24_fits=False)) is Backend.DENSE
     # 1xN: Triton when sparse enough, dense otherwise; 1xN convs always dense
     lin1xn = _layer(pattern="1xn", semi24_fits=False)
-    assert choose_linear_backend("auto", _FakeX("cuda"), dataclasses.replace(lin1xn, sparsity=0.6)) is ExecPath.TRITON
-    assert choose_linear_backend("auto", _FakeX("cuda"), dataclasses.replace(lin1xn, sparsity=0.2)) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cuda"), dataclasses.replace(lin1xn, sparsity=0.6)) is Backend.TRITON
+    assert choose_linear_backend("auto", _FakeX("cuda"), dataclasses.replace(lin1xn, sparsity=0.2)) is Backend.DENSE
     conv1xn = _layer(op=LayerOp.CONV2D, pattern="1xn", sparsity=0.7, semi24_fits=False)
-    assert choose_linear_backend("auto", _FakeX("cuda"), conv1xn, rows=4) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cuda"), conv1xn, rows=4) is Backend.DENSE
     conv_nm = _layer(op=LayerOp.CONV2D, semi24_fits=False)
-    assert choose_linear_backend("auto", _FakeX("cuda"), conv_nm, rows=4) is ExecPath.TRITON
-    assert choose_linear_backend("auto", _FakeX("cuda"), conv_nm, rows=4096) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cuda"), conv_nm, rows=4) is Backend.TRITON
+    assert choose_linear_backend("auto", _FakeX("cuda"), conv_nm, rows=4096) is Backend.DENSE
     # devices nmkern has no kernel for
-    assert choose_linear_backend("auto", _FakeX("meta"), _layer()) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("meta"), _layer()) is Backend.DENSE
 
 
 def test_explicit_backend_is_obeyed_or_refused(no_native, monkeypatch):
     x = _FakeX("cpu")
-    assert choose_linear_backend("reference", x, _layer()) is ExecPath.REFERENCE
-    assert choose_linear_backend(nmkern.Backend.REFERENCE, x, _layer()) is ExecPath.REFERENCE
-    assert choose_linear_backend("dense", x, _layer()) is ExecPath.DENSE
+    assert choose_linear_backend("reference", x, _layer()) is Backend.REFERENCE
+    assert choose_linear_backend(nmkern.Backend.REFERENCE, x, _layer()) is Backend.REFERENCE
+    assert choose_linear_backend("dense", x, _layer()) is Backend.DENSE
     with pytest.raises(ValueError, match="backend 'triton' cannot run this layer: the triton backend needs a CUDA"):
         choose_linear_backend("triton", x, _layer())
     with pytest.raises(ValueError, match=r"nmkern._cpu\) are not built"):
@@ -223,17 +222,17 @@ def test_explicit_backend_is_obeyed_or_refused(no_native, monkeypatch):
     with pytest.raises(ValueError, match="no Triton 1xN conv kernel"):
         choose_linear_backend("triton", _FakeX("cuda"), _layer(op=LayerOp.CONV2D, pattern="1xn"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert choose_linear_backend("triton", x, _layer()) is ExecPath.TRITON
+    assert choose_linear_backend("triton", x, _layer()) is Backend.TRITON
     # auto never picks the (slow) interpreter on the CPU
-    assert choose_linear_backend("auto", x, _layer()) is ExecPath.DENSE
+    assert choose_linear_backend("auto", x, _layer()) is Backend.DENSE
 
 
 def test_env_override_applies_to_auto_only_when_possible(no_native, monkeypatch):
     monkeypatch.setenv("NMKERN_BACKEND", "reference")
-    assert choose_linear_backend("auto", _FakeX("cpu"), _layer()) is ExecPath.REFERENCE
-    assert choose_linear_backend("dense", _FakeX("cpu"), _layer()) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cpu"), _layer()) is Backend.REFERENCE
+    assert choose_linear_backend("dense", _FakeX("cpu"), _layer()) is Backend.DENSE
     monkeypatch.setenv("NMKERN_BACKEND", "triton")  # not possible on the CPU without the interpreter
-    assert choose_linear_backend("auto", _FakeX("cpu"), _layer()) is ExecPath.DENSE
+    assert choose_linear_backend("auto", _FakeX("cpu"), _layer()) is Backend.DENSE
 
 
 def test_native_lookup_survives_missing_modules(monkeypatch):
@@ -254,7 +253,7 @@ def test_gpu_dispatch_runs_every_available_path():
     layer = nmkern.SparseLinear.from_dense(lin).pack()
     x = torch.randn(4, 512, device="cuda", dtype=torch.half)
     ref = F.linear(x.double(), w.double(), lin.bias.double())
-    for path in ExecPath:
+    for path in Backend:
         try:
             layer.backend = path.value
             y = layer(x)

@@ -64,10 +64,12 @@ def test_errors(tmp_path):
         Scheme([("a", (2, 4))])
     with pytest.raises(ValueError, match=r"Scheme \(layer 'a'\): n=4, m=4 is not an N:M pattern"):
         Scheme({"a": (4, 4)})
-    with pytest.raises(ValueError, match=r"Scheme: layer 'a' has pattern '2-4'; write it as 'n:m'"):
+    with pytest.raises(ValueError, match=r"Scheme: layer 'a' = '2-4' is not a pattern; write it as 'n:m'"):
         Scheme({"a": "2-4"})
-    with pytest.raises(TypeError, match=r"Scheme: layer 'a' has pattern 7"):
+    with pytest.raises(TypeError, match=r"Scheme: layer 'a' must be 'n:m' .*, got int 7"):
         Scheme({"a": 7})
+    with pytest.raises(ValueError, match=r"Scheme: layer 'a' = '1x4:0.5' is a 1xn pattern; Scheme takes 'n:m'"):
+        Scheme({"a": "1x4:0.5"})
     with pytest.raises(ValueError, match=r"Scheme: layer_params has no entry for layers \['b'\]"):
         Scheme({"a": (2, 4), "b": (2, 4)}, layer_params={"a": 8})
     bad = tmp_path / "bad.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn as nn
 
 import nmkern
 from nmkern.reference import apply_nm_ref, block_mask_1xn_ref
+from nmkern.spec import DENSE, BlockSpec, NMSpec
 
 
 class SmallCNN(nn.Module):
@@ -98,7 +100,7 @@ def test_transformer_mlp_mapping_scheme_with_globs():
     scheme = {
         "layers.0.fc1": (1, 4),  # exact name beats the glob below
         "layers.*.fc1": "2:8",
-        "layers.*.fc2": "1xN:4:0.5",
+        "layers.*.fc2": "1x4:0.5",
         "out": None,  # explicitly dense
         "decoder.*": (2, 4),  # matches nothing: reported
     }
@@ -137,31 +139,66 @@ def test_uniform_schemes_and_scheme_objects():
     model2 = TinyTransformerMLP()
     report2 = nmkern.sparsify(model2, (1, 4))
     assert len(report2.swapped) == 5 and dict(report2.skipped)["embed"].endswith("in_features=6 is not divisible by m=4")
-    report3 = nmkern.sparsify(TinyTransformerMLP(), "1xN:8:0.25")
+    report3 = nmkern.sparsify(TinyTransformerMLP(), "1x8:0.25")
     assert "out" in dict(report3.skipped) and "not divisible by the 1xN block size 8" in dict(report3.skipped)["out"]
     # already sparse layers are left alone on a second call
     assert nmkern.sparsify(model2, (1, 4)).swapped == []
 
 
 def test_sparsify_errors():
-    with pytest.raises(ValueError, match="sparsify: scheme value '3:x' is not a pattern"):
+    with pytest.raises(ValueError, match="sparsify: scheme = '3:x' is not a pattern; write it as 'n:m'"):
         nmkern.sparsify(SmallCNN(), "3:x")
     with pytest.raises(ValueError, match=r"sparsify \(scheme\['head'\]\): n=4, m=4 is not an N:M pattern"):
         nmkern.sparsify(SmallCNN(), {"head": (4, 4)})
-    with pytest.raises(TypeError, match="sparsify: scheme must be 'n:m', \\(n, m\\)"):
+    with pytest.raises(TypeError, match=r"sparsify: scheme must be one pattern \('n:m' .*\(n, m\).* or a Mapping"):
         nmkern.sparsify(SmallCNN(), 0.5)
     with pytest.raises(ValueError, match="sparsify: model is itself an nn.Linear"):
         nmkern.sparsify(nn.Linear(8, 8), "2:4")
     with pytest.raises(ValueError, match="sparsify: unknown backend 'fastest'"):
         nmkern.sparsify(SmallCNN(), "2:4", backend="fastest")
     with pytest.raises(ValueError, match=r"sparsify \(scheme\): sparsity=1.5 must lie in"):
-        nmkern.sparsify(SmallCNN(), "1xN:4:1.5")
+        nmkern.sparsify(SmallCNN(), "1x4:1.5")
+    with pytest.raises(ValueError, match=r"sparsify: scheme = 'unstructured:0.5' is a unstructured pattern; sparsify "
+                                         r"takes 'n:m'"):
+        nmkern.sparsify(SmallCNN(), "unstructured:0.5")
+    with pytest.raises(ValueError, match="sparsify: scheme None keeps every layer dense"):
+        nmkern.sparsify(SmallCNN(), None)
+    with pytest.raises(ValueError, match="sparsify: 1x4:0.5 with rearrange=True has no sparse module form"):
+        nmkern.sparsify(SmallCNN(), BlockSpec(4, 0.5, rearrange=True))
+
+
+def test_spec_objects_and_the_deprecated_spellings():
+    torch.manual_seed(4)
+    a, b = TinyTransformerMLP(), TinyTransformerMLP()
+    b.load_state_dict(a.state_dict())
+    ra = nmkern.sparsify(a, {"layers.*.fc1": NMSpec(2, 4), "layers.*.fc2": BlockSpec(4, 0.5), "out": DENSE})
+    with pytest.warns(DeprecationWarning, match="write 1xN blocks as '1x4:0.5'"):
+        rb = nmkern.sparsify(b, {"layers.*.fc1": "2:4", "layers.*.fc2": "1xN:4:0.5", "out": None})
+    assert ra.swapped == rb.swapped and ra.skipped == rb.skipped
+    assert [n for n, _ in ra.swapped] == [f"layers.{i}.{fc}" for i in (0, 1) for fc in ("fc1", "fc2")]
+    for name, _ in ra.swapped:
+        assert torch.equal(a.get_submodule(name).dense_weight(), b.get_submodule(name).dense_weight())
+    sp = importlib.import_module("nmkern.sparsify")  # the module (nmkern.sparsify is also the function)
+
+    with pytest.warns(DeprecationWarning, match="parse_layer_pattern is deprecated"):
+        pat = sp.parse_layer_pattern("1x4:0.5")
+    assert (pat.block, pat.sparsity, str(pat)) == (4, 0.5, "1x4:0.5")
+    with pytest.warns(DeprecationWarning):
+        assert sp.parse_layer_pattern(None) is None
+    with pytest.warns(DeprecationWarning, match="LayerPattern is deprecated"):
+        assert isinstance(pat, sp.LayerPattern)
+    with pytest.warns(DeprecationWarning, match="_Resolver is deprecated"):
+        resolver = sp._Resolver({"layers.0.*": (2, 4), "out": None, "nothing": "1:8"})
+    matched, p = resolver.lookup("layers.0.fc1")
+    assert matched and (p.n, p.m, str(p)) == (2, 4, "2:4")
+    assert resolver.lookup("out") == (True, None) and resolver.lookup("embed") == (False, None)
+    assert resolver.unused_keys() == ["nothing"]
 
 
 def test_torch_compile_runs_a_sparsified_model():
     torch.manual_seed(3)  # small: compiling takes ~20 s of CPU on this machine
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
-    nmkern.sparsify(model, {"0": (2, 4), "2": "1xN:4:0.5"}, pack=True)
+    nmkern.sparsify(model, {"0": (2, 4), "2": "1x4:0.5"}, pack=True)
     x = torch.randn(2, 3, 16)
     with torch.no_grad():
         expected = model(x)

@@ -1,13 +1,14 @@
 """1xN block pruning (Lin et al., "1xN Pattern for Pruning Convolutional Neural Networks").
 
 :func:`prune_1xn` computes each layer's block mask once, from the given
-(pretrained) weights: blocks of ``n`` consecutive output channels x 1 input
+(pretrained) weights: blocks of ``block`` consecutive output channels x 1 input
 channel (x the whole kernel) are scored by L1 norm and the lowest ``sparsity``
 fraction of the layer's blocks is zeroed (``criterion="random"``: random blocks,
 the paper's baseline). With rearrangement, a layer's output filters are first
 sorted by L1 norm, the blocks are formed in that order and the mask is scattered
 back. Then the model is fine-tuned with the masks frozen and exported to the
-packed BSR form (blocksize ``(n, 1)``).
+packed BSR form (blocksize ``(block, 1)``). (``block`` was called ``n`` in nmkern 0.1;
+``n=`` still works, with a DeprecationWarning.)
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import torch.nn as nn
 
 from ..functional import BlockCriterion, to_bsr_1xn
 from ..reference.block_1xn import drop_lowest_fraction
+from ..spec import BlockSpec, Pattern, accepts_n_for_block, check_block
 from .masking import (
     PRUNABLE_TYPES,
-    LayerTarget,
     MaskSet,
-    Target,
     TrainConfig,
     _parse_enum,
     check_data,
@@ -40,26 +40,27 @@ from .masking import (
 class BlockPruneResult:
     model: nn.Module  # the fine-tuned model, dense modules with masked (zeroed) weights
     masks: dict[str, torch.Tensor]  # keep-masks, same shapes as the weights
-    targets: dict[str, LayerTarget]
-    bsr: dict[str, torch.Tensor]  # torch.sparse_bsr_tensor, blocksize (n, 1), of weight[orders[k]] as (O, I*kh*kw)
+    targets: dict[str, BlockSpec]
+    bsr: dict[str, torch.Tensor]  # torch.sparse_bsr_tensor, blocksize (block, 1), of weight[orders[k]] as (O, I*kh*kw)
     orders: dict[str, torch.Tensor]  # filter order in which the layer is block-structured (identity unless rearranged)
     exported: nn.Module | None  # copy of the model with packed SparseConv2d/SparseLinear, when nmkern.nn provides them
-    skipped: list[str]  # prunable layers left dense (out channels not divisible by n, grouped conv)
+    skipped: list[str]  # prunable layers left dense (out channels not divisible by block, grouped conv)
     train_loss: float
 
 
-def _default_layers(model: nn.Module, n: int) -> tuple[list[str], list[str]]:
+def _default_layers(model: nn.Module, block: int) -> tuple[list[str], list[str]]:
     chosen, skipped = [], []
     for name, mod in model.named_modules():
         if isinstance(mod, PRUNABLE_TYPES):
-            ok = mod.weight.shape[0] % n == 0 and getattr(mod, "groups", 1) == 1
+            ok = mod.weight.shape[0] % block == 0 and getattr(mod, "groups", 1) == 1
             (chosen if ok else skipped).append(name)
     return chosen, skipped
 
 
+@accepts_n_for_block
 def prune_1xn(
     model: nn.Module,
-    n: int = 4,
+    block: int = 4,
     sparsity: float = 0.5,
     *,
     rearrange: bool | Iterable[str] | Mapping[str, bool] = True,
@@ -79,7 +80,7 @@ def prune_1xn(
     """Prune ``model`` in place to 1xN blocks, fine-tune with frozen masks, export BSR.
 
     ``layers``: names of the layers to prune; ``None`` takes every Linear/Conv1d/
-    Conv2d whose output channels are divisible by ``n`` (the others are listed in
+    Conv2d whose output channels are divisible by ``block`` (the others are listed in
     ``result.skipped``). ``rearrange``: True/False for every pruned layer, a list
     of the layer names to rearrange, or a dict name -> bool. ``data`` (an
     (inputs, labels) pair or a Dataset) and ``epochs`` > 0 fine-tune.
@@ -87,8 +88,7 @@ def prune_1xn(
     op = "prune_1xn"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{op}: block size n must be a positive int (e.g. 4), got {n!r}")
+    check_block(op, block)
     criterion = _parse_enum(op, "criterion", BlockCriterion, criterion)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"{op}: epochs must be an int >= 0, got {epochs!r}")
@@ -101,13 +101,13 @@ def prune_1xn(
 
     skipped: list[str] = []
     if layers is None:
-        names, skipped = _default_layers(model, n)
+        names, skipped = _default_layers(model, block)
         if not names:
-            raise ValueError(f"{op}: no Linear/Conv layer of the model has output channels divisible by n={n}")
+            raise ValueError(f"{op}: no Linear/Conv layer of the model has output channels divisible by block={block}")
     else:
         names = list(prunable_layers(op, model, layers))
     selected = prunable_layers(op, model, names)
-    targets = resolve_targets(op, selected, Target.BLOCK_1XN, sparsity=sparsity, block=n, rearrange=rearrange)
+    targets = resolve_targets(op, selected, Pattern.BLOCK, sparsity=sparsity, block=block, rearrange=rearrange)
 
     # Masks once, from the given weights; random blocks draw from one seeded generator in layer order.
     generator = torch.Generator().manual_seed(seed)
@@ -120,9 +120,9 @@ def prune_1xn(
     if epochs:
         loss = train_masked(model, masks, data, epochs, seed=seed, cfg=cfg, desc=f"{op} finetune", progress=progress)
     final = {k: mk for k, mk in masks.state().items()}
-    orders = {k: block_order(final[k], n) for k in selected}
-    bsr = {k: to_bsr_1xn(selected[k].weight.detach()[orders[k]], n) for k in selected}
-    exported = export_1xn(model, final, n, targets) if export else None
+    orders = {k: block_order(final[k], block) for k in selected}
+    bsr = {k: to_bsr_1xn(selected[k].weight.detach()[orders[k]], block) for k in selected}
+    exported = export_1xn(model, final, block, targets) if export else None
     return BlockPruneResult(model=model, masks=final, targets=targets, bsr=bsr, orders=orders, exported=exported,
                             skipped=skipped, train_loss=loss)
 
@@ -157,29 +157,31 @@ class OutputPermuted(nn.Module):
         return self.inner(x).index_select(self.channel_dim, self.inverse)
 
 
-def block_order(mask: torch.Tensor, n: int) -> torch.Tensor:
+@accepts_n_for_block
+def block_order(mask: torch.Tensor, block: int) -> torch.Tensor:
     """A filter order in which ``mask`` is 1xN block-uniform (identity when it already is).
 
     Rows with the same keep pattern are interchangeable, and in a valid rearranged
-    mask each pattern occurs a multiple of n times, so grouping equal rows (stable)
-    lines the blocks up.
+    mask each pattern occurs a multiple of ``block`` times, so grouping equal rows
+    (stable) lines the blocks up.
     """
     o = mask.shape[0]
     rows = mask.reshape(o, mask.shape[1], -1)[:, :, 0]
     ident = torch.arange(o, device=mask.device)
-    blocks = rows.reshape(o // n, n, -1)
+    blocks = rows.reshape(o // block, block, -1)
     if bool((blocks == blocks[:, :1]).all()):
         return ident
     _, inverse_ids = torch.unique(rows, dim=0, return_inverse=True)
     order = torch.sort(inverse_ids, stable=True).indices
-    permuted = rows[order].reshape(o // n, n, -1)
+    permuted = rows[order].reshape(o // block, block, -1)
     if not bool((permuted == permuted[:, :1]).all()):
-        raise ValueError(f"block_order: the mask (shape {tuple(mask.shape)}) is not a (rearranged) 1x{n} block mask")
+        raise ValueError(f"block_order: the mask (shape {tuple(mask.shape)}) is not a (rearranged) 1x{block} block mask")
     return order
 
 
-def export_1xn(model: nn.Module, masks: Mapping[str, torch.Tensor], n: int,
-               targets: Mapping[str, LayerTarget]) -> nn.Module | None:
+@accepts_n_for_block
+def export_1xn(model: nn.Module, masks: Mapping[str, torch.Tensor], block: int,
+               targets: Mapping[str, BlockSpec]) -> nn.Module | None:
     """A copy of ``model`` whose pruned Linear/Conv2d layers are packed 1xN ``SparseLinear``/``SparseConv2d``.
 
     Rearranged layers are packed in block order inside :class:`OutputPermuted`.
@@ -199,7 +201,7 @@ def export_1xn(model: nn.Module, masks: Mapping[str, torch.Tensor], n: int,
             cls, channel_dim = sparse_conv, 1
         else:
             continue
-        order = block_order(mask, n)
+        order = block_order(mask, block)
         rearranged = not torch.equal(order, torch.arange(order.numel(), device=order.device))
         if rearranged:
             with torch.no_grad():
@@ -207,7 +209,7 @@ def export_1xn(model: nn.Module, masks: Mapping[str, torch.Tensor], n: int,
                 if mod.bias is not None:
                     mod.bias.copy_(mod.bias[order])
             mask = mask[order]
-        sparse = cls.from_dense(mod, pattern="1xn", block=n, sparsity=targets[name].sparsity)
+        sparse = cls.from_dense(mod, pattern="1xn", block=block, sparsity=targets[name].sparsity)
         sparse.set_mask(mask)
         sparse.pack()
         new = OutputPermuted(sparse, order, channel_dim) if rearranged else sparse

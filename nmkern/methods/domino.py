@@ -35,7 +35,7 @@ import dataclasses
 import enum
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -250,6 +250,52 @@ def domino_search(
         progress: show a tqdm bar with the current sparsity against the budget.
         plot: write a PNG of the chosen N per layer to this path.
     """
+    cfg = _check_args(budget, policy, m, loss_fn=loss_fn, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                      decay=decay, decay_milestones=decay_milestones, decay_gamma=decay_gamma,
+                      penalty_every=penalty_every, check_every=check_every, vote_ratio=vote_ratio, w_erk=w_erk,
+                      w_flops=w_flops, tolerance=tolerance, max_iters=max_iters, progress=progress)
+    work = model if inplace else copy.deepcopy(model)
+    chosen, skipped = _searchable(work, layers, m)
+    device = next(work.parameters()).device
+    state = _start_layers(work, chosen, data, sample_input, device, cfg)
+    opt = optimizer(work.parameters()) if optimizer is not None else torch.optim.SGD(
+        work.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    it, met, history = _run_search(work, state, data, opt, device, cfg)
+    return _result(state, skipped, it, met, history, cfg, plot)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Search:
+    """The checked settings of one search (see :func:`domino_search`)."""
+
+    budget: Budget
+    policy: Policy
+    m: int
+    loss_fn: Callable
+    decay: float
+    milestones: frozenset[int]
+    decay_gamma: float
+    penalty_every: int
+    check_every: int
+    vote_ratio: float
+    w_erk: float
+    w_flops: float
+    tolerance: float
+    max_iters: int
+    progress: bool
+
+    @property
+    def target(self) -> float:
+        return self.budget.target_sparsity
+
+    @property
+    def weight_key(self) -> str:
+        """What the budget counts: ``"params"`` or ``"flops"`` (a :class:`_Layer` attribute)."""
+        return "params" if self.budget.params is not None else "flops"
+
+
+def _check_args(budget, policy, m, *, loss_fn, lr, momentum, weight_decay, decay, decay_milestones, decay_gamma,
+                penalty_every, check_every, vote_ratio, w_erk, w_flops, tolerance, max_iters, progress) -> _Search:
     if not isinstance(budget, Budget):
         raise TypeError(f"{_OP}: budget must be nmkern.Budget(params=...) or Budget(flops=...), got {type(budget).__name__}")
     policy = _parse_policy(policy)
@@ -263,8 +309,7 @@ def domino_search(
         _check_float(name, x)
     if not (0.0 < vote_ratio <= 1.0):
         raise ValueError(f"{_OP}: vote_ratio={vote_ratio!r} must lie in (0, 1]")
-    milestones = {_check_int("decay_milestones entry", x, 1) for x in decay_milestones}
-
+    milestones = frozenset(_check_int("decay_milestones entry", x, 1) for x in decay_milestones)
     target = budget.target_sparsity
     best = 1.0 - 1.0 / m  # every layer at 1:m
     if target - tolerance > best:
@@ -273,11 +318,15 @@ def domino_search(
             f"{_OP}: budget {budget.describe()} is unreachable with m={m}: {what} needs more than every layer at 1:{m} "
             f"gives ({best:.4f} sparsity, {m}x fewer FLOPs); lower the budget or raise m"
         )
+    return _Search(budget=budget, policy=policy, m=m, loss_fn=loss_fn, decay=decay, milestones=milestones,
+                   decay_gamma=decay_gamma, penalty_every=penalty_every, check_every=check_every,
+                   vote_ratio=vote_ratio, w_erk=w_erk, w_flops=w_flops, tolerance=tolerance, max_iters=max_iters,
+                   progress=progress)
 
-    work = model if inplace else copy.deepcopy(model)
-    chosen, skipped = _searchable(work, layers, m)
-    device = next(work.parameters()).device
 
+def _start_layers(work: nn.Module, chosen: dict[str, nn.Module], data, sample_input, device,
+                  cfg: _Search) -> list[_Layer]:
+    """Every searched layer dense (N = N_inter = M), parametrized, with its group thresholds and penalty factor."""
     if sample_input is None:
         first = next(iter(data), None)
         if first is None:
@@ -285,8 +334,8 @@ def domino_search(
         sample_input = _split_batch(first)[0]
     sample_input = sample_input.to(device) if isinstance(sample_input, torch.Tensor) else sample_input
     flops = count_flops(work, sample_input, chosen)
-
-    erk = erk_sparsities(chosen, target)
+    erk = erk_sparsities(chosen, cfg.target)
+    m = cfg.m
     state = [
         _Layer(name, mod, group_dim(mod) % mod.weight.dim(), m, mod.weight.numel(), flops[name], erk[name], n=m, n_inter=m)
         for name, mod in chosen.items()
@@ -295,51 +344,43 @@ def domino_search(
         parametrize.register_parametrization(st.module, "weight", _Parametrization(st))
         g = st.groups()
         st.threshold = g.sort(dim=1).values[:, : m // 2].mean(dim=1, keepdim=True)  # mean of the M/2 smallest |w|
-    _normalise(state, w_erk, w_flops)
+    _normalise(state, cfg.w_erk, cfg.w_flops)
+    return state
 
-    opt = optimizer(work.parameters()) if optimizer is not None else torch.optim.SGD(
-        work.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    weight_key = "params" if budget.params is not None else "flops"
-    history: list[list] = []
-    it = 0
-    met = False
 
+def _run_search(work: nn.Module, state: list[_Layer], data, opt, device, cfg: _Search) -> tuple[int, bool, list]:
+    """Fine-tune and vote until the budget is met; (iterations, met, history). Removes the parametrizations."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=max_iters, desc="DominoSearch", disable=not progress, leave=False)
-
-    def postfix():
-        cur = _sparsity(state, weight_key)
-        if weight_key == "params":
-            bar.set_postfix_str(f"param sparsity {cur:.3f} / {target:.3f}")
-        else:
-            bar.set_postfix_str(f"FLOPs {1.0 / (1.0 - cur):.2f}x / {budget.flops:g}x")
-
-    postfix()
+    history: list[list] = []
+    it, met, decay = 0, False, cfg.decay
+    bar = tqdm(total=cfg.max_iters, desc="DominoSearch", disable=not cfg.progress, leave=False)
+    _postfix(bar, state, cfg)
     was_training = work.training
     work.train()
     try:
-        while not met and it < max_iters:
+        while not met and it < cfg.max_iters:
             batches = 0
             for batch in data:
                 batches += 1
                 x, y = _split_batch(batch)
                 x, y = x.to(device), y.to(device)
-                penalty = it % penalty_every == 0
+                penalty = it % cfg.penalty_every == 0
                 it += 1
-                if it in milestones:
-                    decay *= decay_gamma
+                if it in cfg.milestones:
+                    decay *= cfg.decay_gamma
                 for st in state:
                     st.coef = decay * st.factor if penalty else 0.0
-                loss = loss_fn(work(x), y)
+                loss = cfg.loss_fn(work(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if (it - 1) % check_every == 0:
-                    met = _vote(state, vote_ratio, weight_key, target, tolerance, it, history, w_erk, w_flops)
-                    postfix()
+                if (it - 1) % cfg.check_every == 0:
+                    met = _vote(state, cfg.vote_ratio, cfg.weight_key, cfg.target, cfg.tolerance, it, history,
+                                cfg.w_erk, cfg.w_flops)
+                    _postfix(bar, state, cfg)
                 opt.step()
                 bar.update(1)
-                if met or it >= max_iters:
+                if met or it >= cfg.max_iters:
                     break
             if batches == 0:
                 raise ValueError(f"{_OP}: data yielded no batch (pass a re-iterable such as a list or DataLoader)")
@@ -348,23 +389,36 @@ def domino_search(
         for st in state:
             parametrize.remove_parametrizations(st.module, "weight", leave_parametrized=False)
         work.train(was_training)
+    return it, met, history
 
+
+def _postfix(bar, state: list[_Layer], cfg: _Search) -> None:
+    cur = _sparsity(state, cfg.weight_key)
+    if cfg.weight_key == "params":
+        bar.set_postfix_str(f"param sparsity {cur:.3f} / {cfg.target:.3f}")
+    else:
+        bar.set_postfix_str(f"FLOPs {1.0 / (1.0 - cur):.2f}x / {cfg.budget.flops:g}x")
+
+
+def _result(state: list[_Layer], skipped, it: int, met: bool, history: list, cfg: _Search, plot) -> Scheme:
+    """The searched :class:`~nmkern.Scheme` (RuntimeError when the budget was not met)."""
+    budget, m = cfg.budget, cfg.m
     # Layers left out (input size not divisible by m) stay dense and out of the scheme, so the
     # scheme's sparsity is over the searched layers - the quantity the budget constrains.
     scheme = Scheme(
         {st.name: (None if st.n == st.m else (st.n, st.m)) for st in state},
         layer_params={st.name: st.params for st in state},
         layer_flops={st.name: st.flops for st in state},
-        meta={"budget": budget.to_dict(), "m": m, "policy": policy.value, "iterations": it,
+        meta={"budget": budget.to_dict(), "m": m, "policy": cfg.policy.value, "iterations": it,
               "skipped": list(skipped), "history": history, "budget_met": met},
     )
     if not met:
         raise RuntimeError(
-            f"{_OP}: budget {budget.describe()} not met after max_iters={max_iters} iterations "
-            f"(reached {_sparsity(state, weight_key):.4f} {weight_key} sparsity); raise max_iters, decay, or "
+            f"{_OP}: budget {budget.describe()} not met after max_iters={cfg.max_iters} iterations "
+            f"(reached {_sparsity(state, cfg.weight_key):.4f} {cfg.weight_key} sparsity); raise max_iters, decay, or "
             f"lower decay_milestones / check_every. Scheme so far: {scheme!r}"
         )
-    if policy is Policy.FIXED_N:
+    if cfg.policy is Policy.FIXED_N:
         scheme = scheme.fixed_n()
     if plot is not None:
         scheme.plot(plot, title=f"DominoSearch, budget {budget.describe()}: chosen N per layer (m={m})")

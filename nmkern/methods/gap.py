@@ -44,14 +44,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from ..spec import LayerSpec, Pattern, SpecResolver
 from .masking import (
     Distribution,
-    LayerTarget,
     MaskSet,
-    Target,
     TrainConfig,
     _parse_enum,
     check_data,
+    describe,
     prunable_layers,
     resolve_targets,
     train_masked,
@@ -122,7 +122,7 @@ class GaPResult:
     model: nn.Module
     masks: dict[str, torch.Tensor]
     partitions: list[list[str]]
-    targets: dict[str, LayerTarget]
+    targets: dict[str, LayerSpec]
     history: list[dict]
 
     def sparsity(self) -> float:
@@ -138,11 +138,11 @@ class GaPResult:
         """
         import copy
 
-        kinds = {t.target for t in self.targets.values()}
-        if Target.UNSTRUCTURED in kinds:
+        kinds = {t.pattern for t in self.targets.values()}
+        if Pattern.UNSTRUCTURED in kinds:
             raise ValueError("GaPResult.export: unstructured targets have no packed nmkern format; use result.model "
                              "(dense modules with zeroed weights) or train with target='nm' / '1xn'")
-        if kinds == {Target.BLOCK_1XN}:
+        if kinds == {Pattern.BLOCK}:
             from .blockprune import export_1xn
 
             blocks = {t.block for t in self.targets.values()}
@@ -153,7 +153,7 @@ class GaPResult:
         from ..sparsify import sparsify
 
         out = copy.deepcopy(self.model)
-        sparsify(out, {k: (t.n, t.m) for k, t in self.targets.items()}, pack=True)
+        sparsify(out, dict(self.targets), pack=True)
         return out
 
 
@@ -182,7 +182,7 @@ class _GaPBase:
         self,
         *,
         partitions: int | Sequence[Sequence[str]] = 3,
-        target: Target | str = Target.UNSTRUCTURED,
+        target: Pattern | str = Pattern.UNSTRUCTURED,
         sparsity: float | Mapping[str, float] | None = None,
         n: int | None = None,
         m: int | None = None,
@@ -219,9 +219,10 @@ class _GaPBase:
         op = self.method.value
         layers = prunable_layers(op, model, self.layers_arg)
         scheme = self.target_kw["scheme"]
-        if scheme is not None and self.layers_arg is None:
+        if isinstance(scheme, Mapping) and self.layers_arg is None:
             # A scheme entry of None (DominoSearch leaves such layers dense) takes the layer out of GaP.
-            layers = {k: mod for k, mod in layers.items() if not (k in scheme and scheme[k] is None)}
+            specs = SpecResolver(scheme, op=op, allowed=[Pattern.NM]).resolve(layers)
+            layers = {k: mod for k, mod in layers.items() if specs[k] is None or specs[k].pattern is not Pattern.DENSE}
         targets = resolve_targets(op, layers, **self.target_kw)
         parts = check_partitions(op, self.partitions_arg, list(layers))
         return layers, targets, parts
@@ -229,7 +230,7 @@ class _GaPBase:
     def _fingerprint(self, parts, targets) -> str:
         return json.dumps({
             "version": CHECKPOINT_VERSION, "method": self.method.value, "partitions": parts,
-            "targets": {k: t.describe() for k, t in targets.items()}, "rounds": self.rounds,
+            "targets": {k: describe(t) for k, t in targets.items()}, "rounds": self.rounds,
             "epochs_per_step": self.epochs_per_step, "finetune_epochs": self.finetune_epochs, "seed": self.seed,
             "train": {k: getattr(self.cfg, k) for k in ("lr", "momentum", "weight_decay", "batch_size")},
         }, sort_keys=True)
@@ -286,107 +287,128 @@ class _GaPBase:
         op = self.method.value
         check_data(op, data)
         layers, targets, parts = self._setup(model)
-        phases = _phases(self.method, len(parts), self.rounds)
-        masks = MaskSet(layers)
-        fingerprint = self._fingerprint(parts, targets)
         dist_ctx = _DistContext.create(op, len(parts)) if self.method is GaPMethod.PARALLEL else _DistContext(None)
+        run = _Run(model=model, data=data, layers=layers, targets=targets, parts=parts,
+                   phases=_phases(self.method, len(parts), self.rounds), masks=MaskSet(layers),
+                   fingerprint=self._fingerprint(parts, targets), dist=dist_ctx, checkpoint_dir=checkpoint_dir,
+                   callback=callback, progress=progress)
         try:
-            return self._run(model, data, layers, targets, parts, phases, masks, fingerprint, dist_ctx,
-                             checkpoint_dir, resume, callback, progress)
+            index = self._resume(run, resume)
+            run.dist.sync_model(model)  # every rank starts from rank 0's weights
+            while index < len(run.phases):
+                index = self._run_phase(run, index) + 1
+            return GaPResult(model=model, masks={k: mk for k, mk in run.masks.state().items()}, partitions=parts,
+                             targets=targets, history=run.history)
         finally:
             dist_ctx.close()
 
-    def _run(self, model, data, layers, targets, parts, phases, masks, fingerprint, dist_ctx,
-             checkpoint_dir, resume, callback, progress):
-        op = self.method.value
-        history: list[dict] = []
-        pending: dict[int, dict] = {}
-        start = 0
+    def _resume(self, run: "_Run", resume: bool) -> int:
+        """Load the latest checkpoint (rank 0 reads, every rank gets it); the index of the next phase."""
         ck, path = None, None
-        if checkpoint_dir and resume and dist_ctx.is_writer:
-            path = self._latest_checkpoint(checkpoint_dir)
+        if run.checkpoint_dir and resume and run.dist.is_writer:
+            path = self._latest_checkpoint(run.checkpoint_dir)
             if path is not None:
                 ck = torch.load(path, map_location="cpu", weights_only=False)
-        # Rank 0 reads; every rank resumes from what it read (checkpoint_dir need not be shared).
-        ck, path = dist_ctx.broadcast_object((ck, path))
-        if ck is not None:
-            if ck.get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"{op}: checkpoint {path} was written by a run with a different configuration; "
-                    f"use another checkpoint_dir or resume=False to start over"
-                )
-            model.load_state_dict(ck["model"])
-            masks.load(ck["masks"])
-            history, pending, start = ck["history"], ck["pending"], ck["next"]
-            log.info("%s: resuming from %s at phase %d/%d", op, path, start, len(phases))
-        dist_ctx.sync_model(model)  # every rank starts from rank 0's weights
+        # Every rank resumes from what rank 0 read (checkpoint_dir need not be shared).
+        ck, path = run.dist.broadcast_object((ck, path))
+        if ck is None:
+            return 0
+        if ck.get("fingerprint") != run.fingerprint:
+            raise ValueError(
+                f"{self.method.value}: checkpoint {path} was written by a run with a different configuration; "
+                f"use another checkpoint_dir or resume=False to start over"
+            )
+        run.model.load_state_dict(ck["model"])
+        run.masks.load(ck["masks"])
+        run.history, run.pending = ck["history"], ck["pending"]
+        log.info("%s: resuming from %s at phase %d/%d", self.method.value, path, ck["next"], len(run.phases))
+        return ck["next"]
 
-        def checkpoint(index):
-            if not checkpoint_dir or not dist_ctx.is_writer:
-                return
-            path = self._write_checkpoint(checkpoint_dir, index, {
-                "fingerprint": fingerprint, "next": index + 1, "model": _clone_state(model),
-                "masks": masks.state(), "history": history, "pending": pending,
-            })
-            if callback:
-                callback("checkpoint", {"path": path, "index": index, "phase": phases[index]})
+    def _checkpoint(self, run: "_Run", index: int) -> None:
+        if not run.checkpoint_dir or not run.dist.is_writer:
+            return
+        path = self._write_checkpoint(run.checkpoint_dir, index, {
+            "fingerprint": run.fingerprint, "next": index + 1, "model": _clone_state(run.model),
+            "masks": run.masks.state(), "history": run.history, "pending": run.pending,
+        })
+        if run.callback:
+            run.callback("checkpoint", {"path": path, "index": index, "phase": run.phases[index]})
 
-        index = start
-        while index < len(phases):
-            phase = phases[index]
-            seed = _phase_seed(self.seed, index)
-            kind = phase[0]
-            if kind == "init":
-                masks.prune_(layers, targets)
-                self._log_sparsity(history, "init", model, parts, masks)
-                checkpoint(index)
-            elif kind == "grow":
-                _, r, p = phase
-                label = f"round {r} grow p{p}"
-                loss = self._grow_train_prune(model, data, masks, targets, parts, p, seed, label, callback, progress)
-                self._log_sparsity(history, label, model, parts, masks, loss)
-                checkpoint(index)
-            elif kind in ("worker", "merge"):
-                # All worker jobs of a round, then the merge. A resumed run can land on any of them.
-                r = phase[1]
-                p0 = phase[2] if kind == "worker" else len(parts)
-                first = index - p0  # p0 > 0 when resuming in the middle of a round
-                base_state, base_masks = _clone_state(model), masks.state()
-                for p in range(len(parts)):
-                    job = first + p
-                    if p in pending or not dist_ctx.runs_job(p):
-                        continue
-                    label = f"round {r} worker p{p}"
-                    loss = self._grow_train_prune(model, data, masks, targets, parts, p, _phase_seed(self.seed, job),
-                                                  label, callback, progress)
-                    pending[p] = {"state": _clone_state(model), "masks": masks.state(), "loss": loss}
-                    model.load_state_dict(base_state)  # the next job starts from the round's sparse model
-                    masks.load(base_masks)
-                    if not dist_ctx.active:
-                        checkpoint(job)
-                payloads = dist_ctx.gather_payloads(pending, len(parts), model, masks)
-                merged_state, merged_masks = _merge(payloads, parts, layers, base_state)
-                model.load_state_dict(merged_state)
-                masks.load(merged_masks)
-                masks.apply_()
-                for p in range(len(parts)):
-                    history.append({"phase": f"round {r} worker p{p}", "train_loss": payloads[p]["loss"]})
-                pending = {}
-                index = first + len(parts)  # the merge phase
-                self._log_sparsity(history, f"round {r} merge", model, parts, masks)
-                checkpoint(index)
-            elif kind == "finetune":
-                if dist_ctx.is_writer:
-                    loss = train_masked(model, masks, data, self.finetune_epochs, seed=seed, cfg=self.cfg,
-                                        desc=f"{op} finetune", progress=progress)
-                else:
-                    loss = float("nan")
-                dist_ctx.sync_model(model)  # rank 0 fine-tuned; everyone gets its weights
-                self._log_sparsity(history, "finetune", model, parts, masks, loss)
-                checkpoint(index)
-            index += 1
-        return GaPResult(model=model, masks={k: mk for k, mk in masks.state().items()}, partitions=parts,
-                         targets=targets, history=history)
+    def _run_phase(self, run: "_Run", index: int) -> int:
+        """Run phase ``index`` (a P-GaP round: all its worker jobs and the merge); the index of the last phase run."""
+        phase = run.phases[index]
+        seed = _phase_seed(self.seed, index)
+        kind = phase[0]
+        if kind in ("worker", "merge"):
+            return self._run_round(run, index)
+        if kind == "init":
+            run.masks.prune_(run.layers, run.targets)
+            label, loss = "init", None
+        elif kind == "grow":
+            _, r, p = phase
+            label = f"round {r} grow p{p}"
+            loss = self._grow_train_prune(run.model, run.data, run.masks, run.targets, run.parts, p, seed, label,
+                                          run.callback, run.progress)
+        else:  # finetune: rank 0 trains, everyone gets its weights
+            label, loss = "finetune", float("nan")
+            if run.dist.is_writer:
+                loss = train_masked(run.model, run.masks, run.data, self.finetune_epochs, seed=seed, cfg=self.cfg,
+                                    desc=f"{self.method.value} finetune", progress=run.progress)
+            run.dist.sync_model(run.model)
+        self._log_sparsity(run.history, label, run.model, run.parts, run.masks, loss)
+        self._checkpoint(run, index)
+        return index
+
+    def _run_round(self, run: "_Run", index: int) -> int:
+        """All worker jobs of a P-GaP round, then the merge; a resumed run can land on any of them."""
+        phase, k = run.phases[index], len(run.parts)
+        r = phase[1]
+        first = index - (phase[2] if phase[0] == "worker" else k)  # > index - k when resuming mid-round
+        base_state, base_masks = _clone_state(run.model), run.masks.state()
+        for p in range(k):
+            job = first + p
+            if p in run.pending or not run.dist.runs_job(p):
+                continue
+            loss = self._grow_train_prune(run.model, run.data, run.masks, run.targets, run.parts, p,
+                                          _phase_seed(self.seed, job), f"round {r} worker p{p}", run.callback,
+                                          run.progress)
+            run.pending[p] = {"state": _clone_state(run.model), "masks": run.masks.state(), "loss": loss}
+            run.model.load_state_dict(base_state)  # the next job starts from the round's sparse model
+            run.masks.load(base_masks)
+            if not run.dist.active:
+                self._checkpoint(run, job)
+        payloads = run.dist.gather_payloads(run.pending, k, run.model, run.masks)
+        merged_state, merged_masks = _merge(payloads, run.parts, run.layers, base_state)
+        run.model.load_state_dict(merged_state)
+        run.masks.load(merged_masks)
+        run.masks.apply_()
+        for p in range(k):
+            run.history.append({"phase": f"round {r} worker p{p}", "train_loss": payloads[p]["loss"]})
+        run.pending = {}
+        index = first + k  # the merge phase
+        self._log_sparsity(run.history, f"round {r} merge", run.model, run.parts, run.masks)
+        self._checkpoint(run, index)
+        return index
+
+
+@dataclasses.dataclass
+class _Run:
+    """One :meth:`_GaPBase.run`: what every phase reads, and the history / pending worker results it writes."""
+
+    model: nn.Module
+    data: object
+    layers: dict[str, nn.Module]
+    targets: dict[str, LayerSpec]
+    parts: list[list[str]]
+    phases: list[tuple]
+    masks: MaskSet
+    fingerprint: str
+    dist: "_DistContext"
+    checkpoint_dir: str | None
+    callback: Callable[[str, dict], None] | None
+    progress: bool
+    history: list[dict] = dataclasses.field(default_factory=list)
+    pending: dict[int, dict] = dataclasses.field(default_factory=dict)
 
 
 class SGaP(_GaPBase):

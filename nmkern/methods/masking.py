@@ -6,19 +6,23 @@ modules and keeps one boolean keep-mask per prunable layer in a
 optimizer step and masked weights after it, so a pruned weight stays exactly
 0.0 (and its momentum stays 0) until its layer is grown again.
 
-Targets (:class:`Target`):
+Targets (a :class:`~nmkern.spec.Pattern` and, per layer, a spec of :mod:`nmkern.spec`):
 
-- ``unstructured``: the ``floor(sparsity * numel)`` smallest |w| of the layer go
-  (ties to the lower flat index);
-- ``nm``: :func:`nmkern.nm_mask` along the input features (Linear, ``dim=-1``) or
-  the input channels (Conv, ``dim=1``), uniform ``(n, m)`` or per layer from a
-  ``Scheme`` / any ``Mapping[str, (n, m)]``;
-- ``1xn``: :func:`nmkern.block_mask_1xn` blocks of ``block`` output channels.
+- ``unstructured`` (:class:`~nmkern.spec.UnstructuredSpec`): the ``floor(sparsity * numel)``
+  smallest |w| of the layer go (ties to the lower flat index);
+- ``nm`` (:class:`~nmkern.spec.NMSpec`): :func:`nmkern.nm_mask` along the input features
+  (Linear, ``dim=-1``) or the input channels (Conv, ``dim=1``), uniform ``(n, m)`` or per
+  layer from a ``Scheme`` / any ``Mapping[name or glob, (n, m)]``;
+- ``1xn`` (:class:`~nmkern.spec.BlockSpec`): :func:`nmkern.block_mask_1xn` blocks of
+  ``block`` output channels, rearranged per layer when ``BlockSpec.rearrange``.
 
 Per-layer sparsity (:class:`Distribution`): ``uniform`` (every layer the same),
 ``erk`` (Erdos-Renyi-Kernel, as in RigL: density proportional to
 ``sum(shape) / prod(shape)``, scaled so the prunable weights as a whole meet the
 target), or a ``Mapping[str, float]`` given by the user.
+
+``Target`` and ``LayerTarget`` (nmkern 0.1) are deprecated aliases of
+:class:`~nmkern.spec.Pattern` and :class:`~nmkern.spec.LayerSpec`.
 """
 
 from __future__ import annotations
@@ -32,16 +36,21 @@ import torch
 import torch.nn as nn
 
 from .. import _validate as v
+from .._moved import renamed_attribute
 from ..functional import BlockCriterion, block_mask_1xn, nm_mask
 from ..reference.block_1xn import drop_lowest_fraction
+from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern, SpecResolver, UnstructuredSpec, check_block
+from .loop import train_epochs
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+TARGETS = (Pattern.UNSTRUCTURED, Pattern.NM, Pattern.BLOCK)  # what a mask can enforce
+
+_DEPRECATED = {"Target": (Pattern, "nmkern.spec.Pattern"), "LayerTarget": (LayerSpec, "nmkern.spec.LayerSpec "
+                                                                         "(NMSpec, BlockSpec, UnstructuredSpec)")}
 
 
-class Target(str, enum.Enum):
-    UNSTRUCTURED = "unstructured"
-    NM = "nm"
-    BLOCK_1XN = "1xn"
+def __getattr__(name: str):
+    return renamed_attribute(__name__, name, _DEPRECATED)
 
 
 class Distribution(str, enum.Enum):
@@ -49,23 +58,13 @@ class Distribution(str, enum.Enum):
     ERK = "erk"
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerTarget:
-    """What one layer must look like after a prune step."""
-
-    target: Target
-    sparsity: float | None = None  # unstructured and 1xn
-    n: int | None = None  # nm
-    m: int | None = None  # nm
-    block: int | None = None  # 1xn
-    rearrange: bool = False  # 1xn
-
-    def describe(self) -> str:
-        if self.target is Target.NM:
-            return f"{self.n}:{self.m}"
-        if self.target is Target.BLOCK_1XN:
-            return f"1x{self.block} {self.sparsity:.3f}{' rearranged' if self.rearrange else ''}"
-        return f"unstructured {self.sparsity:.3f}"
+def describe(spec: LayerSpec) -> str:
+    """A layer's target in words (part of the GaP checkpoint fingerprint: keep it stable)."""
+    if spec.pattern is Pattern.NM:
+        return f"{spec.n}:{spec.m}"
+    if spec.pattern is Pattern.BLOCK:
+        return f"1x{spec.block} {spec.sparsity:.3f}{' rearranged' if spec.rearrange else ''}"
+    return f"unstructured {spec.sparsity:.3f}"
 
 
 def _parse_enum(op: str, name: str, enum_cls, value):
@@ -73,6 +72,15 @@ def _parse_enum(op: str, name: str, enum_cls, value):
         return enum_cls(value.lower() if isinstance(value, str) else value)
     except ValueError:
         raise ValueError(f"{op}: unknown {name} {value!r}; choose one of {[e.value for e in enum_cls]}") from None
+
+
+def _parse_target(op: str, target) -> Pattern:
+    pattern = Pattern(target) if isinstance(target, Pattern) else None
+    if pattern is None and isinstance(target, str) and target.lower() in {t.value for t in TARGETS}:
+        pattern = Pattern(target.lower())
+    if pattern not in TARGETS:
+        raise ValueError(f"{op}: unknown target {target!r}; choose one of {[t.value for t in TARGETS]}")
+    return pattern
 
 
 def group_dim(module: nn.Module) -> int:
@@ -127,7 +135,7 @@ def erk_sparsities(layers: Mapping[str, nn.Module], sparsity: float) -> dict[str
 def resolve_targets(
     op: str,
     layers: Mapping[str, nn.Module],
-    target: Target | str,
+    target: Pattern | str,
     *,
     sparsity: float | Mapping[str, float] | None = None,
     n: int | None = None,
@@ -136,48 +144,58 @@ def resolve_targets(
     block: int | None = None,
     rearrange: bool | Iterable[str] | Mapping[str, bool] = False,
     distribution: Distribution | str = Distribution.UNIFORM,
-) -> dict[str, LayerTarget]:
-    """One :class:`LayerTarget` per layer, every argument checked against every layer's shape."""
-    target = _parse_enum(op, "target", Target, target)
+) -> dict[str, LayerSpec]:
+    """One spec (:class:`~nmkern.spec.NMSpec`, :class:`~nmkern.spec.BlockSpec` or
+    :class:`~nmkern.spec.UnstructuredSpec`) per layer, every argument checked against every layer's shape."""
+    target = _parse_target(op, target)
     distribution = _parse_enum(op, "distribution", Distribution, distribution)
-    out: dict[str, LayerTarget] = {}
-    if target is Target.NM:
+    if target is Pattern.NM:
         if sparsity is not None:
             raise ValueError(f"{op}: target='nm' takes n and m (or scheme=), not sparsity={sparsity!r}")
-        if scheme is not None:
-            if n is not None or m is not None:
-                raise ValueError(f"{op}: pass either scheme= or n and m, not both")
-            if not isinstance(scheme, Mapping):
-                raise TypeError(f"{op}: scheme must be a Mapping[str, (n, m)] such as nmkern.Scheme, got {type(scheme).__name__}")
-            missing = [k for k in layers if k not in scheme]
-            if missing:
-                raise ValueError(f"{op}: the scheme has no (n, m) for layers {missing}; give every prunable layer an entry")
-            pairs = {}
-            for k in layers:
-                try:
-                    ln, lm = scheme[k]
-                except (TypeError, ValueError):
-                    raise ValueError(f"{op}: scheme[{k!r}] = {scheme[k]!r} is not an (n, m) pair") from None
-                pairs[k] = (ln, lm)
-        else:
-            if n is None or m is None:
-                raise ValueError(f"{op}: target='nm' needs n and m (e.g. n=2, m=4) or a scheme=")
-            pairs = {k: (n, m) for k in layers}
-        for k, (ln, lm) in pairs.items():
-            v.check_nm(f"{op} (layer {k!r})", ln, lm)
-            w = layers[k].weight
-            size = w.shape[group_dim(layers[k])]
-            if size % lm:
-                raise ValueError(
-                    f"{op}: layer {k!r} (weight {tuple(w.shape)}) has {size} input features/channels, not divisible by "
-                    f"m={lm}; leave it out with layers=[...] or choose an m that divides {size}"
-                )
-            out[k] = LayerTarget(Target.NM, n=ln, m=lm)
-        return out
-
-    # unstructured and 1xn: a per-layer sparsity
+        return _nm_specs(op, layers, n, m, scheme)
     if n is not None or m is not None or scheme is not None:
         raise ValueError(f"{op}: n, m and scheme belong to target='nm'; target={target.value!r} takes sparsity=")
+    per_layer = _layer_sparsities(op, layers, target, sparsity, distribution)
+    if target is Pattern.UNSTRUCTURED:
+        if block is not None:
+            raise ValueError(f"{op}: block= belongs to target='1xn'")
+        return {k: UnstructuredSpec(s) for k, s in per_layer.items()}
+    return _block_specs(op, layers, per_layer, block, rearrange)
+
+
+def _nm_specs(op: str, layers: Mapping[str, nn.Module], n, m, scheme) -> dict[str, NMSpec]:
+    """Uniform ``(n, m)`` or one pattern per layer from ``scheme`` (names or globs), checked against the shapes."""
+    if scheme is not None:
+        if n is not None or m is not None:
+            raise ValueError(f"{op}: pass either scheme= or n and m, not both")
+        if not isinstance(scheme, Mapping):
+            raise TypeError(f"{op}: scheme must be a Mapping[str, (n, m)] such as nmkern.Scheme, got {type(scheme).__name__}")
+        specs = SpecResolver(scheme, op=op, allowed=[Pattern.NM]).resolve(layers)
+        missing = [k for k, spec in specs.items() if spec is None]
+        if missing:
+            raise ValueError(f"{op}: the scheme has no (n, m) for layers {missing}; give every prunable layer an entry")
+        dense = [k for k, spec in specs.items() if spec.pattern is Pattern.DENSE]
+        if dense:
+            raise ValueError(f"{op}: the scheme keeps layers {dense} dense (None); leave them out with layers=[...]")
+    else:
+        if n is None or m is None:
+            raise ValueError(f"{op}: target='nm' needs n and m (e.g. n=2, m=4) or a scheme=")
+        spec = NMSpec(*v.check_nm(op, n, m))
+        specs = {k: spec for k in layers}
+    for k, spec in specs.items():
+        w = layers[k].weight
+        size = w.shape[group_dim(layers[k])]
+        if size % spec.m:
+            raise ValueError(
+                f"{op}: layer {k!r} (weight {tuple(w.shape)}) has {size} input features/channels, not divisible by "
+                f"m={spec.m}; leave it out with layers=[...] or choose an m that divides {size}"
+            )
+    return specs
+
+
+def _layer_sparsities(op: str, layers: Mapping[str, nn.Module], target: Pattern, sparsity,
+                      distribution: Distribution) -> dict[str, float]:
+    """The sparsity of every layer: one float (uniform or ERK-distributed) or a per-layer mapping."""
     if sparsity is None:
         raise ValueError(f"{op}: target={target.value!r} needs sparsity= (a float in [0, 1) or a per-layer mapping)")
     if isinstance(sparsity, Mapping):
@@ -186,19 +204,19 @@ def resolve_targets(
         missing = [k for k in layers if k not in sparsity]
         if missing:
             raise ValueError(f"{op}: the sparsity mapping has no entry for layers {missing}")
-        per_layer = {k: v.check_fraction(f"{op} (layer {k!r})", "sparsity", sparsity[k]) for k in layers}
-    else:
-        s = v.check_fraction(op, "sparsity", sparsity)
-        per_layer = erk_sparsities(layers, s) if distribution is Distribution.ERK else {k: s for k in layers}
+        return {k: v.check_fraction(f"{op} (layer {k!r})", "sparsity", sparsity[k]) for k in layers}
+    s = v.check_fraction(op, "sparsity", sparsity)
+    return erk_sparsities(layers, s) if distribution is Distribution.ERK else {k: s for k in layers}
 
-    if target is Target.UNSTRUCTURED:
-        if block is not None:
-            raise ValueError(f"{op}: block= belongs to target='1xn'")
-        return {k: LayerTarget(Target.UNSTRUCTURED, sparsity=s) for k, s in per_layer.items()}
 
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"{op}: target='1xn' needs block=N, a positive int (e.g. 4), got {block!r}")
+def _block_specs(op: str, layers: Mapping[str, nn.Module], per_layer: Mapping[str, float], block,
+                 rearrange) -> dict[str, BlockSpec]:
+    """1xN blocks of ``block`` output channels for every layer, checked against the shapes."""
+    if block is None:
+        raise ValueError(f"{op}: target='1xn' needs block=N, a positive int (e.g. 4), got None")
+    check_block(op, block)
     rearranged = rearrange_set(op, layers, rearrange)
+    out = {}
     for k in layers:
         out_ch = layers[k].weight.shape[0]
         if out_ch % block:
@@ -208,7 +226,7 @@ def resolve_targets(
             )
         if getattr(layers[k], "groups", 1) != 1:
             raise ValueError(f"{op}: layer {k!r} is a grouped convolution (groups={layers[k].groups}); 1xN blocks need groups=1")
-        out[k] = LayerTarget(Target.BLOCK_1XN, sparsity=per_layer[k], block=block, rearrange=k in rearranged)
+        out[k] = BlockSpec(block, per_layer[k], rearrange=k in rearranged)
     return out
 
 
@@ -241,39 +259,39 @@ def unstructured_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     return drop_lowest_fraction(w.detach().abs(), sparsity)
 
 
-def compute_mask(module: nn.Module, spec: LayerTarget, *, criterion=BlockCriterion.L1,
+def compute_mask(module: nn.Module, spec: LayerSpec, *, criterion=BlockCriterion.L1,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Keep-mask for ``module.weight`` that meets ``spec`` exactly."""
     w = module.weight.detach()
-    if spec.target is Target.UNSTRUCTURED:
+    if spec.pattern is Pattern.UNSTRUCTURED:
         return unstructured_mask(w, spec.sparsity)
-    if spec.target is Target.NM:
+    if spec.pattern is Pattern.NM:
         return nm_mask(w, spec.n, spec.m, dim=group_dim(module), backend=_backend_for(w))
     return block_mask_1xn(w, spec.block, spec.sparsity, rearrange=spec.rearrange, criterion=criterion,
                           generator=generator, backend=_backend_for(w))
 
 
-def expected_kept(module: nn.Module, spec: LayerTarget) -> int:
+def expected_kept(module: nn.Module, spec: LayerSpec) -> int:
     """Number of weights a mask meeting ``spec`` keeps."""
     numel = module.weight.numel()
-    if spec.target is Target.NM:
+    if spec.pattern is Pattern.NM:
         return numel // spec.m * spec.n
-    if spec.target is Target.BLOCK_1XN:
+    if spec.pattern is Pattern.BLOCK:
         per_block = numel // (module.weight.shape[0] // spec.block * module.weight.shape[1])
         blocks = module.weight.shape[0] // spec.block * module.weight.shape[1]
         return (blocks - int(spec.sparsity * blocks)) * per_block
     return numel - int(spec.sparsity * numel)
 
 
-def meets_target(module: nn.Module, spec: LayerTarget, mask: torch.Tensor) -> bool:
+def meets_target(module: nn.Module, spec: LayerSpec, mask: torch.Tensor) -> bool:
     """``mask`` has exactly the kept count of ``spec``, its pattern is valid and the weight is zero outside it."""
     w = module.weight.detach()
     if int(mask.sum()) != expected_kept(module, spec) or bool((w[~mask] != 0).any()):
         return False
-    if spec.target is Target.NM:
+    if spec.pattern is Pattern.NM:
         x = mask.movedim(group_dim(module), -1).reshape(-1, spec.m)
         return bool((x.sum(-1) == spec.n).all())
-    if spec.target is Target.BLOCK_1XN:
+    if spec.pattern is Pattern.BLOCK:
         o, i = w.shape[0], w.shape[1]
         per_input = mask.reshape(o, i, -1)
         if not bool((per_input == per_input[:, :, :1]).all()):  # a block spans the whole kernel
@@ -314,7 +332,7 @@ class MaskSet:
             if mask is not None and g is not None:
                 g.mul_(mask)
 
-    def prune_(self, names: Iterable[str], specs: Mapping[str, LayerTarget], **kw) -> None:
+    def prune_(self, names: Iterable[str], specs: Mapping[str, LayerSpec], **kw) -> None:
         """Recompute the masks of ``names`` from the current weights and apply them."""
         for k in names:
             self.masks[k] = compute_mask(self.layers[k], specs[k], **kw)
@@ -393,40 +411,23 @@ def train_masked(model: nn.Module, masks: MaskSet, data, epochs: int, *, seed: i
 
     A fresh optimizer per call and a data order drawn from ``seed`` make each
     phase reproducible on its own, which is what checkpoint/resume relies on.
-    Returns the mean training loss of the last epoch.
+    Runs :func:`nmkern.methods.loop.train_epochs` (masked gradients zeroed before
+    each step, masked weights after it). Returns the mean training loss per example
+    of the last epoch.
     """
-    from tqdm.auto import tqdm
-
     if epochs <= 0:
         return float("nan")
-    loss_fn = cfg.loss_fn or nn.functional.cross_entropy
     device = device or next(model.parameters()).device
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    n_items = check_data("train_masked", data)
-    steps_per_epoch = math.ceil(n_items / cfg.batch_size)
+    steps_per_epoch = math.ceil(check_data("train_masked", data) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     masks.apply_()
-    last = float("nan")
     with torch.random.fork_rng(devices=[]):  # dropout etc. seeded per phase, caller's RNG untouched
         torch.manual_seed(seed)
-        bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
-        for _ in range(epochs):
-            total, count = 0.0, 0
-            for x, y in _batches(data, cfg.batch_size, gen):
-                x, y = x.to(device), y.to(device)
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                masks.mask_grads_()
-                opt.step()
-                sched.step()
-                masks.apply_()
-                total += loss.item() * len(y)
-                count += len(y)
-                bar.update(1)
-            last = total / count
-            bar.set_postfix(loss=f"{last:.4f}")
-        bar.close()
-    return last
+        epochs_out = train_epochs(model, lambda _: _batches(data, cfg.batch_size, gen), opt, epochs=epochs,
+                                  loss_fn=cfg.loss_fn or nn.functional.cross_entropy, scheduler=sched,
+                                  before_step=masks.mask_grads_, after_step=masks.apply_, device=device,
+                                  steps_per_epoch=steps_per_epoch, progress=progress, desc=desc)
+    return epochs_out[-1].per_example

@@ -18,26 +18,27 @@ optimizer works (the extra term is part of the gradient), and so does
 update to the same weights, and the mask, a pure function of the weights, agrees on
 every rank without communication.
 
-:func:`train_srste` is a plain training loop with a progress bar;
+:func:`train_srste` is one pass of the shared training loop
+(:func:`nmkern.methods.loop.train_epochs`) with a progress bar;
 :func:`nm_sparse_weights` returns the effective weights, for checking that a trained
 model is exactly N:M.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .. import _validate as v
 from ..autograd import check_lambda_w, srste_weight
 from ..backend import parse_backend
-from .masking import group_dim, prunable_layers
 from ..reference.srste import DEFAULT_LAMBDA_W
+from ..spec import Pattern, SpecResolver
+from .loop import evaluate, train_epochs
+from .masking import group_dim, prunable_layers
 
 __all__ = ["SRSTEWeight", "apply_srste", "remove_srste", "set_lambda_w", "train_srste", "nm_sparse_weights",
            "evaluate", "srste_weight", "DEFAULT_LAMBDA_W"]
@@ -65,41 +66,6 @@ class SRSTEWeight(nn.Module):
         return f"{self.n}:{self.m}, dim={self.dim}, lambda_w={self.lambda_w:g}"
 
 
-def _pattern(op: str, name: str, value) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        parts = value.split(":")
-        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-            value = (int(parts[0]), int(parts[1]))
-        else:
-            raise ValueError(f"{op}: pattern {value!r} for {name} is not 'n:m'; SR-STE takes N:M patterns (e.g. '2:4') or None")
-    try:
-        n, m = value
-    except (TypeError, ValueError):
-        raise TypeError(f"{op}: pattern {value!r} for {name} must be (n, m), 'n:m' or None") from None
-    return v.check_nm(f"{op} ({name})", n, m)
-
-
-def _resolve(op: str, scheme, names: Iterable[str]) -> dict[str, tuple[int, int] | None]:
-    """Per layer (n, m) or None from 'n:m' / (n, m) / a Mapping of names or globs (exact name first)."""
-    names = list(names)
-    if isinstance(scheme, Mapping):
-        out = {}
-        for name in names:
-            if name in scheme:
-                out[name] = _pattern(op, repr(name), scheme[name])
-                continue
-            hit = next((k for k in scheme if isinstance(k, str) and fnmatch.fnmatchcase(name, k)), None)
-            out[name] = _pattern(op, repr(name), scheme[hit]) if hit is not None else None
-        return out
-    if isinstance(scheme, (str, tuple, list)):
-        p = _pattern(op, "every layer", scheme)
-        return {name: p for name in names}
-    raise TypeError(f"{op}: scheme must be 'n:m', (n, m) or a Mapping {{name or glob: (n, m) | None}} (e.g. nmkern.Scheme), "
-                    f"got {type(scheme).__name__}")
-
-
 def apply_srste(model: nn.Module, scheme, *, lambda_w: float = DEFAULT_LAMBDA_W, backend="auto",
                 layers: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
     """Make ``model``'s Linear/Conv1d/Conv2d weights N:M-sparse with SR-STE, in place.
@@ -115,19 +81,19 @@ def apply_srste(model: nn.Module, scheme, *, lambda_w: float = DEFAULT_LAMBDA_W,
     lambda_w = check_lambda_w(op, lambda_w)
     parse_backend(op, backend)
     found = prunable_layers(op, model, layers)
-    patterns = _resolve(op, scheme, found)
-    uniform = not isinstance(scheme, Mapping)
+    resolver = SpecResolver(scheme, op=op, allowed=[Pattern.NM])
     done = {}
     for name, mod in found.items():
-        p = patterns[name]
-        if p is None:
+        spec = resolver.lookup(name)
+        if spec is None or spec.pattern is Pattern.DENSE:
             continue
+        p = (spec.n, spec.m)
         if parametrize.is_parametrized(mod, "weight"):
             raise ValueError(f"{op}: layer {name!r} already has a weight parametrization; call remove_srste(model) first")
         dim = group_dim(mod) % mod.weight.dim()
         size = mod.weight.shape[dim]
         if size % p[1]:
-            if uniform:
+            if not resolver.is_mapping:
                 continue
             raise ValueError(f"{op}: layer {name!r} (weight {tuple(mod.weight.shape)}) has {size} input features/channels, "
                              f"not divisible by m={p[1]}; map it to None to keep it dense")
@@ -176,53 +142,22 @@ def nm_sparse_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, int, in
     with torch.no_grad():
         for name, mod, p in _srste_params(model):
             out[name] = (mod.weight.detach().clone(), p.n, p.m, p.dim)
-        from ..nn import Pattern, SparseConv2d, SparseLinear
+        from ..nn import SparseConv2d, SparseLinear
 
         for name, mod in model.named_modules():
-            if isinstance(mod, (SparseLinear, SparseConv2d)) and mod.pattern is Pattern.NM:
+            if isinstance(mod, (SparseLinear, SparseConv2d)) and mod.pattern == Pattern.NM:  # str enums: by value
                 out[name] = (mod.dense_weight(), mod.n, mod.m, 1)
     return out
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable) -> tuple[float, float]:
-    """(mean loss, accuracy) of a classifier over ``(inputs, targets)`` batches; restores train/eval mode."""
-    was = model.training
-    model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
-    try:
-        for x, y in batches:
-            out = model(x)
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-    finally:
-        model.train(was)
-    if total == 0:
-        raise ValueError("evaluate: batches yielded no example")
-    return loss_sum / total, correct / total
 
 
 def train_srste(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, *,
                 loss_fn: Callable = F.cross_entropy, scheduler=None, progress: bool = True,
                 desc: str = "SR-STE") -> list[float]:
-    """One pass of a plain training loop over ``batches``; returns the per-step losses.
+    """One pass of :func:`nmkern.methods.loop.train_epochs` over ``batches``; returns the per-step losses.
 
     Nothing here is SR-STE specific: the sparse layers (either form) carry the masking
     and the gradient term, so any optimizer and DDP-wrapped model work. ``scheduler``
     (optional) is stepped after every optimizer step.
     """
-    from tqdm.auto import tqdm
-
-    model.train()
-    losses = []
-    batches = list(batches) if not hasattr(batches, "__len__") else batches
-    for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        losses.append(float(loss.detach()))
-    return losses
+    return train_epochs(model, batches, optimizer, loss_fn=loss_fn, scheduler=scheduler, progress=progress,
+                        desc=desc)[0].losses

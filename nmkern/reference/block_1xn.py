@@ -1,6 +1,6 @@
 """Reference 1xN block pruning (Lin et al., "1xN Pattern for Pruning CNNs").
 
-A block is N consecutive output channels x 1 input channel (x the whole kernel for
+A block is ``block`` (the N of 1xN) consecutive output channels x 1 input channel (x the whole kernel for
 conv weights). Blocks are scored by L1 norm and the lowest ``floor(sparsity *
 blocks)`` of the layer are zeroed, ties to the lower block index (row-major over
 (output block, input channel)). With ``rearrange``, output filters are first
@@ -15,11 +15,11 @@ import warnings
 import torch
 
 
-def block_scores_1xn_ref(w: torch.Tensor, n: int) -> torch.Tensor:
-    """L1 norm of every block: ``(O/n, I)`` in fp32 (fp64 for fp64 weights)."""
+def block_scores_1xn_ref(w: torch.Tensor, block: int) -> torch.Tensor:
+    """L1 norm of every block: ``(O/block, I)`` in fp32 (fp64 for fp64 weights)."""
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     o, i = w.shape[0], w.shape[1]
-    return w.to(acc).abs().reshape(o // n, n, i, -1).sum(dim=(1, 3))
+    return w.to(acc).abs().reshape(o // block, block, i, -1).sum(dim=(1, 3))
 
 
 def filter_order_1xn(w: torch.Tensor) -> torch.Tensor:
@@ -42,23 +42,23 @@ def drop_lowest_fraction(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.reshape(scores.shape)
 
 
-def expand_block_mask_1xn(block_keep: torch.Tensor, shape: torch.Size, n: int) -> torch.Tensor:
+def expand_block_mask_1xn(block_keep: torch.Tensor, shape: torch.Size, block: int) -> torch.Tensor:
     o, i = shape[0], shape[1]
     tail = (1,) * (len(shape) - 2)
-    full = block_keep.repeat_interleave(n, dim=0).reshape(o, i, *tail)
+    full = block_keep.repeat_interleave(block, dim=0).reshape(o, i, *tail)
     return full.expand(shape).contiguous()
 
 
-def block_mask_1xn_ref(w: torch.Tensor, n: int, sparsity: float, *, rearrange: bool = False,
+def block_mask_1xn_ref(w: torch.Tensor, block: int, sparsity: float, *, rearrange: bool = False,
                        criterion: str = "l1", generator: torch.Generator | None = None) -> torch.Tensor:
     """Boolean keep-mask, same shape as ``w``; no checks."""
     order = filter_order_1xn(w) if rearrange else None
     src = w[order] if order is not None else w
     if criterion == "random":
-        scores = torch.rand(src.shape[0] // n, src.shape[1], generator=generator).to(w.device)
+        scores = torch.rand(src.shape[0] // block, src.shape[1], generator=generator).to(w.device)
     else:
-        scores = block_scores_1xn_ref(src, n)
-    mask_sorted = expand_block_mask_1xn(drop_lowest_fraction(scores, sparsity), w.shape, n)
+        scores = block_scores_1xn_ref(src, block)
+    mask_sorted = expand_block_mask_1xn(drop_lowest_fraction(scores, sparsity), w.shape, block)
     if order is None:
         return mask_sorted
     mask = torch.empty_like(mask_sorted)
@@ -66,15 +66,15 @@ def block_mask_1xn_ref(w: torch.Tensor, n: int, sparsity: float, *, rearrange: b
     return mask
 
 
-def to_bsr_1xn_ref(w: torch.Tensor, n: int) -> torch.Tensor:
-    """``torch.sparse_bsr_tensor`` with blocksize (n, 1) holding every non-zero (n, 1) block of 2-D ``w``."""
+def to_bsr_1xn_ref(w: torch.Tensor, block: int) -> torch.Tensor:
+    """``torch.sparse_bsr_tensor`` with blocksize (block, 1) holding every non-zero (block, 1) block of 2-D ``w``."""
     o, k = w.shape
-    blocks = w.reshape(o // n, n, k).permute(0, 2, 1)  # (block rows, k, n)
+    blocks = w.reshape(o // block, block, k).permute(0, 2, 1)  # (block rows, k, block)
     present = (blocks != 0).any(-1)  # (block rows, k)
-    crow = torch.zeros(o // n + 1, dtype=torch.int64, device=w.device)
+    crow = torch.zeros(o // block + 1, dtype=torch.int64, device=w.device)
     crow[1:] = present.sum(1).cumsum(0)
     brow, col = present.nonzero(as_tuple=True)
-    values = blocks[brow, col].reshape(-1, n, 1)
+    values = blocks[brow, col].reshape(-1, block, 1)
     with warnings.catch_warnings():  # "BSR support is in beta" on every call
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_bsr_tensor(crow, col, values, size=(o, k), dtype=w.dtype, device=w.device,

@@ -35,8 +35,10 @@ def bsr_dense_ref(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, o
                   in_features: int) -> torch.Tensor:
     """The dense ``(out, K)`` matrix of 1xN BSR buffers (blocksize ``(block, 1)``)."""
     nnzb, block = values.shape
-    counts = crow[1:] - crow[:-1]
-    block_row = torch.repeat_interleave(torch.arange(counts.numel(), device=crow.device), counts)
+    # The block row of each stored block: static shapes (searchsorted, not repeat_interleave),
+    # so the dense form also builds inside a torch.compile graph.
+    block_row = torch.searchsorted(crow[1:].contiguous(), torch.arange(nnzb, device=crow.device, dtype=crow.dtype),
+                                   right=True)
     dense = torch.zeros(out_features // block, in_features, block, dtype=values.dtype, device=values.device)
     dense[block_row, col.long()] = values
     return dense.permute(0, 2, 1).reshape(out_features, in_features)
@@ -84,3 +86,23 @@ def bsr_conv2d_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, value
     k = int(torch.Size(weight_shape).numel()) // o
     w = bsr_dense_ref(crow, col, values, o, k).reshape(weight_shape)
     return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def unfold_nhwc(x: torch.Tensor, kernel_size, stride, padding, dilation) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """im2col of NCHW ``x`` with each patch in NHWC order: ``((B*OH*OW, kh*kw*I), (B, OH, OW))``.
+
+    A conv whose weight rows are ``(O, kh*kw*I)`` (input channels innermost, the order
+    N:M groups run along) is then ``cols @ rows.T``; :func:`fold_rows_nchw` undoes the layout.
+    """
+    batch, channels, h, w = x.shape
+    kh, kw = kernel_size
+    oh = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
+    cols = F.unfold(x, (kh, kw), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
+    cols = cols.view(batch, channels, kh * kw, oh * ow).permute(0, 3, 2, 1)  # (B, L, kh*kw, I)
+    return cols.reshape(batch * oh * ow, -1), (batch, oh, ow)
+
+
+def fold_rows_nchw(y_rows: torch.Tensor, batch: int, oh: int, ow: int) -> torch.Tensor:
+    """``(B*OH*OW, O)`` GEMM output -> contiguous NCHW ``(B, O, OH, OW)``."""
+    return y_rows.view(batch, oh, ow, y_rows.shape[-1]).permute(0, 3, 1, 2).contiguous()

@@ -26,43 +26,41 @@ reverse) switches the module's form first.
 
 from __future__ import annotations
 
-import enum
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import _validate as v
-from . import dispatch, ops  # noqa: F401  (ops registers torch.ops.nmkern.*)
-from .autograd import srste_weight
-from .dispatch import ExecPath, LayerInfo, LayerOp, parse_path
-from .formats import NMPacked
-from .functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
-from .reference.linear import bsr_dense_ref, conv_out_size
-from .reference.semi24 import COL_ALIGN, ROW_ALIGN
-from .reference.srste import DEFAULT_LAMBDA_W
-
-
-class Pattern(str, enum.Enum):
-    """Sparsity pattern of a sparse module."""
-
-    NM = "nm"  # n kept of every m consecutive input features / channels
-    ONE_BY_N = "1xn"  # blocks of `block` output channels x 1 input column, `sparsity` of them pruned
-
-    def __str__(self) -> str:
-        return self.value
+from .. import _validate as v
+from .. import dispatch, ops  # noqa: F401  (ops registers torch.ops.nmkern.*)
+from ..autograd import srste_weight
+from ..backend import Backend, parse_backend
+from ..dispatch import Call, LayerInfo, LayerOp
+from ..formats import NMPacked
+from ..functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
+from ..reference.linear import bsr_dense_ref
+from ..reference.semi24 import COL_ALIGN, ROW_ALIGN
+from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern
 
 
 def parse_pattern(op: str, pattern) -> Pattern:
-    if isinstance(pattern, Pattern):
-        return pattern
-    if isinstance(pattern, str):
-        try:
-            return Pattern(pattern.lower())
-        except ValueError:
-            pass
-    raise ValueError(f"{op}: unknown pattern {pattern!r}; choose 'nm' (N:M) or '1xn' (1xN blocks)")
+    """The pattern of a sparse module: N:M (``"nm"``) or 1xN blocks (``"1xn"``)."""
+    try:
+        p = Pattern(pattern.lower() if isinstance(pattern, str) else pattern)
+    except ValueError:
+        p = None
+    if p not in (Pattern.NM, Pattern.BLOCK):
+        raise ValueError(f"{op}: unknown pattern {pattern!r}; choose 'nm' (N:M) or '1xn' (1xN blocks)")
+    return p
+
+
+def spec_kwargs(spec: LayerSpec) -> dict:
+    """Module keywords (pattern, n, m, block, sparsity) for an N:M or 1xN :class:`~nmkern.spec.LayerSpec`."""
+    if isinstance(spec, NMSpec):
+        return {"pattern": Pattern.NM, "n": spec.n, "m": spec.m}
+    if isinstance(spec, BlockSpec):
+        return {"pattern": Pattern.BLOCK, "block": spec.block, "sparsity": spec.sparsity}
+    raise ValueError(f"nmkern sparse modules take N:M or 1xN specs, got {spec!s}")
 
 
 def _mask_backend(t: torch.Tensor) -> str:
@@ -82,7 +80,7 @@ def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Patter
     if pattern is Pattern.NM and in_channels % m:
         what = "in_features" if op is LayerOp.LINEAR else "in_channels"
         return f"{what}={in_channels} is not divisible by m={m}"
-    if pattern is Pattern.ONE_BY_N and out_channels % block:
+    if pattern is Pattern.BLOCK and out_channels % block:
         what = "out_features" if op is LayerOp.LINEAR else "out_channels"
         return f"{what}={out_channels} is not divisible by the 1xN block size {block}"
     return None
@@ -108,7 +106,7 @@ class _SparseLayer(nn.Module):
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"{op_name}: block must be a positive int, got {block!r}")
         self.sparsity = v.check_fraction(op_name, "sparsity", sparsity)
-        parse_path(op_name, backend)
+        parse_backend(op_name, backend)
         if isinstance(lambda_w, bool) or not isinstance(lambda_w, (int, float)) or not lambda_w >= 0:
             raise ValueError(f"{op_name}: lambda_w must be a float >= 0, got {lambda_w!r}")
         self.n, self.m, self.block = int(n), int(m), int(block)
@@ -117,6 +115,15 @@ class _SparseLayer(nn.Module):
         self.lambda_w = float(lambda_w)
         self._packed = False
         self._clear_caches()
+
+    def _adopt_prototype(self, op_name: str, reason: str | None, proto: nn.Module) -> None:
+        """Refuse a shape the pattern cannot take, else take ``proto``'s weight and bias (torch's own init)."""
+        if reason:
+            raise ValueError(f"{op_name}: {reason}")
+        self.weight = proto.weight
+        self.bias = proto.bias
+        if self.pattern is Pattern.BLOCK:
+            self.register_buffer("weight_mask", self._initial_block_mask())
 
     # -- geometry (subclasses) -------------------------------------------------
     @property
@@ -143,8 +150,26 @@ class _SparseLayer(nn.Module):
         return state
 
     def _apply(self, fn, recurse=True):
-        self._clear_caches()  # .to(), .half(), .cuda(): caches follow the buffers lazily
-        return super()._apply(fn, recurse)
+        self._clear_caches()  # .to(), .half(), .cuda(): the native layouts follow the buffers
+        out = super()._apply(fn, recurse)
+        self._prepare_native()
+        return out
+
+    def _prepare_native(self) -> None:
+        """Build the native kernels' weight layouts now, in eager mode, where they can run.
+
+        torch.compile cannot build them inside a trace (the 1xN CPU layout has a
+        data-dependent size, the cuSPARSELt weight is a tensor subclass), and building
+        them on first use at a decode-sized batch would stall that call. The dense
+        cache stays lazy: it is the biggest, and a traced call may build it.
+        """
+        if not self._packed or self.device.type == "meta":
+            return
+        layer = self._layer_info()
+        for path, build in ((Backend.CPU, self._cpu_cached), (Backend.CUDA, self._semi24_cached),
+                            (Backend.CUSPARSELT, self._cslt_cached)):
+            if dispatch.why_not(path, Call(layer, self.device.type, 1)) is None:
+                build()
 
     def _weight_tensor(self) -> torch.Tensor:
         """The tensor that carries the weight's dtype and device in the current form."""
@@ -195,7 +220,7 @@ class _SparseLayer(nn.Module):
     def set_mask(self, mask: torch.Tensor) -> "_SparseLayer":
         """Replace the fixed 1xN keep-mask (training form, pattern='1xn' only)."""
         op = f"{type(self).__name__}.set_mask"
-        if self.pattern is not Pattern.ONE_BY_N:
+        if self.pattern is not Pattern.BLOCK:
             raise ValueError(f"{op}: N:M masks are recomputed from the weight every step; set_mask is for pattern='1xn'")
         if self._packed:
             raise ValueError(f"{op}: the module is packed; masks are fixed in its BSR buffers")
@@ -221,7 +246,7 @@ class _SparseLayer(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-        if self.pattern is Pattern.ONE_BY_N:
+        if self.pattern is Pattern.BLOCK:
             self.weight_mask = self._initial_block_mask()
         self._clear_caches()
 
@@ -276,10 +301,7 @@ class _SparseLayer(nn.Module):
         self._drop_weight()
         self._packed = True
         self._clear_caches()
-        # Look the native kernels up now, outside any torch.compile trace.
-        if dispatch.cpu_kernels() is not None and self.device.type == "cpu":
-            _cpu_runner()
-        dispatch.cuda_kernels()
+        self._prepare_native()
         return self
 
     def _packed_shell(self, shapes: dict) -> None:
@@ -298,7 +320,7 @@ class _SparseLayer(nn.Module):
             self._buffers.pop(name, None)
         del self._parameters["weight"]
         self.weight = nn.Parameter(torch.empty(self.weight_shape, device=dev, dtype=dtype))
-        if self.pattern is Pattern.ONE_BY_N:
+        if self.pattern is Pattern.BLOCK:
             self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=dev))
         self._packed = False
         self._clear_caches()
@@ -329,7 +351,7 @@ class _SparseLayer(nn.Module):
                 self._packed_shell(shapes)
         elif prefix + "weight" in state_dict and self._packed:
             self._training_shell()
-        elif prefix + "weight" in state_dict and self.pattern is Pattern.ONE_BY_N:
+        elif prefix + "weight" in state_dict and self.pattern is Pattern.BLOCK:
             if self._buffers.get("weight_mask") is None:  # an N:M module taking a 1xN training state
                 self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=self.device))
         elif prefix + "weight" in state_dict:
@@ -337,6 +359,7 @@ class _SparseLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._clear_caches()
+        self._prepare_native()
 
     def packed_nbytes(self) -> int:
         """Bytes of the tensors the packed form stores (weight part; bias excluded)."""
@@ -362,9 +385,21 @@ class _SparseLayer(nn.Module):
             self.__dict__["_cslt_cache"] = torch.sparse.to_sparse_semi_structured(self._dense_cached())
         return self._cslt_cache
 
-    def _choose(self, x: torch.Tensor, rows: int) -> ExecPath:
+    def _cpu_cached(self):
+        """The weight in the native CPU kernels' layout (``nmkern._cpu.CpuLinear`` over the GEMM rows)."""
+        if self._cpu_cache is None:
+            cpu = dispatch.cpu_kernels()
+            dense = self._dense_cached()
+            if self._op is LayerOp.CONV2D:  # rows in NHWC order, the order the conv's im2col produces
+                prepared = cpu.prepare_cpu_conv2d(dense, self.pattern.value, self.n, self.m, self.block).linear
+            else:
+                prepared = cpu.prepare_cpu_linear(dense, self.pattern.value, self.n, self.m, self.block)
+            self.__dict__["_cpu_cache"] = prepared
+        return self._cpu_cache
+
+    def _choose(self, x: torch.Tensor, rows: int) -> Backend:
         if torch.compiler.is_compiling():  # decided once at trace time anyway
-            return dispatch.choose_linear_backend(self.backend, x, self._layer_info(), rows)
+            return dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
         # Environment variables (NMKERN_BACKEND, TRITON_INTERPRET) are read on a memo miss only:
         # os.environ lookups cost more than the rest of this function.
         key = (self.backend, x.device, rows)
@@ -373,13 +408,19 @@ class _SparseLayer(nn.Module):
             memo = self.__dict__["_path_cache"] = {}
         path = memo.get(key)
         if path is None:
-            path = dispatch.choose_linear_backend(self.backend, x, self._layer_info(), rows)
-            if path is ExecPath.CPU:
-                _cpu_runner()  # built eagerly, never while Dynamo traces
+            path = dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
             if len(memo) >= _PATH_MEMO_SIZE:
                 memo.clear()
             memo[key] = path
         return path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same lookup for Linear and Conv2d: training form -> the dense op on the masked weight;
+        packed form -> the path :func:`nmkern.dispatch.choose` picks, run by its table entry."""
+        self._check_input(x)
+        if not self._packed:
+            return self._dense_op(x, self._train_weight())
+        return dispatch.run(self._choose(x, self._gemm_rows(x)), self, x)
 
     def _check_device_dtype(self, op: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -392,266 +433,11 @@ class _SparseLayer(nn.Module):
             raise ValueError(f"{op}: input is on {x.device} but the layer is on {w.device}; "
                              "move one of them with .to(device)")
 
+    @property
+    def spec(self) -> LayerSpec:
+        """What this layer carries, as a :class:`~nmkern.spec.LayerSpec`."""
+        return NMSpec(self.n, self.m) if self.pattern is Pattern.NM else BlockSpec(self.block, self.sparsity)
+
     def _sparse_repr(self) -> str:
         pat = f"{self.n}:{self.m}" if self.pattern is Pattern.NM else f"1x{self.block}, sparsity={self.sparsity}"
         return f"pattern={pat}, packed={self._packed}, backend={self.backend}"
-
-
-class SparseLinear(_SparseLayer):
-    """``nn.Linear`` with an N:M or 1xN sparse weight (groups along ``in_features``).
-
-    Args:
-        in_features, out_features, bias: as for ``nn.Linear``.
-        n, m: N:M pattern (``pattern="nm"``): n kept of every m consecutive inputs.
-        pattern: ``"nm"`` or ``"1xn"`` (:class:`Pattern`).
-        block, sparsity: 1xN block size (output channels per block) and pruned block fraction.
-        backend: ``"auto"`` or a forced execution path for the packed form
-            (:class:`nmkern.dispatch.ExecPath` values: reference, triton, dense, cuda, cusparselt, cpu).
-        srste, lambda_w: SR-STE gradient term in the training form (``srste=False``: plain STE).
-    """
-
-    _op = LayerOp.LINEAR
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, n: int = 2, m: int = 4,
-                 pattern="nm", block: int = 4, sparsity: float = 0.5, backend="auto", srste: bool = True,
-                 lambda_w: float = DEFAULT_LAMBDA_W, device=None, dtype=None):
-        super().__init__()
-        op = "SparseLinear"
-        for name, val in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{op}: {name} must be a positive int, got {val!r}")
-        self.in_features, self.out_features = in_features, out_features
-        self._init_sparse(op, n, m, pattern, block, sparsity, backend, srste, lambda_w)
-        reason = fit_reason(LayerOp.LINEAR, in_features, out_features, self.pattern, self.n, self.m, self.block)
-        if reason:
-            raise ValueError(f"{op}: {reason}")
-        proto = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)  # torch's own init
-        self.weight = proto.weight
-        self.bias = proto.bias
-        if self.pattern is Pattern.ONE_BY_N:
-            self.register_buffer("weight_mask", self._initial_block_mask())
-
-    @property
-    def weight_shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear, *, n: int = 2, m: int = 4, pattern="nm", block: int = 4,
-                   sparsity: float = 0.5, **kw) -> "SparseLinear":
-        """A training-form SparseLinear holding ``linear``'s weight and bias (copied; same dtype/device)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SparseLinear.from_dense: expected an nn.Linear, got {type(linear).__name__}")
-        # Built on meta (no init, no mask of a random weight), then given copies of the real tensors.
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, n=n, m=m, pattern=pattern,
-                  block=block, sparsity=sparsity, device="meta", dtype=linear.weight.dtype, **kw)
-        mod._adopt_dense(linear.weight, linear.bias)
-        return mod
-
-    def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` with the masked weight (and a copy of the bias)."""
-        w = self.dense_weight()
-        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
-
-    def _check_input(self, x) -> None:
-        op = "SparseLinear"
-        self._check_device_dtype(op, x)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{op}: input has shape {tuple(x.shape)} but in_features={self.in_features}; "
-                             f"the last dimension must be {self.in_features}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if not self._packed:
-            return F.linear(x, self._train_weight(), self.bias)
-        rows = x.numel() // self.in_features
-        path = self._choose(x, rows)
-        if path is ExecPath.DENSE:
-            return F.linear(x, self._dense_cached(), self.bias)
-        if path is ExecPath.CUSPARSELT:
-            return F.linear(x, self._cslt_cached(), self.bias)
-        x2 = x.reshape(rows, self.in_features)
-        if path is ExecPath.CPU:
-            y = _run_cpu(self, x2)
-        elif path is ExecPath.CUDA:
-            values, meta = self._semi24_cached()
-            y = dispatch.cuda_kernels().sparse24_linear(x2, values, meta, self.bias)
-        elif self.pattern is Pattern.NM:
-            y = torch.ops.nmkern.nm_linear(x2, self.packed_values, self.packed_indices, self.n, self.m, self.bias,
-                                           path.value)
-        else:
-            y = torch.ops.nmkern.bsr_linear(x2, self.bsr_crow, self.bsr_col, self.bsr_values, self.out_features,
-                                            self.bias, path.value)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                + self._sparse_repr())
-
-
-def _run_cpu(layer: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
-    return _cpu_runner()(layer, x)
-
-
-_CPU_RUNNER = []
-
-
-def _cpu_runner():
-    # The native CPU kernels are ctypes calls on a prepared handle: opaque to Dynamo,
-    # so under torch.compile they run eagerly (one graph break per layer). The
-    # torch.compiler.disable wrapper is made on first use, not at import: it imports
-    # torch._dynamo (seconds), which `import nmkern` should not pay for.
-    if not _CPU_RUNNER:
-        _CPU_RUNNER.append(torch.compiler.disable(_run_cpu_eager))
-    return _CPU_RUNNER[0]
-
-
-def _run_cpu_eager(layer: _SparseLayer, x: torch.Tensor) -> torch.Tensor:
-    cpu = dispatch.cpu_kernels()
-    if layer._cpu_cache is None:
-        dense = layer._dense_cached()
-        if isinstance(layer, SparseConv2d):
-            conv = cpu.prepare_cpu_conv2d(dense, layer.pattern.value, layer.n, layer.m, layer.block)
-            prepared = lambda x, bias: conv(x, bias, layer.stride, layer.padding, layer.dilation)  # noqa: E731
-        else:
-            prepared = cpu.prepare_cpu_linear(dense, layer.pattern.value, layer.n, layer.m, layer.block)
-        layer.__dict__["_cpu_cache"] = prepared
-    return layer._cpu_cache(x, layer.bias)
-
-
-def _conv_padding(op: str, padding, kernel_size, stride, dilation) -> tuple[int, int]:
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0)
-        if padding == "same":
-            if stride != (1, 1):
-                raise ValueError(f"{op}: padding='same' needs stride 1, got stride={stride}")
-            total = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
-            if any(t % 2 for t in total):
-                raise ValueError(f"{op}: padding='same' with kernel {kernel_size} and dilation {dilation} needs "
-                                 "asymmetric padding, which the sparse conv does not support; pad the input yourself")
-            return (total[0] // 2, total[1] // 2)
-        raise ValueError(f"{op}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
-    return _pair2(op, "padding", padding, minimum=0)
-
-
-def _pair2(op: str, name: str, val, minimum: int) -> tuple[int, int]:
-    if isinstance(val, int) and not isinstance(val, bool):
-        pair = (val, val)
-    else:
-        pair = tuple(val) if isinstance(val, (tuple, list)) else None
-    if pair is None or len(pair) != 2 or any(isinstance(e, bool) or not isinstance(e, int) or e < minimum for e in pair):
-        raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {val!r}")
-    return pair
-
-
-class SparseConv2d(_SparseLayer):
-    """``nn.Conv2d`` (groups=1, zero padding) with N:M groups along input channels (NHWC order) or 1xN blocks.
-
-    Same sparsity keywords as :class:`SparseLinear`. Grouped / depthwise convs are
-    refused (:func:`nmkern.sparsify` leaves them dense and reports why).
-    """
-
-    _op = LayerOp.CONV2D
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, *, n: int = 2, m: int = 4, pattern="nm", block: int = 4,
-                 sparsity: float = 0.5, backend="auto", srste: bool = True, lambda_w: float = DEFAULT_LAMBDA_W,
-                 padding_mode: str = "zeros", device=None, dtype=None):
-        super().__init__()
-        op = "SparseConv2d"
-        for name, val in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{op}: {name} must be a positive int, got {val!r}")
-        if padding_mode != "zeros":
-            raise ValueError(f"{op}: padding_mode={padding_mode!r} is not supported; only 'zeros'")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair2(op, "kernel_size", kernel_size, minimum=1)
-        self.stride = _pair2(op, "stride", stride, minimum=1)
-        self.dilation = _pair2(op, "dilation", dilation, minimum=1)
-        self.padding = _conv_padding(op, padding, self.kernel_size, self.stride, self.dilation)
-        self._init_sparse(op, n, m, pattern, block, sparsity, backend, srste, lambda_w)
-        reason = fit_reason(LayerOp.CONV2D, in_channels, out_channels, self.pattern, self.n, self.m, self.block, groups)
-        if reason:
-            raise ValueError(f"{op}: {reason}")
-        proto = nn.Conv2d(in_channels, out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-                          bias=bias, device=device, dtype=dtype)
-        self.weight = proto.weight
-        self.bias = proto.bias
-        if self.pattern is Pattern.ONE_BY_N:
-            self.register_buffer("weight_mask", self._initial_block_mask())
-
-    @property
-    def weight_shape(self) -> torch.Size:
-        return torch.Size((self.out_channels, self.in_channels, *self.kernel_size))
-
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, *, n: int = 2, m: int = 4, pattern="nm", block: int = 4,
-                   sparsity: float = 0.5, **kw) -> "SparseConv2d":
-        """A training-form SparseConv2d holding ``conv``'s weight and bias (copied; same dtype/device)."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"SparseConv2d.from_dense: expected an nn.Conv2d, got {type(conv).__name__}")
-        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                  conv.groups, conv.bias is not None, n=n, m=m, pattern=pattern, block=block, sparsity=sparsity,
-                  padding_mode=conv.padding_mode, device="meta", dtype=conv.weight.dtype, **kw)
-        mod._adopt_dense(conv.weight, conv.bias)
-        return mod
-
-    def to_dense(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` with the masked weight (and a copy of the bias)."""
-        w = self.dense_weight()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
-
-    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
-
-    def _check_input(self, x) -> None:
-        op = "SparseConv2d"
-        self._check_device_dtype(op, x)
-        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
-            raise ValueError(f"{op}: input has shape {tuple(x.shape)}; expected (batch, {self.in_channels}, H, W) "
-                             f"or ({self.in_channels}, H, W)")
-        for d, name in ((0, "height"), (1, "width")):
-            size = x.shape[-2 + d]
-            span = self.dilation[d] * (self.kernel_size[d] - 1) + 1
-            if size + 2 * self.padding[d] < span:
-                raise ValueError(f"{op}: input {name} {size} (padded {size + 2 * self.padding[d]}) is smaller than the "
-                                 f"dilated kernel ({span})")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if not self._packed:
-            return self._conv(x, self._train_weight())
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        oh, ow = (conv_out_size(x.shape[2 + d], self.kernel_size[d], self.stride[d], self.padding[d], self.dilation[d])
-                  for d in (0, 1))
-        path = self._choose(x, x.shape[0] * oh * ow)
-        if path is ExecPath.DENSE:
-            y = self._conv(x, self._dense_cached())
-        elif path is ExecPath.CPU:
-            y = _run_cpu(self, x)
-        elif self.pattern is Pattern.NM:
-            y = torch.ops.nmkern.nm_conv2d(x, self.packed_values, self.packed_indices, self.n, self.m,
-                                           list(self.weight_shape), self.bias, list(self.stride), list(self.padding),
-                                           list(self.dilation), path.value)
-        else:
-            y = torch.ops.nmkern.bsr_conv2d(x, self.bsr_crow, self.bsr_col, self.bsr_values, list(self.weight_shape),
-                                            self.bias, list(self.stride), list(self.padding), list(self.dilation))
-        return y.squeeze(0) if unbatched else y
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
-                + self._sparse_repr())

@@ -1,0 +1,58 @@
+"""The ``nmkern`` command line: thin commands over nmkern's library calls.
+
+One module per command (inspect, prune, demo, search, train, bench), each with
+``register(subparsers)`` and ``run(args) -> exit code``; :mod:`._common` holds the
+plumbing they share. Commands never import one another.
+
+Exit codes: 0 ok, 2 bad usage or input (the message says what and how to fix),
+1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import bench, demo, inspect, prune, search, train
+from ._common import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError
+
+COMMANDS = (inspect, demo, prune, search, train, bench)  # --help lists them in this order
+
+__all__ = ["EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nmkern", description="N:M and 1xN structured sparsity: inspect, prune, train, bench.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
+        return int(e.code or 0)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    threads = torch.get_num_threads()
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, TypeError) as e:  # library calls raise ValueError / TypeError on bad input
+        print(f"nmkern {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # pragma: no cover - reported, not hidden
+        import traceback
+
+        traceback.print_exc()
+        print(f"nmkern {args.command}: internal error: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        torch.set_num_threads(threads)  # --threads is for this command, not for an embedding caller

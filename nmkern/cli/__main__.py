@@ -1,0 +1,5 @@
+"""``python -m nmkern.cli``: the ``nmkern`` command."""
+
+from . import main
+
+raise SystemExit(main())

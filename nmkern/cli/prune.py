@@ -1,0 +1,83 @@
+"""``nmkern prune``: one-shot prune a saved model (state_dict + factory, or TorchScript) to N:M or 1xN blocks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import checkpoint_io
+from ..spec import BlockSpec, parse_spec
+from ._common import EXIT_OK, SCHEME_HELP, UsageError, parse_scheme_arg, write_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prune", help="one-shot prune a saved model to N:M (magnitude) or 1xN blocks")
+    p.add_argument("model", help="a state_dict checkpoint (with --factory) or a TorchScript file")
+    p.add_argument("--scheme", default=None, help=SCHEME_HELP)
+    p.add_argument("--method", default="magnitude", help="'magnitude' (N:M by |w|) or '1xn:<block>:<sparsity>'")
+    p.add_argument("--factory", default=None, help="module:callable building the model of a state_dict checkpoint")
+    p.add_argument("-o", "--output", required=True, help="pruned model (same format as the input); report beside it as .json")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
+    p.set_defaults(func=run)
+
+
+def _uniform_1xn(args) -> BlockSpec | None:
+    """The 1xN pattern of --method 1xn:<block>:<sparsity>, or None for magnitude N:M."""
+    method = args.method.strip().lower()
+    if method == "magnitude":
+        if args.scheme is None:
+            raise UsageError("--scheme is required with --method magnitude (e.g. --scheme 2:4 or --scheme scheme.json)")
+        return None
+    parts = method.split(":")
+    if parts[0] == "1xn" and len(parts) == 3:
+        try:
+            spec = parse_spec(f"1x{parts[1]}:{parts[2]}", op="sparsify", where="--method", allowed=(BlockSpec.pattern,))
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--method {args.method}: {e}") from None
+        if args.scheme is not None:
+            raise UsageError(f"--method {args.method} prunes every layer to 1xN blocks; drop --scheme "
+                             "(or use --method magnitude with an N:M --scheme)")
+        return spec
+    raise UsageError(f"--method {args.method!r}: choose 'magnitude' (N:M by |w|, needs --scheme) or "
+                     "'1xn:<block>:<sparsity>' (e.g. 1xn:4:0.5)")
+
+
+def _check_paths(args) -> tuple[Path, Path]:
+    src, out = Path(args.model), Path(args.output)
+    if not src.is_file():
+        raise UsageError(f"no such file: {args.model}")
+    if out.resolve() == src.resolve():
+        raise UsageError(f"-o {args.output} would overwrite the input; choose another output path")
+    if out.suffix == ".json":
+        raise UsageError(f"-o {args.output}: the pruned model is a torch file; the report goes beside it as .json")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"-o {args.output} is a directory; give a file path such as pruned.pt")
+    return src, out
+
+
+def run(args) -> int:
+    src, out = _check_paths(args)
+    uniform_1xn = _uniform_1xn(args)
+    scheme = uniform_1xn if uniform_1xn is not None else parse_scheme_arg(args.scheme)
+    model, fmt = checkpoint_io.load_model(args.model, args.factory)
+    masked, rows = checkpoint_io.prune(model, scheme)
+    if not masked:
+        reasons = "; ".join(f"{r['layer']}: {r['detail']}" for r in rows) or "the model has no Linear/Conv2d layer"
+        raise UsageError(f"nothing to prune in {args.model} with this scheme - every layer was skipped ({reasons})")
+    checkpoint_io.set_weights(model, masked)
+    report = {"input": str(src), "output": str(out), "format": fmt, "scheme": args.scheme,
+              "method": args.method, "layers": rows,
+              "sparsified": sum(r["action"] == "sparsified" for r in rows),
+              "skipped": sum(r["action"] == "skipped" for r in rows)}
+    report_path = out.with_suffix(".json")
+    checkpoint_io.save_model(model, out)
+    write_json(report_path, report)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        width = max(len(r["layer"]) for r in rows)
+        for r in rows:
+            print(f"{r['action']:<10} {r['layer']:<{width}}  {r['detail']}")
+        print(f"wrote {out} ({fmt}, {report['sparsified']} layer(s) pruned, {report['skipped']} skipped) "
+              f"and {report_path}")
+    return EXIT_OK

@@ -1,0 +1,305 @@
+"""Whole runs on the bundled datasets (what ``nmkern search`` and ``nmkern train`` execute).
+
+* :func:`dense_stage`: the dense starting point (a given state_dict, a finished
+  ``DIR/dense.pt``, or trained now);
+* :func:`run_search`: DominoSearch a layer-wise N:M scheme from it;
+* :func:`run_train`: train the bundled model dense, with SR-STE / STE to a scheme,
+  with GaP towards a scheme, or 1xN block-pruned and fine-tuned; resumable.
+
+Schemes are :mod:`nmkern.spec` values: one :class:`~nmkern.spec.LayerSpec` for every
+layer, or a Mapping ``{layer name or glob: spec}`` (:class:`~nmkern.Scheme` is one).
+Outputs go into one folder and are written atomically. Bad input raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from .. import demo
+from ..checkpoint_io import atomic_write, load_into, write_json
+from ..spec import BlockSpec, DenseSpec, NMSpec, parse_spec
+from . import srste
+
+Log = Callable[[str], None]
+
+
+class TrainMethod(str, enum.Enum):
+    DENSE = "dense"  # the bundled model, dense
+    SRSTE = "srste"  # nmkern.sparsify(scheme) + SR-STE (lambda_w = 2e-4)
+    STE = "ste"  # the same with plain STE (the ablation)
+    GAP = "gap"  # gradual pruning, S-GaP (or P-GaP) towards the scheme
+    ONE_BY_N = "1xn"  # 1xN block pruning (L1, rearranged), fine-tuned with frozen masks
+
+    @property
+    def takes_scheme(self) -> bool:
+        return self in (TrainMethod.SRSTE, TrainMethod.STE, TrainMethod.GAP)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What every run on a bundled dataset shares. ``init``: a state_dict of the bundled model to start from."""
+
+    dataset: str = "mnist1d"
+    init: str | None = None
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig(RunConfig):
+    """DominoSearch options (see :func:`nmkern.methods.domino.domino_search`); ``budget`` a domino ``Budget``."""
+
+    budget: object = None
+    m: int = 16
+    policy: str = "fixed_m"
+    dense_epochs: int = 30
+    lr: float = 0.01
+    decay: float = 0.5
+    decay_milestones: tuple[int, ...] = (200, 400, 600, 800, 1000, 1200)
+    check_every: int = 10
+    max_iters: int = 10000
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """``scheme``: the scheme as the user wrote it (recorded; :func:`run_train` takes the parsed one)."""
+
+    method: str = "srste"
+    scheme: str | None = None
+    block: int = 4
+    sparsity: float = 0.5
+    epochs: int = 10
+    lr: float = 1e-3
+    gap_method: str = "sgap"
+    partitions: int = 2
+
+    def fingerprint(self) -> dict:
+        """The options a resumed run must share with the one that wrote the checkpoint."""
+        keys = ("dataset", "method", "scheme", "block", "sparsity", "epochs", "lr", "batch_size", "seed", "init")
+        return {k: getattr(self, k) for k in keys}
+
+
+# --------------------------------------------------------------------------- dense starting point
+
+
+def load_init(cfg: RunConfig, model: torch.nn.Module) -> None:
+    """Load ``cfg.init`` (if any) into the bundled model."""
+    if cfg.init:
+        load_into(model, cfg.init, f"--init {cfg.init} does not fit the bundled {cfg.dataset} model",
+                  f"pass a state_dict saved from nmkern.models.make_model({cfg.dataset!r}) (e.g. nmkern demo's dense.pt)")
+
+
+def dense_stage(cfg: RunConfig, data, out: Path, epochs: int, *, resume: bool = False, progress: bool = True):
+    """``(model, test accuracy, how)``: ``cfg.init``, a finished ``out/dense.pt`` (with resume), or trained now."""
+    from ..models import make_model
+
+    model = make_model(cfg.dataset)
+    dense_path = out / "dense.pt"
+    if cfg.init:
+        load_init(cfg, model)
+        how = f"loaded from {cfg.init}"
+    elif resume and dense_path.is_file():
+        model.load_state_dict(torch.load(dense_path, map_location="cpu", weights_only=True))
+        how = f"resumed from {dense_path}"
+    else:
+        torch.manual_seed(cfg.seed)
+        demo.train(model, data, epochs, 3e-3, cfg.batch_size, seed=cfg.seed, desc="dense", progress=progress)
+        atomic_write(dense_path, lambda p: torch.save(model.state_dict(), p))
+        how = f"trained {epochs} epochs, saved {dense_path}"
+    model.eval()
+    return model, demo.accuracy(model, data), how
+
+
+# --------------------------------------------------------------------------- search
+
+
+def run_search(cfg: SearchConfig, data, out: Path, *, resume: bool = False, progress: bool = True,
+               log: Log = print):
+    """DominoSearch from the dense stage; writes ``scheme.json``, ``per_layer_n.png``, ``search.json`` into ``out``.
+
+    Returns ``(scheme, result)``.
+    """
+    from .domino import domino_search
+
+    dense, dense_acc, how = dense_stage(cfg, data, out, cfg.dense_epochs, resume=resume, progress=progress)
+    log(f"dense model: {how}; test accuracy {100 * dense_acc:.1f}%")
+    torch.manual_seed(cfg.seed + 1)
+    scheme = domino_search(dense, data.train_batches(cfg.batch_size, seed=cfg.seed + 7), budget=cfg.budget, m=cfg.m,
+                           policy=cfg.policy, lr=cfg.lr, decay=cfg.decay, decay_milestones=list(cfg.decay_milestones),
+                           check_every=cfg.check_every, max_iters=cfg.max_iters, progress=progress, plot=None)
+    oneshot, _ = demo.sparsify_copy(dense, scheme)
+    result = {"dataset": cfg.dataset, "budget": cfg.budget.to_dict(), "dense": how, "dense_accuracy": dense_acc,
+              "oneshot_accuracy": demo.accuracy(oneshot.eval(), data),
+              "oneshot_sparsity": demo.prunable_sparsity(oneshot)[0], "scheme": scheme.to_dict()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "scheme.json", lambda p: scheme.save(p))
+    scheme.plot(out / "per_layer_n.png")
+    write_json(out / "search.json", result)
+    return scheme, result
+
+
+# --------------------------------------------------------------------------- train
+
+
+def to_plain(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy with every sparse module turned back into nn.Linear / nn.Conv2d holding the masked weight."""
+    from ..nn import SparseConv2d, SparseLinear
+
+    plain = copy.deepcopy(model)
+    for name, mod in list(plain.named_modules()):
+        if isinstance(mod, (SparseLinear, SparseConv2d)):
+            parent_name, _, child = name.rpartition(".")
+            parent = plain.get_submodule(parent_name) if parent_name else plain
+            setattr(parent, child, mod.to_dense())
+    return plain
+
+
+def gap_target(scheme, model: torch.nn.Module, *, label: str | None = None, log: Log = print) -> dict:
+    """:func:`nmkern.methods.gap.gap_train` keywords (target, n/m or block/sparsity or scheme, layers) for ``scheme``.
+
+    One spec: every prunable layer whose shape fits it; a Mapping: N:M values under exact layer names.
+    ``label`` names the scheme in messages (default: the spec's text).
+    """
+    from .masking import PRUNABLE_TYPES
+
+    if not isinstance(scheme, Mapping):
+        spec = parse_spec(scheme, op="gap", where="scheme", allowed=(NMSpec.pattern, BlockSpec.pattern))
+        label = label or str(spec)
+        layers = dict((n, mod) for n, mod in model.named_modules() if isinstance(mod, PRUNABLE_TYPES))
+        if isinstance(spec, BlockSpec):
+            fit = [n for n, mod in layers.items() if mod.weight.shape[0] % spec.block == 0]
+            kw = {"target": "1xn", "block": spec.block, "sparsity": spec.sparsity}
+        elif isinstance(spec, NMSpec):
+            fit = [n for n, mod in layers.items() if mod.weight.shape[1] % spec.m == 0]  # in features / channels
+            kw = {"target": "nm", "n": spec.n, "m": spec.m}
+        else:
+            fit = []
+        if not fit:
+            raise ValueError(f"--scheme {label}: no layer of the model fits it")
+        skipped = sorted(set(layers) - set(fit))
+        if skipped:
+            log(f"gap: left dense (shape does not fit {label}): {', '.join(skipped)}")
+        return kw | {"layers": fit}
+    specs = {k: parse_spec(v, op="gap", where=f"scheme[{k!r}]") for k, v in scheme.items()}
+    layers = {k: s for k, s in specs.items() if not isinstance(s, DenseSpec)}
+    bad = [k for k, s in layers.items() if "*" in k or "?" in k or not isinstance(s, NMSpec)]
+    if bad:
+        raise ValueError(f"--method gap takes an N:M scheme with exact layer names; not {bad}")
+    return {"target": "nm", "scheme": {k: (s.n, s.m) for k, s in layers.items()}, "layers": list(layers)}
+
+
+def _resume_state(cfg: TrainConfig, ckpt: Path, model, opt, sched, log: Log) -> tuple[int, list[dict]]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != cfg.fingerprint():
+        raise ValueError(f"--resume: {ckpt} was written by a different run ({state.get('fingerprint')}); "
+                         "use the same options or another -o")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    log(f"--resume: continuing after epoch {state['epoch']} of {cfg.epochs}")
+    return state["epoch"], state["history"]
+
+
+def _train_epochs(cfg: TrainConfig, model, data, out: Path, *, resume: bool, progress: bool, log: Log) -> list[dict]:
+    """Adam + cosine schedule over ``cfg.epochs``, a resumable checkpoint after every epoch; the history."""
+    from tqdm.auto import tqdm
+
+    ckpt = out / "checkpoint.pt"
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(data.y_train) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    start, history = 0, []
+    if resume and ckpt.is_file():
+        start, history = _resume_state(cfg, ckpt, model, opt, sched, log)
+    bar = tqdm(range(start, cfg.epochs), desc=f"train {cfg.method}", disable=not progress, initial=start,
+               total=cfg.epochs)
+    for ep in bar:
+        losses = srste.train_srste(model, data.train_batches(cfg.batch_size, seed=cfg.seed * 1000 + ep), opt,
+                                   scheduler=sched, progress=False)
+        acc = demo.accuracy(model, data)
+        history.append({"epoch": ep + 1, "loss": sum(losses) / len(losses), "test_accuracy": acc})
+        bar.set_postfix_str(f"loss {history[-1]['loss']:.3f} acc {100 * acc:.1f}%")
+        state = {"fingerprint": cfg.fingerprint(), "epoch": ep + 1, "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history}
+        atomic_write(ckpt, lambda p, s=state: torch.save(s, p))
+    return history
+
+
+def _train_masked(cfg: TrainConfig, scheme, model, data, out: Path, result: dict, *, resume: bool, progress: bool,
+                  log: Log):
+    """Dense, or SR-STE / STE to ``scheme`` on sparse modules; the sparse model is also saved packed."""
+    from ..sparsify import sparsify
+
+    method = TrainMethod(cfg.method)
+    if method != TrainMethod.DENSE:
+        rep = sparsify(model, scheme, srste=method == TrainMethod.SRSTE)
+        if not rep.swapped:
+            raise ValueError(f"--scheme {cfg.scheme}: no layer of the {cfg.dataset} model fits it ({rep})")
+        result["sparsify"] = rep.to_dict()
+    history = _train_epochs(cfg, model, data, out, resume=resume, progress=progress, log=log)
+    if method == TrainMethod.DENSE:
+        return model, history
+    packed = demo.pack_model(model)
+    atomic_write(out / "model_packed.pt", lambda p: torch.save(packed.state_dict(), p))
+    return to_plain(model), history
+
+
+def _train_gap(cfg: TrainConfig, scheme, model, data, out: Path, *, resume: bool, progress: bool, log: Log):
+    from .gap import gap_train
+
+    kw = gap_target(scheme, model, label=cfg.scheme, log=log)
+    res = gap_train(model, (data.x_train, data.y_train), method=cfg.gap_method, checkpoint_dir=str(out / "gap"),
+                    resume=resume, progress=progress, epochs_per_step=cfg.epochs, finetune_epochs=cfg.epochs,
+                    partitions=cfg.partitions, seed=cfg.seed, batch_size=cfg.batch_size, **kw)
+    return res.model, list(res.history)
+
+
+def _train_1xn(cfg: TrainConfig, model, data, result: dict, *, progress: bool):
+    from .blockprune import prune_1xn
+
+    res = prune_1xn(model, block=cfg.block, sparsity=cfg.sparsity, data=(data.x_train, data.y_train), epochs=cfg.epochs,
+                    seed=cfg.seed, batch_size=cfg.batch_size, progress=progress, export=False)
+    result["skipped"] = list(res.skipped)
+    return res.model, [{"epoch": cfg.epochs, "loss": res.train_loss}]
+
+
+def run_train(cfg: TrainConfig, scheme, data, out: Path, *, resume: bool = False, progress: bool = True,
+              log: Log = print) -> dict | None:
+    """Train the bundled ``cfg.dataset`` model by ``cfg.method``; writes ``model.pt`` and ``train.json`` into ``out``.
+
+    ``scheme``: the parsed scheme for srste / ste / gap (None otherwise). Returns the
+    result (also in ``train.json``), or None when ``resume`` finds a finished 1xN run.
+    """
+    from ..models import make_model
+
+    method = TrainMethod(cfg.method)
+    model = make_model(cfg.dataset)
+    load_init(cfg, model)
+    result: dict = {"dataset": cfg.dataset, "method": method.value, "config": cfg.fingerprint()}
+    if method == TrainMethod.GAP:
+        final, history = _train_gap(cfg, scheme, model, data, out, resume=resume, progress=progress, log=log)
+    elif method == TrainMethod.ONE_BY_N:
+        if resume and (out / "model.pt").is_file():
+            log(f"--resume: {out / 'model.pt'} holds a finished 1xN run (1xN fine-tuning restarts only as a whole)")
+            return None
+        final, history = _train_1xn(cfg, model, data, result, progress=progress)
+    else:
+        final, history = _train_masked(cfg, scheme, model, data, out, result, resume=resume, progress=progress, log=log)
+    final.eval()
+    acc = demo.accuracy(final, data)
+    result.update({"test_accuracy": acc, "sparsity_nm_layers": demo.prunable_sparsity(final)[0],
+                   "sparsity_all": demo.prunable_sparsity(final)[1], "history": history})
+    atomic_write(out / "model.pt", lambda p: torch.save(final.state_dict(), p))
+    write_json(out / "train.json", result)
+    return result
+
+
+__all__ = ["RunConfig", "SearchConfig", "TrainConfig", "TrainMethod", "dense_stage", "gap_target", "load_init",
+           "run_search", "run_train", "to_plain"]
