@@ -27,6 +27,7 @@ from . import _validate as v
 from .reference.cpu_layouts import bsr_1xn_pack_ref, nm_tile_pack_ref
 from .reference.linear import conv_out_size, fold_rows_nchw, unfold_nhwc
 from .reference.nm_pack import first_overfull_group_ref
+from .spec import Pattern
 
 ABI_VERSION = 1  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
@@ -48,12 +49,10 @@ class CpuIsa(str, enum.Enum):
         return self.value
 
 
-class SparseKind(str, enum.Enum):
-    NM = "nm"  # n kept of every m along in_features (2:4 is n=2, m=4)
-    ONE_BY_N = "1xn"  # blocks of `block` output channels x 1 input column
-
-    def __str__(self) -> str:
-        return self.value
+# The kinds the C kernels run: nmkern.spec.Pattern.NM (n kept of every m along in_features) and
+# Pattern.BLOCK (ONE_BY_N: blocks of `block` output channels x 1 input column).
+SparseKind = Pattern  # the 0.1 name of these kinds
+_KINDS = (Pattern.NM, Pattern.BLOCK)
 
 
 class Algo(enum.IntEnum):
@@ -188,15 +187,14 @@ def _check_status(op: str, rc: int) -> None:
         raise RuntimeError(f"{op}: CPU kernel failed ({_ERRORS.get(rc, rc)})")
 
 
-def _parse_kind(op: str, kind) -> SparseKind:
-    if isinstance(kind, SparseKind):
-        return kind
-    if isinstance(kind, str):
-        try:
-            return SparseKind(kind.lower())
-        except ValueError:
-            pass
-    raise ValueError(f"{op}: kind must be one of {[k.value for k in SparseKind]}, got {kind!r}")
+def _parse_kind(op: str, kind) -> Pattern:
+    try:
+        parsed = Pattern(kind.lower() if isinstance(kind, str) else kind)
+    except ValueError:
+        parsed = None
+    if parsed not in _KINDS:
+        raise ValueError(f"{op}: kind must be one of {[k.value for k in _KINDS]}, got {kind!r}")
+    return parsed
 
 
 def _check_block(op: str, block, out_features: int) -> int:
@@ -230,7 +228,7 @@ class CpuLinear:
     on the CPU; the result is fp32 ``(B, out_features)``.
     """
 
-    def __init__(self, kind: SparseKind, n: int, m: int, block: int, out_features: int, in_features: int,
+    def __init__(self, kind: Pattern, n: int, m: int, block: int, out_features: int, in_features: int,
                  tensors: dict[str, torch.Tensor]):
         self.kind, self.n, self.m, self.block = kind, n, m, block
         self.out_features, self.in_features = out_features, in_features
@@ -244,19 +242,19 @@ class CpuLinear:
     @property
     def kept_macs_per_row(self) -> int:
         """Multiply-adds per input row (stored weights)."""
-        if self.kind is SparseKind.NM:
+        if self.kind is Pattern.NM:
             return self.out_features * self.in_features * self.n // self.m
         return self._t["values"].numel()
 
     @property
     def density(self) -> float:
         """Stored weights / dense weights (1xN: stored blocks; N:M: n/m)."""
-        if self.kind is SparseKind.NM:
+        if self.kind is Pattern.NM:
             return self.n / self.m
         return self._t["values"].numel() / max(1, self.out_features * self.in_features)
 
     def __repr__(self) -> str:
-        pat = f"{self.n}:{self.m}" if self.kind is SparseKind.NM else f"1x{self.block}"
+        pat = f"{self.n}:{self.m}" if self.kind is Pattern.NM else f"1x{self.block}"
         return f"CpuLinear({pat}, out={self.out_features}, in={self.in_features}, nbytes={self.nbytes})"
 
     def _check_input(self, op: str, x, bias):
@@ -287,7 +285,7 @@ class CpuLinear:
         op = "nmkern cpu sparse linear"
         x, bias = self._check_input(op, x, bias)
         t = self._t
-        if self.kind is SparseKind.NM:
+        if self.kind is Pattern.NM:
             return nm_linear_f32(x, t["values"], t["index"], self.n, self.m, self.out_features, bias, algo=algo,
                                  num_threads=num_threads)
         return bsr_linear_f32(x, t["values"], t["rowptr"], t["col"], self.block, self.out_features, bias, algo=algo,
@@ -355,7 +353,7 @@ def _weight_rows(op: str, w, ndim: int) -> torch.Tensor:
 def _prepare_rows(op: str, w2: torch.Tensor, kind, n, m, block) -> CpuLinear:
     kind = _parse_kind(op, kind)
     out_features, in_features = w2.shape
-    if kind is SparseKind.NM:
+    if kind is Pattern.NM:
         n, m = v.check_nm(op, n, m)
         if in_features % m:
             raise ValueError(
@@ -444,7 +442,7 @@ def prepare_cpu_conv2d(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: i
     op = "prepare_cpu_conv2d"
     w = _weight_rows(op, dense_masked_weight, 4)
     kind = _parse_kind(op, kind)
-    if kind is SparseKind.NM:
+    if kind is Pattern.NM:
         v.check_nm(op, n, m)
         if w.shape[1] % m:
             raise ValueError(
@@ -469,10 +467,10 @@ def prepare_cpu_conv2d(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: i
 #   1x4 @ 75%: 4096^2 0.28 .. 0.74 (b256); MiniLM 0.44 .. 0.87 (b512)       -> 512 rows.
 # Denser classes were not measured: they get the conservative limits below.
 _MAX_ROWS = (  # (kind, highest density of the class, largest batch that wins, same above 4M weights)
-    (SparseKind.NM, 0.25, 512, 512),
-    (SparseKind.NM, 0.50, 16, 128),
-    (SparseKind.ONE_BY_N, 0.25, 512, 512),
-    (SparseKind.ONE_BY_N, 0.50, 16, 16),
+    (Pattern.NM, 0.25, 512, 512),
+    (Pattern.NM, 0.50, 16, 128),
+    (Pattern.BLOCK, 0.25, 512, 512),
+    (Pattern.BLOCK, 0.50, 16, 16),
 )
 LARGE_WEIGHTS = 1 << 22
 # Below ~256K weights a dense GEMV takes a few microseconds and the ctypes call plus
@@ -490,14 +488,16 @@ def cpu_beats_dense(kind, n: int, m: int, block: int, sparsity: float, batch: in
     the library is unavailable.
     """
     try:
-        kind = SparseKind(kind.value if isinstance(kind, enum.Enum) else str(kind).lower())
+        kind = Pattern(kind.value if isinstance(kind, enum.Enum) else str(kind).lower())
     except ValueError:
+        return False
+    if kind not in _KINDS:
         return False
     if not available() or _state["isa"] not in (CpuIsa.AVX2, CpuIsa.AVX512):
         return False
     if batch < 1 or out_features * in_features < MIN_WEIGHTS:
         return False
-    if kind is SparseKind.NM:
+    if kind is Pattern.NM:
         if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m <= 16):
             return False
         density = n / m

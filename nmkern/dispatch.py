@@ -182,7 +182,7 @@ def _cpu_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
     """The native CPU kernel on (rows, K) fp32: the layer's prepared CPU layout, one registered op."""
     packed = layer._cpu_cached()
     t = packed.tensors
-    if packed.kind.value == Pattern.NM.value:
+    if packed.kind is Pattern.NM:
         return torch.ops.nmkern.cpu_nm_linear(x2d, t["values"], t["index"], packed.n, packed.m,
                                               packed.out_features, layer.bias)
     return torch.ops.nmkern.cpu_bsr_linear(x2d, t["values"], t["rowptr"], t["col"], packed.block,

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import nmkern
 from nmkern import dispatch
+from nmkern.backend import triton_interpret
 from nmkern.nn import spec_kwargs
 
 PATTERNS = ["2:4", "1x4:0.5"]
@@ -16,6 +17,8 @@ PATTERNS = ["2:4", "1x4:0.5"]
 def _need(backend: str) -> None:
     if backend == "cpu" and dispatch.cpu_kernels() is None:
         pytest.skip("nmkern's native CPU kernels are not built here")
+    if backend == "triton" and not torch.cuda.is_available() and not triton_interpret():
+        pytest.skip("the triton path needs a GPU or TRITON_INTERPRET=1")
 
 
 def _packed_linear(pattern: str, backend: str) -> nmkern.SparseLinear:
@@ -31,7 +34,7 @@ def _packed_conv(pattern: str, backend: str) -> nmkern.SparseConv2d:
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("backend", ["cpu", "dense", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "dense", "reference", "triton"])
 def test_fullgraph_packed_linear_traces_every_path(pattern, backend):
     """Dynamo + AOT autograd (fake tensors through every op's register_fake), no graph break."""
     _need(backend)
@@ -46,9 +49,11 @@ def test_fullgraph_packed_linear_traces_every_path(pattern, backend):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("backend", ["cpu", "dense"])
+@pytest.mark.parametrize("backend", ["cpu", "dense", "reference", "triton"])
 def test_fullgraph_packed_conv2d_traces_every_path(pattern, backend):
     _need(backend)
+    if backend == "triton" and pattern != "2:4":
+        pytest.skip("there is no Triton 1xN conv kernel (the table refuses it)")
     layer = _packed_conv(pattern, backend)
     x = torch.randn(2, 8, 6, 5)
     with torch.no_grad():
@@ -86,3 +91,25 @@ def test_native_ops_pass_opcheck():
         else:
             args = (x, t["values"], t["rowptr"], t["col"], packed.block, packed.out_features, None)
             torch.library.opcheck(torch.ops.nmkern.cpu_bsr_linear.default, args)
+
+
+def test_cuda_op_has_a_fake_kernel():
+    """The CUDA 2:4 GEMM traces through fake tensors (no GPU needed to trace; only to run)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(5, 64, dtype=torch.float16)
+        values, meta = torch.empty(32, 32, dtype=torch.float16), torch.empty(32, 4, dtype=torch.int16)
+        y = torch.ops.nmkern.cuda_sparse24_linear(x, values, meta, None)
+    assert y.shape == (5, 32) and y.dtype == torch.float16
+
+
+def test_table_refuses_with_every_reason():
+    layer = dispatch.LayerInfo(op=dispatch.LayerOp.CONV2D, pattern="1xn", n=2, m=4, block=4, sparsity=0.5,
+                               in_features=72, out_features=8, dtype=torch.float64)
+    reason = dispatch.why_not("cusparselt", dispatch.Call(layer, "cpu", 1))
+    assert reason.startswith("the cusparselt backend needs a CUDA tensor (got one on cpu)")
+    for part in ("take float16, bfloat16, not float64", "has no conv2d kernel", "runs nm patterns, not 1xn"):
+        assert part in reason
+    assert dispatch.why_not("dense", dispatch.Call(layer, "cpu", 1)) is None
+    assert set(dispatch.TABLE) == set(nmkern.Backend) - {nmkern.Backend.AUTO}

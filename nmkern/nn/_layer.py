@@ -1,4 +1,4 @@
-"""Drop-in sparse modules: :class:`SparseLinear` and :class:`SparseConv2d`.
+"""What :class:`SparseLinear` and :class:`SparseConv2d` share.
 
 Each module has two forms.
 
@@ -12,12 +12,15 @@ Each module has two forms.
   conv rows are NHWC ``(O, kh*kw*I)``). 1xN: BSR ``bsr_crow``, ``bsr_col``,
   ``bsr_values (nnzb, block)`` over ``(O, K)``. 2:4 fp16/bf16 weights that fit the
   CUTLASS layout also get the ``compress_24`` form in memory when the CUDA kernel
-  runs (never in the ``state_dict``). Each call goes where
-  :func:`nmkern.dispatch.choose_linear_backend` says; where no sparse kernel wins,
-  the dense op runs on a cached decompressed weight (never slower than dense).
+  runs (never in the ``state_dict``). ``forward`` is the same lookup for both
+  modules: :func:`nmkern.dispatch.choose` picks a :class:`nmkern.Backend` and
+  :func:`nmkern.dispatch.run` calls that path's entry of the table; where no sparse
+  kernel wins, the dense op runs on a cached decompressed weight (never slower than dense).
 Each layer remembers its decision per (backend, device, GEMM rows); ``NMKERN_BACKEND``
 is read when a layer first meets an input size (``.to()``, ``pack()`` and
-``load_state_dict`` forget the decisions).
+``load_state_dict`` forget the decisions). The native kernels' weight layouts are built
+eagerly at ``pack()`` / ``.to()`` / ``load_state_dict`` where that path can run, so a
+``torch.compile`` trace never has to build them.
 
 ``state_dict`` round trips for both forms into a fresh module: the config rides in
 the extra state, and loading a packed state into a training-form module (or the
