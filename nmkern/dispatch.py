@@ -37,7 +37,7 @@ from .reference.linear import fold_rows_nchw, unfold_nhwc
 from .spec import Pattern
 
 __all__ = ["Backend", "Call", "LayerInfo", "LayerOp", "PathEntry", "TABLE", "choose", "choose_linear_backend",
-           "cpu_kernels", "cuda_kernels", "cusparselt_available", "resolve_backend", "run", "why_not"]
+           "callable_for", "cpu_kernels", "cuda_kernels", "cusparselt_available", "resolve_backend", "run", "why_not"]
 
 
 class LayerOp(str, enum.Enum):
@@ -367,10 +367,15 @@ def choose_linear_backend(requested, x: torch.Tensor, layer: LayerInfo, rows: in
     return choose(requested, Call(layer, x.device.type, rows))
 
 
+def callable_for(path: Backend, op: LayerOp) -> Callable:
+    """The table's ``linear`` or ``conv2d`` callable of ``path`` (``fn(layer, x) -> y``)."""
+    entry = TABLE[path]
+    return entry.conv2d if op is LayerOp.CONV2D else entry.linear
+
+
 def run(path: Backend, layer, x: torch.Tensor) -> torch.Tensor:
     """Run a packed layer's call on ``path``: the table's ``linear`` or ``conv2d`` callable."""
-    entry = TABLE[path]
-    return entry.conv2d(layer, x) if layer._op is LayerOp.CONV2D else entry.linear(layer, x)
+    return callable_for(path, layer._op)(layer, x)
 
 
 # ---------------------------------------------------------------- functional ops and kernels

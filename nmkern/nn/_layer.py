@@ -400,22 +400,29 @@ class _SparseLayer(nn.Module):
             self.__dict__["_cpu_cache"] = prepared
         return self._cpu_cache
 
-    def _choose(self, x: torch.Tensor, rows: int) -> Backend:
+    def _decide(self, x: torch.Tensor, rows: int) -> tuple[Backend, object]:
+        """(path, the table's callable for it), remembered per (backend, device, GEMM rows)."""
         if torch.compiler.is_compiling():  # decided once at trace time anyway
-            return dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
+            path = dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
+            return path, dispatch.callable_for(path, self._op)
         # Environment variables (NMKERN_BACKEND, TRITON_INTERPRET) are read on a memo miss only:
         # os.environ lookups cost more than the rest of this function.
         key = (self.backend, x.device, rows)
         memo = self._path_cache
         if memo is None:
             memo = self.__dict__["_path_cache"] = {}
-        path = memo.get(key)
-        if path is None:
+        hit = memo.get(key)
+        if hit is None:
             path = dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
+            hit = (path, dispatch.callable_for(path, self._op))
             if len(memo) >= _PATH_MEMO_SIZE:
                 memo.clear()
-            memo[key] = path
-        return path
+            memo[key] = hit
+        return hit
+
+    def _choose(self, x: torch.Tensor, rows: int) -> Backend:
+        """The path this call takes (:func:`nmkern.dispatch.choose`, remembered)."""
+        return self._decide(x, rows)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same lookup for Linear and Conv2d: training form -> the dense op on the masked weight;
@@ -423,7 +430,7 @@ class _SparseLayer(nn.Module):
         self._check_input(x)
         if not self._packed:
             return self._dense_op(x, self._train_weight())
-        return dispatch.run(self._choose(x, self._gemm_rows(x)), self, x)
+        return self._decide(x, self._gemm_rows(x))[1](self, x)
 
     def _check_device_dtype(self, op: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
