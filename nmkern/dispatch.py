@@ -189,23 +189,27 @@ def _cpu_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
                                            packed.out_features, layer.bias)
 
 
-def _cpu_linear(layer, x):
-    return _over_rows(x, lambda x2d: _cpu_rows(layer, x2d))
+def _as_conv2d(gemm_rows: Callable) -> Callable:
+    """A conv2d callable from a GEMM one ``gemm_rows(layer, cols (B*OH*OW, K)) -> (B*OH*OW, out)``:
+    im2col in NHWC order (the order N:M groups run along), the sparse GEMM, back to NCHW."""
+    def conv2d(layer, x):
+        cols, (batch, oh, ow) = unfold_nhwc(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        return fold_rows_nchw(gemm_rows(layer, cols), batch, oh, ow)
+    return conv2d
 
 
-def _cpu_conv2d(layer, x):
-    # im2col in NHWC order (the order N:M groups run along), the sparse GEMM, back to NCHW
-    cols, (batch, oh, ow) = unfold_nhwc(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
-    return fold_rows_nchw(_cpu_rows(layer, cols), batch, oh, ow)
-
-
-def _cuda_linear(layer, x):
+def _cuda_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
     values, meta = layer._semi24_cached()
-    return _over_rows(x, torch.ops.nmkern.cuda_sparse24_linear, values, meta, layer.bias)
+    return torch.ops.nmkern.cuda_sparse24_linear(x2d, values, meta, layer.bias)
 
 
-def _cusparselt_linear(layer, x):
-    return F.linear(x, layer._cslt_cached(), layer.bias)
+def _cusparselt_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
+    return F.linear(x2d, layer._cslt_cached(), layer.bias)
+
+
+def _linear_of(gemm_rows: Callable) -> Callable:
+    """A linear callable over any leading dims from a GEMM one on 2-D rows."""
+    return lambda layer, x: _over_rows(x, lambda x2d: gemm_rows(layer, x2d))
 
 
 # ---------------------------------------------------------------- rules that are not plain data
@@ -237,8 +241,8 @@ def _semi24_shape(path: Backend) -> Callable:
     def rule(layer: LayerInfo) -> str | None:
         if layer.semi24_fits:
             return None
-        return (f"the {path.value} backend runs 2:4 Linear layers with fp16/bf16 weights whose out/in features "
-                "are multiples of 32")
+        return (f"the {path.value} backend runs 2:4 layers with fp16/bf16 weights whose out features and GEMM K "
+                "(in_features, or kh*kw*in_channels) are multiples of 32")
     return rule
 
 
@@ -276,11 +280,12 @@ TABLE: dict[Backend, PathEntry] = {e.backend: e for e in (
               shape_rule=lambda layer: ("there is no Triton 1xN conv kernel (1xN convs run the dense conv on the "
                                         "masked weight)" if layer.op is LayerOp.CONV2D
                                         and layer.pattern is Pattern.BLOCK else None)),
-    PathEntry(Backend.CPU, ("cpu",), (torch.float32,), _NM_1XN, _cpu_linear, _cpu_conv2d, present=_cpu_present),
-    PathEntry(Backend.CUDA, ("cuda",), HALF_DTYPES, (Pattern.NM,), _cuda_linear, None, present=_cuda_present,
-              shape_rule=_semi24_shape(Backend.CUDA)),
-    PathEntry(Backend.CUSPARSELT, ("cuda",), HALF_DTYPES, (Pattern.NM,), _cusparselt_linear, None,
-              present=_cusparselt_present, shape_rule=_semi24_shape(Backend.CUSPARSELT)),
+    PathEntry(Backend.CPU, ("cpu",), (torch.float32,), _NM_1XN, _linear_of(_cpu_rows), _as_conv2d(_cpu_rows),
+              present=_cpu_present),
+    PathEntry(Backend.CUDA, ("cuda",), HALF_DTYPES, (Pattern.NM,), _linear_of(_cuda_rows), _as_conv2d(_cuda_rows),
+              present=_cuda_present, shape_rule=_semi24_shape(Backend.CUDA)),
+    PathEntry(Backend.CUSPARSELT, ("cuda",), HALF_DTYPES, (Pattern.NM,), _linear_of(_cusparselt_rows),
+              _as_conv2d(_cusparselt_rows), present=_cusparselt_present, shape_rule=_semi24_shape(Backend.CUSPARSELT)),
 )}
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import nmkern
+import nmkern._cuda
 from nmkern import dispatch
 from nmkern.backend import triton_interpret
 from nmkern.nn import spec_kwargs
@@ -109,7 +110,33 @@ def test_table_refuses_with_every_reason():
                                in_features=72, out_features=8, dtype=torch.float64)
     reason = dispatch.why_not("cusparselt", dispatch.Call(layer, "cpu", 1))
     assert reason.startswith("the cusparselt backend needs a CUDA tensor (got one on cpu)")
-    for part in ("take float16, bfloat16, not float64", "has no conv2d kernel", "runs nm patterns, not 1xn"):
+    for part in ("take float16, bfloat16, not float64", "runs nm patterns, not 1xn", "GEMM K"):
         assert part in reason
+    assert "no Triton 1xN conv kernel" in dispatch.why_not("triton", dispatch.Call(layer, "cuda", 1))
     assert dispatch.why_not("dense", dispatch.Call(layer, "cpu", 1)) is None
     assert set(dispatch.TABLE) == set(nmkern.Backend) - {nmkern.Backend.AUTO}
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_cuda_path_wiring_on_the_cpu(op, monkeypatch):
+    """The CUDA row of the table (2:4 CUTLASS layout of the GEMM rows, NHWC for a conv, im2col, bias),
+    run on the CPU with the kernel swapped for the pure-torch semantics of nmkern::semi24_linear."""
+    from nmkern.reference.linear import semi24_linear_ref
+
+    monkeypatch.setattr(nmkern._cuda, "sparse24_linear",
+                        lambda x, values, meta, bias: semi24_linear_ref(x.float(), values.float(), meta,
+                                                                        None if bias is None else bias.float()).half())
+    torch.manual_seed(4)
+    if op == "linear":
+        dense = nn.Linear(64, 32).half()
+        layer, x = nmkern.SparseLinear.from_dense(dense).pack(), torch.randn(2, 3, 64).half()
+    else:  # K = 3*3*32 = 288, a multiple of 32
+        dense = nn.Conv2d(32, 32, 3, padding=1, stride=2).half()
+        layer, x = nmkern.SparseConv2d.from_dense(dense).pack(), torch.randn(2, 32, 7, 6).half()
+    assert layer._layer_info().semi24_fits
+    with torch.no_grad():
+        y = dispatch.run(nmkern.Backend.CUDA, layer, x).float()
+        ref = layer.to_dense().float()(x.float())  # fp32 reference
+        torch_half = layer.to_dense()(x).float()  # torch's own fp16 op: the error to measure against
+    assert y.shape == ref.shape
+    assert (y - ref).abs().max() <= 2 * (torch_half - ref).abs().max() + 1e-3

@@ -215,7 +215,7 @@ def test_explicit_backend_is_obeyed_or_refused(no_native, monkeypatch):
         choose_linear_backend("cpu", x, _layer())
     with pytest.raises(ValueError, match="the cuda backend needs a CUDA tensor"):
         choose_linear_backend("cuda", x, _layer())
-    with pytest.raises(ValueError, match="cusparselt backend runs 2:4 Linear layers"):
+    with pytest.raises(ValueError, match="cusparselt backend runs 2:4 layers with fp16/bf16 weights"):
         choose_linear_backend("cusparselt", _FakeX("cuda"), _layer(n=1, m=4, semi24_fits=False))
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         choose_linear_backend("fast", x, _layer())
@@ -261,3 +261,23 @@ def test_gpu_dispatch_runs_every_available_path():
             assert "cannot run this layer" in str(e)
             continue
         assert (y.double() - ref).abs().max() < 5e-2, path
+
+
+@pytest.mark.gpu
+def test_gpu_conv_dispatch_runs_every_available_path():
+    """Every path of the table for a packed 2:4 conv whose GEMM fits the CUTLASS layout (K = 3*3*64)."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, device="cuda", dtype=torch.half)
+    layer = nmkern.SparseConv2d.from_dense(conv).pack()
+    x = torch.randn(1, 64, 4, 4, device="cuda", dtype=torch.half)  # 16 GEMM rows: decode-sized
+    ref = F.conv2d(x.double(), layer.dense_weight().double(), conv.bias.double(), padding=1)
+    ran = []
+    for path in Backend:
+        try:
+            layer.backend = path.value
+            y = layer(x)
+        except ValueError as e:
+            assert "cannot run this layer" in str(e)
+            continue
+        ran.append(path)
+        assert (y.double() - ref).abs().max() < 5e-2, path
+    assert Backend.DENSE in ran and Backend.TRITON in ran

@@ -200,9 +200,10 @@ class _SparseLayer(nn.Module):
         return info
 
     def _semi24_fits(self) -> bool:
+        """2:4 fp16/bf16 whose GEMM (out rows, K = in_features or kh*kw*in_channels) fits the CUTLASS layout."""
         o, k = self.weight_shape[0], self._gemm_k()
-        return (self._op is LayerOp.LINEAR and self.pattern is Pattern.NM and (self.n, self.m) == (2, 4)
-                and self.dtype in v.HALF_DTYPES and o % ROW_ALIGN == 0 and k % COL_ALIGN == 0)
+        return (self.pattern is Pattern.NM and (self.n, self.m) == (2, 4) and self.dtype in v.HALF_DTYPES
+                and o % ROW_ALIGN == 0 and k % COL_ALIGN == 0)
 
     # -- masks and weights --------------------------------------------------------
     def mask(self) -> torch.Tensor:
@@ -378,26 +379,28 @@ class _SparseLayer(nn.Module):
             self.__dict__["_dense_cache"] = self.dense_weight()
         return self._dense_cache
 
+    def _gemm_rows_weight(self) -> torch.Tensor:
+        """The masked weight as the GEMM's ``(out, K)`` rows: a conv's in NHWC order (input channels
+        innermost), the order N:M groups run along and :func:`~nmkern.reference.linear.unfold_nhwc` gives."""
+        dense = self._dense_cached()
+        return dense.permute(0, 2, 3, 1).reshape(dense.shape[0], -1) if dense.dim() == 4 else dense
+
     def _semi24_cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._semi24_cache is None:
-            self.__dict__["_semi24_cache"] = compress_24(self._dense_cached())
+            self.__dict__["_semi24_cache"] = compress_24(self._gemm_rows_weight().contiguous())
         return self._semi24_cache
 
     def _cslt_cached(self):
         if self._cslt_cache is None:
-            self.__dict__["_cslt_cache"] = torch.sparse.to_sparse_semi_structured(self._dense_cached())
+            rows = self._gemm_rows_weight().contiguous()
+            self.__dict__["_cslt_cache"] = torch.sparse.to_sparse_semi_structured(rows)
         return self._cslt_cache
 
     def _cpu_cached(self):
         """The weight in the native CPU kernels' layout (``nmkern._cpu.CpuLinear`` over the GEMM rows)."""
         if self._cpu_cache is None:
-            cpu = dispatch.cpu_kernels()
-            dense = self._dense_cached()
-            if self._op is LayerOp.CONV2D:  # rows in NHWC order, the order the conv's im2col produces
-                prepared = cpu.prepare_cpu_conv2d(dense, self.pattern.value, self.n, self.m, self.block).linear
-            else:
-                prepared = cpu.prepare_cpu_linear(dense, self.pattern.value, self.n, self.m, self.block)
-            self.__dict__["_cpu_cache"] = prepared
+            self.__dict__["_cpu_cache"] = dispatch.cpu_kernels().prepare_cpu_linear(
+                self._gemm_rows_weight(), self.pattern.value, self.n, self.m, self.block)
         return self._cpu_cache
 
     def _decide(self, x: torch.Tensor, rows: int) -> tuple[Backend, object]:
