@@ -140,3 +140,54 @@ def test_cuda_path_wiring_on_the_cpu(op, monkeypatch):
         torch_half = layer.to_dense()(x).float()  # torch's own fp16 op: the error to measure against
     assert y.shape == ref.shape
     assert (y - ref).abs().max() <= 2 * (torch_half - ref).abs().max() + 1e-3
+
+
+def _on_fake_cuda(layer):
+    """Move a packed layer's tensors to fake CUDA tensors of the same shapes (no GPU: tracing only)."""
+    def fake_like(t):
+        return torch.empty(t.shape, dtype=t.dtype, device="cuda")
+
+    for name, t in list(layer._buffers.items()):
+        layer._buffers[name] = fake_like(t)
+    if layer.bias is not None:
+        layer._parameters["bias"] = nn.Parameter(fake_like(layer.bias), requires_grad=False)
+    layer._clear_caches()
+    if layer._layer_info().semi24_fits:  # what pack() builds on a GPU with nmkern._cuda present
+        out, k = layer.weight_shape[0], layer._gemm_k()
+        layer.__dict__["_semi24_cache"] = (torch.empty(out, k // 2, dtype=layer.dtype, device="cuda"),
+                                           torch.empty(out, k // 16, dtype=torch.int16, device="cuda"))
+    return layer
+
+
+@pytest.mark.parametrize("case, backend, op", [
+    ("linear 2:4", "auto", "nmkern.cuda_sparse24_linear"),
+    ("linear 2:4", "triton", "nmkern.nm_linear_triton"),
+    ("linear 1x4:0.5", "triton", "nmkern.bsr_linear_triton"),
+    ("conv 2:4", "triton", "nmkern.nm_conv2d_triton"),
+    # ("conv 2:4", "cuda"): F.unfold's decomposition makes index tensors on the device, which a CPU-only
+    # torch cannot fake; test_cuda_path_wiring_on_the_cpu covers that row's im2col instead.
+])
+def test_gpu_paths_trace_into_one_graph_with_fake_cuda_tensors(case, backend, op, monkeypatch):
+    """The cuda and triton rows of the table trace through fake tensors: one graph, the registered op in it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setitem(dispatch._NATIVE_CACHE, "_cuda", object())  # nmkern._cuda "present"
+    kind, pattern = case.split()
+    torch.manual_seed(5)
+    if kind == "linear":
+        layer = nmkern.SparseLinear.from_dense(nn.Linear(64, 32).half(), backend=backend,
+                                               **spec_kwargs(nmkern.parse_spec(pattern))).pack()
+        shape = (2, 3, 64)
+    else:
+        layer = nmkern.SparseConv2d.from_dense(nn.Conv2d(32, 32, 3, padding=1).half(), backend=backend).pack()
+        shape = (1, 32, 4, 4)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        _on_fake_cuda(layer)
+        x = torch.empty(shape, dtype=torch.half, device="cuda")
+        graph = make_fx(lambda x: layer(x), tracing_mode="fake")(x).graph
+        y = layer(x)
+    targets = [str(n.target).removesuffix(".default") for n in graph.nodes if n.op == "call_function"]
+    assert op in targets, targets
+    assert y.device.type == "cuda" and y.dtype == torch.half
+    assert y.shape == ((2, 3, 32) if kind == "linear" else (1, 32, 4, 4))
