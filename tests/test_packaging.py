@@ -28,7 +28,10 @@ def test_wheel_contains_kernels_package(tmp_path):
     assert kernel_files, "kernels/ is empty"
     for name in kernel_files:
         assert f"nmkern/kernels/{name}" in names
-    assert "nmkern/reference/nm_mask.py" in names
+    # every module of every subpackage (nmkern/nn/, methods/, cli/, reference/ ...): pyproject lists packages by hand
+    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "nmkern").rglob("*.py") if "_lib" not in p.parts)
+    missing = [m for m in modules if m not in names]
+    assert not missing, f"the wheel lacks {missing}; add their packages to [tool.setuptools] packages"
     assert not any(n.startswith("kernels/") for n in names)  # no stray top-level package
 
 
