@@ -257,24 +257,6 @@ class CpuLinear:
         pat = f"{self.n}:{self.m}" if self.kind is Pattern.NM else f"1x{self.block}"
         return f"CpuLinear({pat}, out={self.out_features}, in={self.in_features}, nbytes={self.nbytes})"
 
-    def _check_input(self, op: str, x, bias):
-        v.check_tensor(op, "x", x, (torch.float32,), ndim=2)
-        if x.device.type != "cpu":
-            raise ValueError(f"{op}: x is on {x.device}; the cpu backend needs a CPU tensor (x.cpu())")
-        if x.shape[1] != self.in_features:
-            raise ValueError(
-                f"{op}: x has shape {tuple(x.shape)} but the weight has in_features={self.in_features}; "
-                f"pass x of shape (batch, {self.in_features})"
-            )
-        if bias is not None:
-            v.check_tensor(op, "bias", bias, (torch.float32,), ndim=1)
-            if bias.device.type != "cpu":
-                raise ValueError(f"{op}: bias is on {bias.device}; the cpu backend needs a CPU tensor")
-            if bias.shape[0] != self.out_features:
-                raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
-            bias = bias.contiguous()
-        return x.contiguous(), bias
-
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         """The packed layout: NM ``values``, ``index``; 1xN ``values``, ``rowptr``, ``col``."""
@@ -282,14 +264,33 @@ class CpuLinear:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
                  num_threads: int | None = None) -> torch.Tensor:
-        op = "nmkern cpu sparse linear"
-        x, bias = self._check_input(op, x, bias)
+        x, bias = check_rows_input("nmkern cpu sparse linear", x, bias, self.in_features, self.out_features)
         t = self._t
         if self.kind is Pattern.NM:
             return nm_linear_f32(x, t["values"], t["index"], self.n, self.m, self.out_features, bias, algo=algo,
                                  num_threads=num_threads)
         return bsr_linear_f32(x, t["values"], t["rowptr"], t["col"], self.block, self.out_features, bias, algo=algo,
                               num_threads=num_threads)
+
+
+def check_rows_input(op: str, x, bias, in_features: int, out_features: int):
+    """``(x, bias)`` made contiguous after checking them for a kernel call: the C side reads raw pointers,
+    so a wrong dtype, device or width would read the wrong memory. x fp32 ``(B, in_features)`` on the
+    CPU; bias fp32 ``(out_features,)`` or None."""
+    v.check_tensor(op, "x", x, (torch.float32,), ndim=2)
+    if x.device.type != "cpu":
+        raise ValueError(f"{op}: x is on {x.device}; the cpu backend needs a CPU tensor (x.cpu())")
+    if x.shape[1] != in_features:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)} but the weight has in_features={in_features}; "
+                         f"pass x of shape (batch, {in_features})")
+    if bias is not None:
+        v.check_tensor(op, "bias", bias, (torch.float32,), ndim=1)
+        if bias.device.type != "cpu":
+            raise ValueError(f"{op}: bias is on {bias.device}; the cpu backend needs a CPU tensor")
+        if bias.shape[0] != out_features:
+            raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+        bias = bias.contiguous()
+    return x.contiguous(), bias
 
 
 def _threads(macs: int, num_threads: int | None) -> int:
@@ -319,7 +320,8 @@ def nm_linear_f32(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n:
     """``x @ W.T + bias`` with W in the CPU N:M tile layout (``CpuLinear.tensors``).
 
     x: contiguous fp32 ``(B, K)`` on the CPU; bias fp32 ``(out_features,)`` or None. The
-    caller (:class:`CpuLinear`, the registered op ``nmkern::cpu_nm_linear``) checked them.
+    caller (:class:`CpuLinear`, the registered op ``nmkern::cpu_nm_linear``) checked them
+    with :func:`check_rows_input`.
     """
     batch, k = x.shape
     return _run_kernel(x, out_features, out_features * k * n // m, num_threads, lambda lib, y, threads: (

@@ -184,9 +184,9 @@ def _cpu_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
     t = packed.tensors
     if packed.kind is Pattern.NM:
         return torch.ops.nmkern.cpu_nm_linear(x2d, t["values"], t["index"], packed.n, packed.m,
-                                              packed.out_features, layer.bias)
+                                              packed.in_features, packed.out_features, layer.bias)
     return torch.ops.nmkern.cpu_bsr_linear(x2d, t["values"], t["rowptr"], t["col"], packed.block,
-                                           packed.out_features, layer.bias)
+                                           packed.in_features, packed.out_features, layer.bias)
 
 
 def _as_conv2d(gemm_rows: Callable) -> Callable:

@@ -19,8 +19,8 @@ Registered ops (2-D ``x`` for the linears, NCHW ``x`` for the convs; ``<impl>`` 
 * ``nmkern::bsr_linear_<impl>(x, crow, col, values, out_features, bias)``
 * ``nmkern::nm_conv2d_<impl>(x, values, indices, n, m, weight_shape, bias, stride, padding, dilation)``
 * ``nmkern::bsr_conv2d_reference(x, crow, col, values, weight_shape, bias, stride, padding, dilation)``
-* ``nmkern::cpu_nm_linear(x, values, index, n, m, out_features, bias)`` and
-  ``nmkern::cpu_bsr_linear(x, values, rowptr, col, block, out_features, bias)``: fp32
+* ``nmkern::cpu_nm_linear(x, values, index, n, m, in_features, out_features, bias)`` and
+  ``nmkern::cpu_bsr_linear(x, values, rowptr, col, block, in_features, out_features, bias)``: fp32
   on the CPU, weights in the layouts of :class:`nmkern._cpu.CpuLinear`;
 * ``nmkern::cuda_sparse24_linear(x, values, meta, bias)``: fp16/bf16 on sm_80+.
 """
@@ -47,9 +47,10 @@ SCHEMAS = {
     "bsr_linear": "(Tensor x, Tensor crow, Tensor col, Tensor values, int out_features, Tensor? bias) -> Tensor",
     "nm_conv2d": f"(Tensor x, Tensor values, Tensor indices, int n, int m, {_CONV_ARGS}) -> Tensor",
     "bsr_conv2d": f"(Tensor x, Tensor crow, Tensor col, Tensor values, {_CONV_ARGS}) -> Tensor",
-    "cpu_nm_linear": "(Tensor x, Tensor values, Tensor index, int n, int m, int out_features, Tensor? bias) -> Tensor",
-    "cpu_bsr_linear": ("(Tensor x, Tensor values, Tensor rowptr, Tensor col, int block, int out_features, "
-                       "Tensor? bias) -> Tensor"),
+    "cpu_nm_linear": ("(Tensor x, Tensor values, Tensor index, int n, int m, int in_features, int out_features, "
+                      "Tensor? bias) -> Tensor"),
+    "cpu_bsr_linear": ("(Tensor x, Tensor values, Tensor rowptr, Tensor col, int block, int in_features, "
+                       "int out_features, Tensor? bias) -> Tensor"),
 }
 
 
@@ -103,14 +104,16 @@ for _name, _ref_fn, _triton_fn, _fake in _GEMMS:
         _define(f"{_name}_triton", SCHEMAS[_name], _triton(*_triton_fn, contiguous=_conv), _fake)
 
 
-def _cpu_nm_linear(x, values, index, n, m, out_features, bias):
-    return _module("_cpu").nm_linear_f32(x.contiguous(), values, index, n, m, out_features,
-                                         None if bias is None else bias.contiguous())
+def _cpu_nm_linear(x, values, index, n, m, in_features, out_features, bias):
+    cpu = _module("_cpu")
+    x, bias = cpu.check_rows_input("nmkern::cpu_nm_linear", x, bias, in_features, out_features)
+    return cpu.nm_linear_f32(x, values, index, n, m, out_features, bias)
 
 
-def _cpu_bsr_linear(x, values, rowptr, col, block, out_features, bias):
-    return _module("_cpu").bsr_linear_f32(x.contiguous(), values, rowptr, col, block, out_features,
-                                          None if bias is None else bias.contiguous())
+def _cpu_bsr_linear(x, values, rowptr, col, block, in_features, out_features, bias):
+    cpu = _module("_cpu")
+    x, bias = cpu.check_rows_input("nmkern::cpu_bsr_linear", x, bias, in_features, out_features)
+    return cpu.bsr_linear_f32(x, values, rowptr, col, block, out_features, bias)
 
 
 def _cuda_sparse24_linear(x, values, meta, bias):
@@ -118,9 +121,9 @@ def _cuda_sparse24_linear(x, values, meta, bias):
 
 
 _define("cpu_nm_linear", SCHEMAS["cpu_nm_linear"], _cpu_nm_linear,
-        lambda x, values, index, n, m, out_features, bias: x.new_empty(x.shape[0], out_features))
+        lambda x, values, index, n, m, in_features, out_features, bias: x.new_empty(x.shape[0], out_features))
 _define("cpu_bsr_linear", SCHEMAS["cpu_bsr_linear"], _cpu_bsr_linear,
-        lambda x, values, rowptr, col, block, out_features, bias: x.new_empty(x.shape[0], out_features))
+        lambda x, values, rowptr, col, block, in_features, out_features, bias: x.new_empty(x.shape[0], out_features))
 _define("cuda_sparse24_linear", SCHEMAS["semi24_linear"], _cuda_sparse24_linear,
         lambda x, values, meta, bias: x.new_empty(x.shape[0], values.shape[0]))
 

@@ -87,10 +87,10 @@ def test_native_ops_pass_opcheck():
         packed, t = layer._cpu_cached(), layer._cpu_cached().tensors
         x, b = torch.randn(5, 64), torch.randn(32)
         if pattern == "2:4":
-            args = (x, t["values"], t["index"], packed.n, packed.m, packed.out_features, b)
+            args = (x, t["values"], t["index"], packed.n, packed.m, packed.in_features, packed.out_features, b)
             torch.library.opcheck(torch.ops.nmkern.cpu_nm_linear.default, args)
         else:
-            args = (x, t["values"], t["rowptr"], t["col"], packed.block, packed.out_features, None)
+            args = (x, t["values"], t["rowptr"], t["col"], packed.block, packed.in_features, packed.out_features, None)
             torch.library.opcheck(torch.ops.nmkern.cpu_bsr_linear.default, args)
 
 
@@ -191,3 +191,25 @@ def test_gpu_paths_trace_into_one_graph_with_fake_cuda_tensors(case, backend, op
     assert op in targets, targets
     assert y.device.type == "cuda" and y.dtype == torch.half
     assert y.shape == ((2, 3, 32) if kind == "linear" else (1, 32, 4, 4))
+
+
+def test_native_cpu_ops_reject_bad_input():
+    """The C kernels read raw pointers: the registered ops check dtype, device and width first."""
+    _need("cpu")
+    layer = _packed_linear("1x4:0.5", "cpu")
+    packed = layer._cpu_cached()
+    t = packed.tensors
+    op = torch.ops.nmkern.cpu_bsr_linear
+
+    def call(x, bias=None):
+        return op(x, t["values"], t["rowptr"], t["col"], packed.block, packed.in_features, packed.out_features, bias)
+
+    with pytest.raises(ValueError, match=r"nmkern::cpu_bsr_linear: x has shape \(2, 32\) but the weight has "
+                                         r"in_features=64"):
+        call(torch.randn(2, 32))
+    with pytest.raises(TypeError, match="nmkern::cpu_bsr_linear: x has dtype float64"):
+        call(torch.randn(2, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"bias has shape \(31,\), expected \(32,\)"):
+        call(torch.randn(2, 64), torch.randn(31))
+    x = torch.randn(2, 64)
+    assert torch.equal(call(x, layer.bias), layer(x))  # the layer runs this very op

@@ -227,7 +227,8 @@ def test_dispatch_hooks_reach_the_native_cpu_kernel(monkeypatch):
     class FakePrepared:  # stands in for nmkern._cpu.CpuLinear: the dense weight as its "layout"
         def __init__(self, w, kind, n, m, block):
             calls.append(("prepare", kind, n, m, block, tuple(w.shape)))
-            self.kind, self.n, self.m, self.block, self.out_features = nmkern.Pattern(kind), n, m, block, w.shape[0]
+            self.kind, self.n, self.m, self.block = nmkern.Pattern(kind), n, m, block
+            self.out_features, self.in_features = w.shape
             self.tensors = {"values": w, "index": torch.zeros(0, dtype=torch.int32)}
 
     def fake_nm_linear_f32(x, values, index, n, m, out_features, bias):
