@@ -37,7 +37,8 @@ from .reference.linear import fold_rows_nchw, unfold_nhwc
 from .spec import Pattern
 
 __all__ = ["Backend", "Call", "LayerInfo", "LayerOp", "PathEntry", "TABLE", "choose", "choose_linear_backend",
-           "callable_for", "cpu_kernels", "cuda_kernels", "cusparselt_available", "resolve_backend", "run", "why_not"]
+           "callable_for", "cpu_kernels", "cuda_kernels", "cusparselt_available", "native_paths", "resolve_backend",
+           "run", "why_not"]
 
 
 class LayerOp(str, enum.Enum):
@@ -214,10 +215,11 @@ def _linear_of(gemm_rows: Callable) -> Callable:
 
 # ---------------------------------------------------------------- rules that are not plain data
 
-def _triton_device(call: Call) -> str | None:
-    if call.device == "cuda" or (call.device == "cpu" and triton_interpret()):
+def _triton_device(device: str) -> str | None:
+    """Why Triton cannot run on this device type (None: CUDA, or the CPU under the interpreter)."""
+    if device == "cuda" or (device == "cpu" and triton_interpret()):
         return None
-    return (f"the triton backend needs a CUDA tensor (got one on {call.device}); "
+    return (f"the triton backend needs a CUDA tensor (got one on {device}); "
             "set TRITON_INTERPRET=1 to run it on the CPU")
 
 
@@ -271,12 +273,13 @@ class PathEntry:
 
 
 _NM_1XN = (Pattern.NM, Pattern.BLOCK)
+_NATIVE = (Backend.CPU, Backend.CUDA, Backend.CUSPARSELT)  # paths whose weight layout is built ahead of time
 
 TABLE: dict[Backend, PathEntry] = {e.backend: e for e in (
     PathEntry(Backend.REFERENCE, None, None, _NM_1XN, _packed_linear("reference"), _packed_conv2d("reference")),
     PathEntry(Backend.DENSE, None, None, _NM_1XN, _dense_linear, _dense_conv2d),
     PathEntry(Backend.TRITON, ("cuda", "cpu"), TRITON_DTYPES, _NM_1XN, _packed_linear("triton"),
-              _packed_conv2d("triton"), present=_triton_device,
+              _packed_conv2d("triton"), present=lambda call: _triton_device(call.device),
               shape_rule=lambda layer: ("there is no Triton 1xN conv kernel (1xN convs run the dense conv on the "
                                         "masked weight)" if layer.op is LayerOp.CONV2D
                                         and layer.pattern is Pattern.BLOCK else None)),
@@ -309,7 +312,7 @@ def _reasons(entry: PathEntry, call: Call) -> list[str]:
     if layer.pattern not in entry.patterns:
         out.append(f"the {name} backend runs {', '.join(p.value for p in entry.patterns)} patterns, "
                    f"not {layer.pattern.value}")
-    if entry.shape_rule is not None and (why := entry.shape_rule(layer)) is not None and why not in out:
+    if entry.shape_rule is not None and (why := entry.shape_rule(layer)) is not None:
         out.append(why)
     return out
 
@@ -361,6 +364,19 @@ def choose(requested, call: Call) -> Backend:
     return path
 
 
+def native_paths(requested, layer: LayerInfo, device: str) -> list[Backend]:
+    """The native paths (cpu, cuda, cusparselt) a layer with ``backend=requested`` may take on ``device``.
+
+    These are the ones whose weight layouts a packed layer builds ahead of time: the forced
+    path, or under "auto" the ``NMKERN_BACKEND`` path and what :func:`choose` picks at one GEMM
+    row (the batch most favourable to a sparse kernel), when it can run here.
+    """
+    call = Call(layer, device, 1)
+    path = parse_backend(f"nmkern.{layer.op.value}", requested)
+    wanted = [path] if path is not Backend.AUTO else [env_backend(f"nmkern.{layer.op.value}"), _auto(call)]
+    return [p for p in dict.fromkeys(wanted) if p in _NATIVE and why_not(p, call) is None]
+
+
 def choose_linear_backend(requested, x: torch.Tensor, layer: LayerInfo, rows: int | None = None) -> Backend:
     """:func:`choose` for an input ``x`` (reads ``x.device`` and ``x.numel()``).
 
@@ -397,7 +413,7 @@ def resolve_backend(op: str, backend, tensor: torch.Tensor,
     device = tensor.device.type
 
     def runs(path: Backend) -> bool:
-        return path in supported and (path is not Backend.TRITON or _triton_device(Call(None, device, 0)) is None)
+        return path in supported and (path is not Backend.TRITON or _triton_device(device) is None)
 
     if b is Backend.AUTO:
         env = env_backend(op)
@@ -407,7 +423,7 @@ def resolve_backend(op: str, backend, tensor: torch.Tensor,
     if b not in supported:
         raise ValueError(f"{op}: backend {b.value!r} is not available for this op; "
                          f"choose one of {[s.value for s in supported]}")
-    if b is Backend.TRITON and (why := _triton_device(Call(None, device, 0))) is not None:
+    if b is Backend.TRITON and (why := _triton_device(device)) is not None:
         raise ValueError(f"{op}: {why}, or use backend='reference'")
     return b
 

@@ -213,3 +213,17 @@ def test_native_cpu_ops_reject_bad_input():
         call(torch.randn(2, 64), torch.randn(31))
     x = torch.randn(2, 64)
     assert torch.equal(call(x, layer.bias), layer(x))  # the layer runs this very op
+
+
+def test_native_layouts_are_built_only_for_paths_a_layer_may_take():
+    _need("cpu")
+    torch.manual_seed(6)
+    small = nmkern.SparseLinear.from_dense(nn.Linear(128, 128)).pack()  # auto keeps 2^14 weights dense
+    big = nmkern.SparseLinear.from_dense(nn.Linear(1024, 1024)).pack()  # auto may take the CPU kernel
+    assert small._cpu_cache is None and big._cpu_cache is not None
+    assert small._dense_cache is None and big._dense_cache is None  # the dense copy only when the dense path runs
+    small.backend = "cpu"  # forcing a native path builds its layout now, outside any trace
+    assert small._cpu_cache is not None
+    with pytest.raises(ValueError, match="SparseLinear: unknown backend 'fast'"):
+        small.backend = "fast"
+    assert small.backend == "cpu"

@@ -41,7 +41,7 @@ from ..backend import Backend, parse_backend
 from ..dispatch import Call, LayerInfo, LayerOp
 from ..formats import NMPacked
 from ..functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
-from ..reference.linear import bsr_dense_ref
+from ..reference.linear import bsr_dense_ref, nm_dense_rows_ref
 from ..reference.semi24 import COL_ALIGN, ROW_ALIGN
 from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern
 
@@ -109,15 +109,14 @@ class _SparseLayer(nn.Module):
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"{op_name}: block must be a positive int, got {block!r}")
         self.sparsity = v.check_fraction(op_name, "sparsity", sparsity)
-        parse_backend(op_name, backend)
         if isinstance(lambda_w, bool) or not isinstance(lambda_w, (int, float)) or not lambda_w >= 0:
             raise ValueError(f"{op_name}: lambda_w must be a float >= 0, got {lambda_w!r}")
         self.n, self.m, self.block = int(n), int(m), int(block)
+        self._packed = False
+        self._clear_caches()
         self.backend = backend
         self.srste = bool(srste)
         self.lambda_w = float(lambda_w)
-        self._packed = False
-        self._clear_caches()
 
     def _adopt_prototype(self, op_name: str, reason: str | None, proto: nn.Module) -> None:
         """Refuse a shape the pattern cannot take, else take ``proto``'s weight and bias (torch's own init)."""
@@ -127,6 +126,17 @@ class _SparseLayer(nn.Module):
         self.bias = proto.bias
         if self.pattern is Pattern.BLOCK:
             self.register_buffer("weight_mask", self._initial_block_mask())
+
+    @property
+    def backend(self):
+        """``"auto"`` or a forced :class:`nmkern.Backend` for the packed form (checked when set)."""
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, value) -> None:
+        parse_backend(type(self).__name__, value)
+        self.__dict__["_backend"] = value
+        self._prepare_native()  # a newly forced native path gets its weight layout now, not inside a trace
 
     # -- geometry (subclasses) -------------------------------------------------
     @property
@@ -163,16 +173,17 @@ class _SparseLayer(nn.Module):
 
         torch.compile cannot build them inside a trace (the 1xN CPU layout has a
         data-dependent size, the cuSPARSELt weight is a tensor subclass), and building
-        them on first use at a decode-sized batch would stall that call. The dense
-        cache stays lazy: it is the biggest, and a traced call may build it.
+        them on first use at a decode-sized batch would stall that call. Only the paths this
+        layer may take are built (:func:`nmkern.dispatch.native_paths`: a small layer that
+        ``auto`` keeps dense gets none). The dense cache stays lazy: it is the biggest, and a
+        traced call may build it.
         """
         if not self._packed or self.device.type == "meta":
             return
-        layer = self._layer_info()
-        for path, build in ((Backend.CPU, self._cpu_cached), (Backend.CUDA, self._semi24_cached),
-                            (Backend.CUSPARSELT, self._cslt_cached)):
-            if dispatch.why_not(path, Call(layer, self.device.type, 1)) is None:
-                build()
+        builders = {Backend.CPU: self._cpu_cached, Backend.CUDA: self._semi24_cached,
+                    Backend.CUSPARSELT: self._cslt_cached}
+        for path in dispatch.native_paths(self.backend, self._layer_info(), self.device.type):
+            builders[path]()
 
     def _weight_tensor(self) -> torch.Tensor:
         """The tensor that carries the weight's dtype and device in the current form."""
@@ -193,7 +204,7 @@ class _SparseLayer(nn.Module):
     def _layer_info(self) -> LayerInfo:
         info = self._info_cache
         if info is None:
-            info = LayerInfo(op=self._op, pattern=self.pattern.value, n=self.n, m=self.m, block=self.block,
+            info = LayerInfo(op=self._op, pattern=self.pattern, n=self.n, m=self.m, block=self.block,
                              sparsity=self.sparsity, in_features=self._gemm_k(), out_features=self.weight_shape[0],
                              dtype=self.dtype, semi24_fits=self._semi24_fits())
             self.__dict__["_info_cache"] = info
@@ -381,8 +392,13 @@ class _SparseLayer(nn.Module):
 
     def _gemm_rows_weight(self) -> torch.Tensor:
         """The masked weight as the GEMM's ``(out, K)`` rows: a conv's in NHWC order (input channels
-        innermost), the order N:M groups run along and :func:`~nmkern.reference.linear.unfold_nhwc` gives."""
-        dense = self._dense_cached()
+        innermost), the order N:M groups run along and :func:`~nmkern.reference.linear.unfold_nhwc` gives.
+
+        A source for the native layouts: it does not fill the dense cache (only the dense path keeps it).
+        """
+        if self.pattern is Pattern.NM:  # the packed rows are already in GEMM order (NHWC for a conv)
+            return nm_dense_rows_ref(self.packed_values, self.packed_indices, self.n, self.m)
+        dense = self._dense_cache if self._dense_cache is not None else self.dense_weight()
         return dense.permute(0, 2, 3, 1).reshape(dense.shape[0], -1) if dense.dim() == 4 else dense
 
     def _semi24_cached(self) -> tuple[torch.Tensor, torch.Tensor]:
