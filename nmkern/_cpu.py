@@ -27,7 +27,7 @@ from . import _validate as v
 from .reference.cpu_layouts import bsr_1xn_pack_ref, nm_tile_pack_ref
 from .reference.linear import conv_out_size, fold_rows_nchw, unfold_nhwc
 from .reference.nm_pack import first_overfull_group_ref
-from .spec import Pattern
+from .spec import Pattern, pattern_in
 
 ABI_VERSION = 1  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
@@ -188,11 +188,8 @@ def _check_status(op: str, rc: int) -> None:
 
 
 def _parse_kind(op: str, kind) -> Pattern:
-    try:
-        parsed = Pattern(kind.lower() if isinstance(kind, str) else kind)
-    except ValueError:
-        parsed = None
-    if parsed not in _KINDS:
+    parsed = pattern_in(kind, _KINDS)
+    if parsed is None:
         raise ValueError(f"{op}: kind must be one of {[k.value for k in _KINDS]}, got {kind!r}")
     return parsed
 
@@ -489,11 +486,8 @@ def cpu_beats_dense(kind, n: int, m: int, block: int, sparsity: float, batch: in
     the table above does not cover, for the portable (non-SIMD) library, and when
     the library is unavailable.
     """
-    try:
-        kind = Pattern(kind.value if isinstance(kind, enum.Enum) else str(kind).lower())
-    except ValueError:
-        return False
-    if kind not in _KINDS:
+    kind = pattern_in(kind.value if isinstance(kind, enum.Enum) else str(kind), _KINDS)
+    if kind is None:
         return False
     if not available() or _state["isa"] not in (CpuIsa.AVX2, CpuIsa.AVX512):
         return False

@@ -32,20 +32,12 @@ from .backend import parse_backend
 from .dispatch import LayerOp
 from .nn import SparseConv2d, SparseLinear, fit_reason, spec_kwargs
 from .reference.srste import DEFAULT_LAMBDA_W
-from .spec import DENSE, BlockSpec, LayerSpec, Pattern, SpecResolver, parse_spec
+from .spec import DENSE, LayerSpec, Pattern, SpecResolver, parse_spec
 
 log = logging.getLogger("nmkern.sparsify")
 
 _OP = "sparsify"
 _ALLOWED = (Pattern.NM, Pattern.BLOCK)  # what SparseLinear / SparseConv2d carry
-
-
-def _module_kwargs(spec: LayerSpec) -> dict:
-    """The ``SparseLinear``/``SparseConv2d`` keywords for an N:M or (not rearranged) 1xN spec."""
-    if isinstance(spec, BlockSpec) and spec.rearrange:
-        raise ValueError(f"{_OP}: {spec} with rearrange=True has no sparse module form; prune it with "
-                         "nmkern.prune_1xn (its export wraps rearranged layers) or use rearrange=False")
-    return spec_kwargs(spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +52,7 @@ class _LayerPattern:
 
     @classmethod
     def from_spec(cls, spec: LayerSpec) -> "_LayerPattern | None":
-        return None if spec is DENSE else cls(**_module_kwargs(spec))
+        return None if spec is DENSE else cls(**spec_kwargs(spec, _OP))
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.pattern is Pattern.NM else f"1x{self.block}:{self.sparsity:g}"
@@ -138,7 +130,7 @@ def _describe(module: nn.Module) -> str:
 
 
 def _why_skip(module: nn.Module, spec: LayerSpec) -> str | None:
-    kw = _module_kwargs(spec)
+    kw = spec_kwargs(spec, _OP)
     fit = (kw["pattern"], kw.get("n"), kw.get("m"), kw.get("block"))
     if isinstance(module, nn.Linear):
         return fit_reason(LayerOp.LINEAR, module.in_features, module.out_features, *fit)
@@ -185,7 +177,7 @@ def sparsify(model: nn.Module, scheme, *, backend="auto", srste: bool = True, la
             log.info("sparsify: skipped %s (%s): %s", name, _describe(module), reason)
             continue
         cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
-        new = cls.from_dense(module, backend=backend, srste=srste, lambda_w=lambda_w, **_module_kwargs(pat))
+        new = cls.from_dense(module, backend=backend, srste=srste, lambda_w=lambda_w, **spec_kwargs(pat, _OP))
         new.train(module.training)
         if pack:
             new.pack()

@@ -47,6 +47,16 @@ class Pattern(str, enum.Enum):
         return self.value
 
 
+def pattern_in(value, allowed: Iterable[Pattern]) -> Pattern | None:
+    """The :class:`Pattern` ``value`` names (a Pattern or its case-insensitive value) when it is one of
+    ``allowed``, else None (the caller says what it takes)."""
+    try:
+        pattern = Pattern(value.strip().lower() if isinstance(value, str) else value)
+    except ValueError:
+        return None
+    return pattern if pattern in tuple(allowed) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """What one layer gets. Use the subclasses; ``str(spec)`` is the text form :func:`parse_spec` reads."""
@@ -287,4 +297,4 @@ class SpecResolver:
 
 
 __all__ = ["DENSE", "BlockSpec", "DenseSpec", "LayerSpec", "NMSpec", "Pattern", "SpecResolver", "UnstructuredSpec",
-           "accepts_n_for_block", "check_block", "forms", "parse_spec"]
+           "accepts_n_for_block", "check_block", "forms", "parse_spec", "pattern_in"]

@@ -39,7 +39,7 @@ from .. import _validate as v
 from .._moved import renamed_attribute
 from ..functional import BlockCriterion, block_mask_1xn, nm_mask
 from ..reference.block_1xn import drop_lowest_fraction
-from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern, SpecResolver, UnstructuredSpec, check_block
+from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern, SpecResolver, UnstructuredSpec, check_block, pattern_in
 from .loop import train_epochs
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -75,10 +75,8 @@ def _parse_enum(op: str, name: str, enum_cls, value):
 
 
 def _parse_target(op: str, target) -> Pattern:
-    pattern = Pattern(target) if isinstance(target, Pattern) else None
-    if pattern is None and isinstance(target, str) and target.lower() in {t.value for t in TARGETS}:
-        pattern = Pattern(target.lower())
-    if pattern not in TARGETS:
+    pattern = pattern_in(target, TARGETS)
+    if pattern is None:
         raise ValueError(f"{op}: unknown target {target!r}; choose one of {[t.value for t in TARGETS]}")
     return pattern
 

@@ -43,27 +43,27 @@ from ..formats import NMPacked
 from ..functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
 from ..reference.linear import bsr_dense_ref, nm_dense_rows_ref
 from ..reference.semi24 import COL_ALIGN, ROW_ALIGN
-from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern
+from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern, pattern_in
 
 
 def parse_pattern(op: str, pattern) -> Pattern:
     """The pattern of a sparse module: N:M (``"nm"``) or 1xN blocks (``"1xn"``)."""
-    try:
-        p = Pattern(pattern.lower() if isinstance(pattern, str) else pattern)
-    except ValueError:
-        p = None
-    if p not in (Pattern.NM, Pattern.BLOCK):
+    p = pattern_in(pattern, (Pattern.NM, Pattern.BLOCK))
+    if p is None:
         raise ValueError(f"{op}: unknown pattern {pattern!r}; choose 'nm' (N:M) or '1xn' (1xN blocks)")
     return p
 
 
-def spec_kwargs(spec: LayerSpec) -> dict:
-    """Module keywords (pattern, n, m, block, sparsity) for an N:M or 1xN :class:`~nmkern.spec.LayerSpec`."""
+def spec_kwargs(spec: LayerSpec, op: str = "nmkern") -> dict:
+    """Module keywords (pattern, n, m, block, sparsity) for an N:M or (not rearranged) 1xN spec."""
     if isinstance(spec, NMSpec):
         return {"pattern": Pattern.NM, "n": spec.n, "m": spec.m}
+    if isinstance(spec, BlockSpec) and spec.rearrange:
+        raise ValueError(f"{op}: {spec} with rearrange=True has no sparse module form; prune it with "
+                         "nmkern.prune_1xn (its export wraps rearranged layers) or use rearrange=False")
     if isinstance(spec, BlockSpec):
         return {"pattern": Pattern.BLOCK, "block": spec.block, "sparsity": spec.sparsity}
-    raise ValueError(f"nmkern sparse modules take N:M or 1xN specs, got {spec!s}")
+    raise ValueError(f"{op}: sparse modules take N:M or 1xN specs, got {spec!s}")
 
 
 def _mask_backend(t: torch.Tensor) -> str:
