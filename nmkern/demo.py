@@ -20,10 +20,8 @@ vs batch) into the output folder.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -35,12 +33,11 @@ from . import timing
 from .benchmark import pack_model, packed_variants, time_models
 from .data import Dataset, load_mnist1d
 from .methods.domino import Budget, domino_search
+from .methods.recipes import accuracy, prunable_sparsity, sparsify_copy, train
 from .models import MNIST1DNet
 from .nn import SparseConv2d, SparseLinear
-from .sparsify import sparsify
 
 SPARSE_TYPES = (SparseLinear, SparseConv2d)
-DENSE_TYPES = (nn.Linear, nn.Conv2d, nn.Conv1d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,53 +82,6 @@ QUICK = DemoConfig(quick=True, dense_epochs=10, sparse_epochs=4, baselines=("1:8
 
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
-
-
-def train(model: nn.Module, data: Dataset, epochs: int, lr: float, batch_size: int, *, seed: int, desc: str,
-          progress: bool = True) -> list[float]:
-    """Adam with a cosine learning-rate schedule over ``epochs``; returns the mean loss per epoch."""
-    from .methods.loop import train_epochs
-
-    steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
-    out = train_epochs(model, lambda ep: data.train_batches(batch_size, seed=seed * 1000 + ep), opt, epochs=epochs,
-                       scheduler=sched, steps_per_epoch=steps_per_epoch, progress=progress, desc=desc)
-    return [e.mean for e in out]
-
-
-def accuracy(model: nn.Module, data: Dataset) -> float:
-    """Test-set accuracy (:func:`nmkern.methods.loop.evaluate`)."""
-    from .methods.loop import evaluate
-
-    return evaluate(model, data.test_batches())[1]
-
-
-def prunable_sparsity(model: nn.Module) -> tuple[float, float]:
-    """(sparsity of the N:M-capable layers' weights, sparsity of every Linear/Conv weight) of the effective weights.
-
-    "N:M-capable": input features/channels divisible by 16, i.e. the layers DominoSearch
-    searches (MNIST1DNet's first conv, 1 input channel, is not one).
-    """
-    cap_zero = cap_total = all_zero = all_total = 0
-    for _, mod in model.named_modules():
-        if isinstance(mod, SPARSE_TYPES):
-            w = mod.dense_weight()
-        elif isinstance(mod, DENSE_TYPES):
-            w = mod.weight.detach()
-        else:
-            continue
-        zeros, total = int((w == 0).sum()), w.numel()
-        all_zero, all_total = all_zero + zeros, all_total + total
-        if w.shape[1] % 16 == 0:
-            cap_zero, cap_total = cap_zero + zeros, cap_total + total
-    return cap_zero / max(1, cap_total), all_zero / max(1, all_total)
-
-
-def sparsify_copy(dense: nn.Module, scheme) -> tuple[nn.Module, dict]:
-    model = copy.deepcopy(dense)
-    report = sparsify(model, scheme)
-    return model, report.to_dict()
 
 
 def state_bytes(model: nn.Module) -> int:

@@ -44,6 +44,12 @@ def test_nothing_below_methods_imports_them():
         assert not bad, f"{path.relative_to(REPO)} imports {bad}; methods sit on top of the modules, not below"
 
 
+def test_methods_do_not_import_the_demo():
+    for path in _sources(PACKAGE / "methods"):
+        bad = sorted(n for n in _imported_modules(path) if n.startswith("nmkern.demo"))
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}; the demo is an application built on the methods"
+
+
 def test_nothing_in_the_library_imports_the_cli():
     for path in _sources(PACKAGE):
         if "cli" in path.relative_to(PACKAGE).parts or path.name == "__main__.py":

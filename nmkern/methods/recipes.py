@@ -21,8 +21,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
-from .. import demo
+from ..benchmark import pack_model
+from ..data import Dataset
 from ..checkpoint_io import atomic_write, load_into, write_json
 from ..spec import BlockSpec, DenseSpec, NMSpec, parse_spec
 from . import srste
@@ -40,6 +42,60 @@ class TrainMethod(str, enum.Enum):
     @property
     def takes_scheme(self) -> bool:
         return self in (TrainMethod.SRSTE, TrainMethod.STE, TrainMethod.GAP)
+
+
+# --------------------------------------------------------------------------- a model on a dataset
+
+
+def train(model: nn.Module, data: Dataset, epochs: int, lr: float, batch_size: int, *, seed: int, desc: str,
+          progress: bool = True) -> list[float]:
+    """Adam with a cosine learning-rate schedule over ``epochs``; returns the mean loss per epoch."""
+    from .loop import train_epochs
+
+    steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
+    out = train_epochs(model, lambda ep: data.train_batches(batch_size, seed=seed * 1000 + ep), opt, epochs=epochs,
+                       scheduler=sched, steps_per_epoch=steps_per_epoch, progress=progress, desc=desc)
+    return [e.mean for e in out]
+
+
+def accuracy(model: nn.Module, data: Dataset) -> float:
+    """Test-set accuracy (:func:`nmkern.methods.loop.evaluate`)."""
+    from .loop import evaluate
+
+    return evaluate(model, data.test_batches())[1]
+
+
+def prunable_sparsity(model: nn.Module) -> tuple[float, float]:
+    """(sparsity of the N:M-capable layers' weights, sparsity of every Linear/Conv weight) of the effective weights.
+
+    "N:M-capable": input features/channels divisible by 16, i.e. the layers DominoSearch
+    searches (MNIST1DNet's first conv, 1 input channel, is not one).
+    """
+    from ..nn import SparseConv2d, SparseLinear
+
+    cap_zero = cap_total = all_zero = all_total = 0
+    for _, mod in model.named_modules():
+        if isinstance(mod, (SparseLinear, SparseConv2d)):
+            w = mod.dense_weight()
+        elif isinstance(mod, (nn.Linear, nn.Conv2d, nn.Conv1d)):
+            w = mod.weight.detach()
+        else:
+            continue
+        zeros, total = int((w == 0).sum()), w.numel()
+        all_zero, all_total = all_zero + zeros, all_total + total
+        if w.shape[1] % 16 == 0:
+            cap_zero, cap_total = cap_zero + zeros, cap_total + total
+    return cap_zero / max(1, cap_total), all_zero / max(1, all_total)
+
+
+def sparsify_copy(dense: nn.Module, scheme) -> tuple[nn.Module, dict]:
+    model = copy.deepcopy(dense)
+    from ..sparsify import sparsify
+
+    report = sparsify(model, scheme)
+    return model, report.to_dict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +166,11 @@ def dense_stage(cfg: RunConfig, data, out: Path, epochs: int, *, resume: bool = 
         how = f"resumed from {dense_path}"
     else:
         torch.manual_seed(cfg.seed)
-        demo.train(model, data, epochs, 3e-3, cfg.batch_size, seed=cfg.seed, desc="dense", progress=progress)
+        train(model, data, epochs, 3e-3, cfg.batch_size, seed=cfg.seed, desc="dense", progress=progress)
         atomic_write(dense_path, lambda p: torch.save(model.state_dict(), p))
         how = f"trained {epochs} epochs, saved {dense_path}"
     model.eval()
-    return model, demo.accuracy(model, data), how
+    return model, accuracy(model, data), how
 
 
 # --------------------------------------------------------------------------- search
@@ -134,10 +190,10 @@ def run_search(cfg: SearchConfig, data, out: Path, *, resume: bool = False, prog
     scheme = domino_search(dense, data.train_batches(cfg.batch_size, seed=cfg.seed + 7), budget=cfg.budget, m=cfg.m,
                            policy=cfg.policy, lr=cfg.lr, decay=cfg.decay, decay_milestones=list(cfg.decay_milestones),
                            check_every=cfg.check_every, max_iters=cfg.max_iters, progress=progress, plot=None)
-    oneshot, _ = demo.sparsify_copy(dense, scheme)
+    oneshot, _ = sparsify_copy(dense, scheme)
     result = {"dataset": cfg.dataset, "budget": cfg.budget.to_dict(), "dense": how, "dense_accuracy": dense_acc,
-              "oneshot_accuracy": demo.accuracy(oneshot.eval(), data),
-              "oneshot_sparsity": demo.prunable_sparsity(oneshot)[0], "scheme": scheme.to_dict()}
+              "oneshot_accuracy": accuracy(oneshot.eval(), data),
+              "oneshot_sparsity": prunable_sparsity(oneshot)[0], "scheme": scheme.to_dict()}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "scheme.json", lambda p: scheme.save(p))
     scheme.plot(out / "per_layer_n.png")
@@ -223,7 +279,7 @@ def _train_epochs(cfg: TrainConfig, model, data, out: Path, *, resume: bool, pro
     for ep in bar:
         losses = srste.train_srste(model, data.train_batches(cfg.batch_size, seed=cfg.seed * 1000 + ep), opt,
                                    scheduler=sched, progress=False)
-        acc = demo.accuracy(model, data)
+        acc = accuracy(model, data)
         history.append({"epoch": ep + 1, "loss": sum(losses) / len(losses), "test_accuracy": acc})
         bar.set_postfix_str(f"loss {history[-1]['loss']:.3f} acc {100 * acc:.1f}%")
         state = {"fingerprint": cfg.fingerprint(), "epoch": ep + 1, "model": model.state_dict(),
@@ -246,7 +302,7 @@ def _train_masked(cfg: TrainConfig, scheme, model, data, out: Path, result: dict
     history = _train_epochs(cfg, model, data, out, resume=resume, progress=progress, log=log)
     if method == TrainMethod.DENSE:
         return model, history
-    packed = demo.pack_model(model)
+    packed = pack_model(model)
     atomic_write(out / "model_packed.pt", lambda p: torch.save(packed.state_dict(), p))
     return to_plain(model), history
 
@@ -293,9 +349,9 @@ def run_train(cfg: TrainConfig, scheme, data, out: Path, *, resume: bool = False
     else:
         final, history = _train_masked(cfg, scheme, model, data, out, result, resume=resume, progress=progress, log=log)
     final.eval()
-    acc = demo.accuracy(final, data)
-    result.update({"test_accuracy": acc, "sparsity_nm_layers": demo.prunable_sparsity(final)[0],
-                   "sparsity_all": demo.prunable_sparsity(final)[1], "history": history})
+    acc = accuracy(final, data)
+    result.update({"test_accuracy": acc, "sparsity_nm_layers": prunable_sparsity(final)[0],
+                   "sparsity_all": prunable_sparsity(final)[1], "history": history})
     atomic_write(out / "model.pt", lambda p: torch.save(final.state_dict(), p))
     write_json(out / "train.json", result)
     return result
