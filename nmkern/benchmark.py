@@ -81,15 +81,12 @@ def masked_weight(pattern: LinearPattern, out_features: int, in_features: int, *
 
 
 def _packed_linear(w: torch.Tensor, pattern: LinearPattern):
-    from .nn import SparseLinear
+    from .nn import SparseLinear, spec_kwargs
 
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
-    kind, n, m, block = pattern.kernel_args()
-    sparsity = pattern.spec.sparsity if isinstance(pattern.spec, BlockSpec) else 0.5
-    return SparseLinear.from_dense(lin, pattern=kind, n=n or 2, m=m or 4, block=block or 4,
-                                   sparsity=sparsity).pack().eval()
+    return SparseLinear.from_dense(lin, **spec_kwargs(pattern.spec)).pack().eval()
 
 
 def linear_candidates(w: torch.Tensor, pattern: LinearPattern, copies: int = 1) -> tuple[dict, dict]:
@@ -217,8 +214,7 @@ def force_backend(model: nn.Module, backend: str) -> nn.Module:
     out = copy.deepcopy(model)
     for mod in out.modules():
         if isinstance(mod, _sparse_types()):
-            mod.backend = backend
-            mod._clear_caches()
+            mod.backend = backend  # checked, and a native path's weight layout built now
     return out
 
 
