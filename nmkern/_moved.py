@@ -17,12 +17,11 @@ def alias_module(old: str, new: str) -> None:
 def renamed_attribute(module: str, name: str, renames: dict):
     """For a module's ``__getattr__``: the value behind a renamed public name, with a DeprecationWarning.
 
-    ``renames``: ``{old name: (value, "the new spelling")}``; a value that is a
-    zero-argument ``lambda`` is called first (a lazy import that would be circular).
+    ``renames``: ``{old name: (value, "the new spelling")}``.
     """
     if name not in renames:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
     value, new = renames[name]
     warnings.warn(f"{module}.{name} is deprecated; use {new} (the old name goes away in nmkern 0.3)",
                   DeprecationWarning, stacklevel=3)
-    return value() if getattr(value, "__name__", "") == "<lambda>" else value
+    return value

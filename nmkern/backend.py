@@ -64,9 +64,9 @@ def env_backend(op: str) -> Backend | None:
 def __getattr__(name: str):
     from ._moved import renamed_attribute
 
-    def resolve_backend():  # nmkern 0.1 home of the op-level decision (a lazy import: dispatch imports this module)
+    renames = {}
+    if name == "resolve_backend":  # nmkern 0.1 home of the op-level decision (dispatch imports this module)
         from .dispatch import resolve_backend
 
-        return resolve_backend
-
-    return renamed_attribute(__name__, name, {"resolve_backend": (resolve_backend, "nmkern.dispatch.resolve_backend")})
+        renames[name] = (resolve_backend, "nmkern.dispatch.resolve_backend")
+    return renamed_attribute(__name__, name, renames)

@@ -179,3 +179,19 @@ def test_no_deprecation_warning_on_the_new_paths():
         model, _ = _toy()
         nmkern.sparsify(model, {"2": "1x1:0.5", "0": NMSpec(2, 4)})
         nmkern.block_mask_1xn(torch.randn(4, 4), 2, 0.5, backend="reference")
+
+
+def test_moved_backend_names_still_work():
+    import nmkern.backend as backend_module
+    import nmkern.dispatch as dispatch_module
+
+    with pytest.warns(DeprecationWarning, match="nmkern.backend.resolve_backend is deprecated"):
+        resolve = backend_module.resolve_backend
+    assert resolve is dispatch_module.resolve_backend
+    assert resolve("op", "reference", torch.zeros(1)) is nmkern.Backend.REFERENCE
+    with pytest.warns(DeprecationWarning, match="nmkern.ExecPath is deprecated; use nmkern.Backend"):
+        assert nmkern.ExecPath is nmkern.Backend
+    with pytest.warns(DeprecationWarning, match="nmkern.dispatch.parse_path is deprecated"):
+        assert dispatch_module.parse_path("op", "auto") is None
+    with pytest.raises(AttributeError):
+        backend_module.no_such_name
