@@ -195,3 +195,14 @@ def test_moved_backend_names_still_work():
         assert dispatch_module.parse_path("op", "auto") is None
     with pytest.raises(AttributeError):
         backend_module.no_such_name
+
+
+@pytest.mark.parametrize("name", ["srste", "domino", "gap", "blockprune", "masking"])
+def test_old_module_paths_alias_the_methods(name, monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, f"nmkern.{name}", raising=False)
+    with pytest.warns(DeprecationWarning, match=f"nmkern.{name} moved to nmkern.methods.{name}"):
+        old = importlib.import_module(f"nmkern.{name}")
+    assert old is importlib.import_module(f"nmkern.methods.{name}")
