@@ -118,10 +118,11 @@ def _best_isa(generic) -> CpuIsa:
 
 
 def _load():
+    if _state["tried"]:  # loaded once: no lock, so torch.compile can trace through available()
+        return _state["lib"]
     with _lock:
         if _state["tried"]:
             return _state["lib"]
-        _state["tried"] = True
         try:
             forced = os.environ.get(ENV_ISA, "").strip().lower()
             generic = _open(CpuIsa.GENERIC)
@@ -149,6 +150,8 @@ def _load():
             _state["error"] = str(e)
             warnings.warn(f"nmkern: the cpu backend is unavailable ({e}); dense / reference paths are used", RuntimeWarning,
                           stacklevel=3)
+        finally:
+            _state["tried"] = True  # last: the unlocked check above must never see a half-loaded state
         return _state["lib"]
 
 

@@ -7,9 +7,12 @@ and references behind the boundary assume these checks passed.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
+
+from .reference.nm_pack import index_bits, indices_per_word
 
 MAX_M = 16
 
@@ -110,3 +113,114 @@ def check_fraction(op: str, name: str, x, *, allow_zero: bool = True, allow_one:
         hi = "1]" if allow_one else "1)"
         raise ValueError(f"{op}: {name}={x} must lie in {lo}, {hi}")
     return x
+
+
+# ---------------------------------------------------------------- packed tensors (corruption checks)
+# Shapes and dtypes are checked always; the contents (index ranges, metadata nibbles,
+# BSR pointers) with one fused reduction and one host sync, skipped for meta tensors and
+# while torch.compile traces (data-dependent checks cannot be traced; the layers validate
+# their buffers when they are loaded, outside the hot path).
+
+
+def data_checkable(*tensors) -> bool:
+    """True when the contents of ``tensors`` can be read here: not meta, not under torch.compile."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
+
+
+def reject_meta(op: str, name: str, t: torch.Tensor, why: str) -> None:
+    """Ops whose result shape depends on the values cannot run on the meta device."""
+    if isinstance(t, torch.Tensor) and t.is_meta:
+        raise ValueError(f"{op}: {name} is on the meta device (shape {tuple(t.shape)}, no values); {why} - "
+                         "materialize it first (e.g. module.to_empty(device='cpu') and load the weights)")
+
+
+def nm_rows_geometry(shape, dim: int, m: int) -> tuple[int, int]:
+    """(rows, K) of the 2-D view :func:`nmkern.reference.nm_pack.as_rows` gives a tensor of ``shape``."""
+    moved = [s for i, s in enumerate(shape) if i != dim] + [shape[dim]]
+    numel = math.prod(moved)
+    if len(moved) < 2:
+        return 1, numel
+    return moved[0], math.prod(moved[1:])
+
+
+def _nm_fields(indices: torch.Tensor, n: int, m: int, kept: int) -> torch.Tensor:
+    """In-group indices ``(rows, kept // n, n)`` int32 decoded from the packed words."""
+    bits, per = index_bits(m), indices_per_word(m)
+    shifts = torch.arange(per, device=indices.device, dtype=torch.int32) * bits
+    fields = (indices.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # arithmetic shift: low bits stay right
+    return fields.reshape(indices.shape[0], indices.shape[1] * per)[:, :kept].reshape(indices.shape[0], kept // n, n)
+
+
+def check_nm_packed(op: str, packed, dtypes: Iterable[torch.dtype]) -> None:
+    """An :class:`nmkern.NMPacked` whose tensors match its shape, n, m and dim, with valid indices.
+
+    Every group's n in-group indices must be increasing (distinct) and ``< m``, the order
+    :func:`nmkern.pack_nm` writes; anything else is a corrupted or foreign buffer.
+    """
+    n, m = check_nm(op, packed.n, packed.m)
+    check_tensor(op, "packed.values", packed.values, dtypes, ndim=2)
+    check_tensor(op, "packed.indices", packed.indices, (torch.int32,), ndim=2)
+    check_same_device(op, values=packed.values, indices=packed.indices)
+    shape = tuple(int(s) for s in packed.shape)
+    dim = packed.dim
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < max(1, len(shape)) or not shape:
+        raise ValueError(f"{op}: packed.dim={dim!r} is not a dimension of packed.shape {shape}")
+    rows, k = nm_rows_geometry(shape, dim, m)
+    kept = k // m * n
+    want = ((rows, kept), (rows, -(-kept // indices_per_word(m))))
+    got = (tuple(packed.values.shape), tuple(packed.indices.shape))
+    if shape[dim] % m or got != want:
+        raise ValueError(f"{op}: packed tensors do not match a {n}:{m} packing of shape {shape} along dim {dim}: "
+                         f"values {got[0]} and indices {got[1]}, expected {want[0]} and {want[1]} - the buffers are "
+                         "truncated or belong to another tensor; re-pack the weight with nmkern.pack_nm")
+    if not rows * kept or not data_checkable(packed.values, packed.indices):
+        return
+    fields = _nm_fields(packed.indices, n, m, kept)
+    bad = fields >= m
+    if n > 1:
+        bad[..., 1:] |= fields[..., 1:] <= fields[..., :-1]
+    if bool(bad.any()):  # one host sync
+        row, group = (int(i) for i in bad.any(-1).nonzero()[0])
+        raise ValueError(f"{op}: packed.indices are corrupted: row {row}, group {group} holds in-group indices "
+                         f"{fields[row, group].tolist()}; each group's n={n} indices must be distinct, increasing "
+                         f"and < m={m} - re-pack the weight with nmkern.pack_nm")
+
+
+def check_meta_24(op: str, meta: torch.Tensor) -> None:
+    """Every 4-bit nibble of 2:4 metadata names two distinct slots in increasing order (``idx0 < idx1``)."""
+    if not meta.numel() or not data_checkable(meta):
+        return
+    shifts = torch.arange(0, 16, 4, device=meta.device, dtype=torch.int32)
+    nib = ((meta.to(torch.int32) & 0xFFFF).unsqueeze(-1) >> shifts) & 0xF
+    bad = (nib & 3) >= (nib >> 2)
+    if bool(bad.any()):  # one host sync
+        r, c, g = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{op}: meta is corrupted: int16 element ({r}, {c}) (CUTLASS order) holds the nibble "
+                         f"{int(nib[r, c, g]):#06b}; each nibble must encode two distinct slots idx0 < idx1 "
+                         "(idx0 | idx1 << 2) - pass the metadata nmkern.compress_24 returned")
+
+
+def check_bsr_buffers(op: str, crow: torch.Tensor, col: torch.Tensor, nnzb: int, k: int) -> None:
+    """BSR pointers: ``crow[0] == 0``, non-decreasing, ``crow[-1] == nnzb``; ``0 <= col < k`` increasing per row."""
+    if not data_checkable(crow, col):
+        return
+    c = crow.to(torch.int64)
+    bad = (c[0] != 0) | (c[-1] != nnzb) | (c[1:] < c[:-1]).any()
+    if nnzb:
+        cl = col.to(torch.int64)
+        bad = bad | (cl.min() < 0) | (cl.max() >= k)
+        starts = torch.zeros(nnzb + 1, dtype=torch.bool, device=col.device)
+        starts[c.clamp(0, nnzb)] = True  # positions where a block row begins
+        bad = bad | ((cl[1:] <= cl[:-1]) & ~starts[1:nnzb]).any()
+    if bool(bad):  # one host sync
+        raise ValueError(f"{op}: BSR buffers are corrupted: need crow[0] == 0, crow non-decreasing with "
+                         f"crow[-1] == {nnzb} (one col per block), and col in [0, {k}) strictly increasing within "
+                         f"each block row; got crow {_head(c)}, col {_head(col)} - rebuild them with "
+                         "nmkern.to_bsr_1xn")
+
+
+def _head(t: torch.Tensor, count: int = 8) -> str:
+    vals = t.reshape(-1)[:count].tolist()
+    return f"{vals}{' ...' if t.numel() > count else ''}"

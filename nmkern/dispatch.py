@@ -205,6 +205,11 @@ def _cuda_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
 
 
 def _cusparselt_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
+    # NaN/Inf rule (see nmkern.ops): cuSPARSELt skips pruned weights, so an input holding NaN/Inf
+    # runs the dense op on the decompressed weight. The check is a host sync; it is not a
+    # registered op, so under torch.compile (which cannot trace the branch) it is skipped.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x2d).all()):
+        return F.linear(x2d, layer._gemm_rows_weight().to(x2d.dtype), layer.bias)
     return F.linear(x2d, layer._cslt_cached(), layer.bias)
 
 

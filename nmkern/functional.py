@@ -8,6 +8,18 @@ op, the shape/dtype and the fix), then runs the pure-torch reference
 NaN/Inf: ops that rank magnitudes (``nm_mask``, ``apply_nm``, ``block_mask_1xn``)
 reject non-finite input with ``ValueError``; ops that only move values
 (``pack_nm``, ``compress_24``) carry them through unchanged.
+
+Packed input (``unpack_nm``, ``decompress_24``) is checked before any kernel reads it:
+shapes and dtypes against the format, then its indices / metadata (one reduction and
+one host sync), so corrupted buffers raise ``ValueError`` instead of reading out of
+bounds or decoding differently per backend.
+
+Meta tensors: ops whose result shape does not depend on the values (``nm_mask``,
+``apply_nm``, ``block_mask_1xn``, ``pack_nm``, ``unpack_nm``, ``compress_24``,
+``decompress_24``, ``block_scores_1xn``) return meta tensors of the right shapes (no
+value checks); ``to_bsr_1xn`` (its size depends on the values) raises ``ValueError``.
+
+Gradients: ``apply_nm`` is differentiable on every backend (``grad * mask``).
 """
 
 from __future__ import annotations
@@ -61,8 +73,31 @@ def _masked_op(op: str, w, n, m, dim, backend):
     v.check_tensor(op, "w", w, v.FLOAT_DTYPES)
     v.check_nm(op, n, m)
     dim = v.check_group_dim(op, w, dim, m)
-    v.check_finite(op, "w", w)
+    if not w.is_meta:  # meta: shape only
+        v.check_finite(op, "w", w)
     return dim, resolve_backend(op, backend, w)
+
+
+def _nm_mask_triton(w: torch.Tensor, n: int, m: int, dim: int, apply: bool) -> torch.Tensor:
+    x2 = w.movedim(dim, -1).contiguous()
+    out = _kernels().nm_mask_triton(x2.reshape(-1, x2.shape[-1]), n, m, apply=apply)
+    return out.reshape(x2.shape).movedim(-1, dim)
+
+
+class _ApplyNMTriton(torch.autograd.Function):
+    """The fused Triton ``apply_nm`` with the reference's gradient, ``grad * mask`` (mask recomputed)."""
+
+    @staticmethod
+    def forward(ctx, w, n: int, m: int, dim: int):
+        ctx.n, ctx.m, ctx.dim = n, m, dim
+        ctx.save_for_backward(w)
+        return _nm_mask_triton(w, n, m, dim, apply=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        mask = _nm_mask_triton(w, ctx.n, ctx.m, ctx.dim, apply=False)
+        return grad * mask, None, None, None
 
 
 def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -> torch.Tensor:
@@ -74,19 +109,18 @@ def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -
     dim, b = _masked_op("nm_mask", w, n, m, dim, backend)
     if b is Backend.REFERENCE:
         return nm_mask_ref(w, n, m, dim)
-    x2 = w.movedim(dim, -1).contiguous()
-    out = _kernels().nm_mask_triton(x2.reshape(-1, x2.shape[-1]), n, m, apply=False)
-    return out.reshape(x2.shape).movedim(-1, dim)
+    return _nm_mask_triton(w, n, m, dim, apply=False)
 
 
 def apply_nm(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -> torch.Tensor:
-    """``w`` with all but the n largest |w| of each group of m set to zero (one fused pass)."""
+    """``w`` with all but the n largest |w| of each group of m set to zero (one fused pass).
+
+    Differentiable on every backend: the gradient reaching ``w`` is ``grad * nm_mask(w)``.
+    """
     dim, b = _masked_op("apply_nm", w, n, m, dim, backend)
     if b is Backend.REFERENCE:
         return apply_nm_ref(w, n, m, dim)
-    x2 = w.movedim(dim, -1).contiguous()
-    out = _kernels().nm_mask_triton(x2.reshape(-1, x2.shape[-1]), n, m, apply=True)
-    return out.reshape(x2.shape).movedim(-1, dim)
+    return _ApplyNMTriton.apply(w, n, m, dim)
 
 
 def _first_bad_group_24(w: torch.Tensor) -> int:
@@ -112,7 +146,7 @@ def compress_24(w: torch.Tensor, *, backend="auto") -> tuple[torch.Tensor, torch
         )
     b = resolve_backend(op, backend, w)
     if b is Backend.REFERENCE:
-        first_bad = _first_bad_group_24(w)
+        first_bad = _first_bad_group_24(w) if not w.is_meta else -1
         if first_bad < 0:
             return compress_24_ref(w)
     else:
@@ -127,7 +161,11 @@ def compress_24(w: torch.Tensor, *, backend="auto") -> tuple[torch.Tensor, torch
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, backend="auto") -> torch.Tensor:
-    """Dense ``(rows, 2 * values.shape[1])`` matrix from :func:`compress_24` output."""
+    """Dense ``(rows, 2 * values.shape[1])`` matrix from :func:`compress_24` output.
+
+    ``meta`` is checked first: every nibble must name two distinct slots in increasing
+    order (``idx0 | idx1 << 2``, ``idx0 < idx1``); anything else raises ``ValueError``.
+    """
     op = "decompress_24"
     v.check_tensor(op, "values", values, v.HALF_DTYPES, ndim=2)
     v.check_tensor(op, "meta", meta, (torch.int16,), ndim=2)
@@ -138,6 +176,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, *, backend="auto") -
             f"{op}: values {tuple(values.shape)} and meta {tuple(meta.shape)} do not match the CUTLASS 2:4 layout; "
             f"expected meta of shape ({rows}, {2 * half // META_GROUP}) with rows % {ROW_ALIGN} == 0 - pass what compress_24 returned"
         )
+    v.check_meta_24(op, meta)
     b = resolve_backend(op, backend, values)
     if b is Backend.REFERENCE:
         return decompress_24_ref(values, meta)
@@ -148,8 +187,9 @@ def pack_nm(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -
     """Pack an N:M-sparse tensor into values plus ceil(log2 m)-bit in-group indices.
 
     ``w`` must have at most n non-zeros in every group of m along ``dim`` (prune
-    it with :func:`apply_nm` first); the round trip ``unpack_nm(pack_nm(w))`` is
-    exact, NaN/Inf included.
+    it with :func:`apply_nm` first). The round trip ``unpack_nm(pack_nm(w))`` gives
+    back every kept value bit for bit (NaN/Inf and -0.0 included); dropped slots come
+    back as +0.0, so a dropped -0.0 loses its sign (it compares equal: ``-0.0 == 0.0``).
     """
     op = "pack_nm"
     v.check_tensor(op, "w", w, PACK_DTYPES)
@@ -158,7 +198,7 @@ def pack_nm(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -
     w2 = as_rows(w, dim).contiguous()
     b = resolve_backend(op, backend, w)
     if b is Backend.REFERENCE:
-        first_bad = first_overfull_group_ref(w2, n, m)
+        first_bad = first_overfull_group_ref(w2, n, m) if not w.is_meta else -1
         if first_bad < 0:
             values, indices = pack_nm_ref(w2, n, m)
     else:
@@ -174,11 +214,15 @@ def pack_nm(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -
 
 
 def unpack_nm(packed: NMPacked, *, backend="auto") -> torch.Tensor:
-    """The dense tensor an :class:`NMPacked` holds."""
+    """The dense tensor an :class:`NMPacked` holds.
+
+    ``packed`` is checked first (shapes against ``shape``/``n``/``m``/``dim``, dtypes, and
+    every group's indices distinct, increasing and ``< m``): ``ValueError`` otherwise.
+    """
     op = "unpack_nm"
     if not isinstance(packed, NMPacked):
         raise TypeError(f"{op}: expected an nmkern.NMPacked (from pack_nm), got {type(packed).__name__}")
-    v.check_same_device(op, values=packed.values, indices=packed.indices)
+    v.check_nm_packed(op, packed, PACK_DTYPES)
     b = resolve_backend(op, backend, packed.values)
     if b is Backend.REFERENCE:
         dense2 = unpack_nm_ref(packed.values, packed.indices, packed.n, packed.m)
@@ -224,7 +268,8 @@ def block_mask_1xn(
         criterion = BlockCriterion(criterion)
     except ValueError:
         raise ValueError(f"{op}: unknown criterion {criterion!r}; choose 'l1' or 'random'") from None
-    v.check_finite(op, "w", w)
+    if not w.is_meta:  # meta: shape only
+        v.check_finite(op, "w", w)
     b = resolve_backend(op, backend, w)
     if b is Backend.REFERENCE or criterion is BlockCriterion.RANDOM:
         return block_mask_1xn_ref(w, block, sparsity, rearrange=rearrange, criterion=criterion.value,
@@ -260,4 +305,5 @@ def to_bsr_1xn(w: torch.Tensor, block: int) -> torch.Tensor:
     """
     op = "to_bsr_1xn"
     _check_block_weight(op, w, block)
+    v.reject_meta(op, "w", w, "the number of stored blocks depends on its values")
     return to_bsr_1xn_ref(w.reshape(w.shape[0], -1), block)

@@ -23,6 +23,23 @@ Registered ops (2-D ``x`` for the linears, NCHW ``x`` for the convs; ``<impl>`` 
   ``nmkern::cpu_bsr_linear(x, values, rowptr, col, block, in_features, out_features, bias)``: fp32
   on the CPU, weights in the layouts of :class:`nmkern._cpu.CpuLinear`;
 * ``nmkern::cuda_sparse24_linear(x, values, meta, bias)``: fp16/bf16 on sm_80+.
+
+Gradients: every op is differentiable in ``x`` and ``bias`` on every implementation
+(:mod:`nmkern._op_autograd`: ``grad_out @ W`` / ``conv2d_input`` with the weight
+decompressed from the packed tensors); the packed tensors get no gradient (a packed
+weight is a frozen base; weight gradients are not supported).
+
+NaN/Inf: non-finite inputs propagate exactly as the dense op on the masked weight does
+(``0 * inf = NaN``). The sparse kernels (Triton, CPU, CUDA) skip pruned weights, so
+each checks its input first (``torch.isfinite(x).all()``) and runs that call as the
+dense op on the decompressed weight when it holds NaN/Inf; the reference ops are that
+dense op already. The result then does not depend on which path dispatch picks.
+
+Corrupted packed tensors: the public wrappers check shapes, dtypes and index ranges
+(N:M indices, 2:4 metadata nibbles, BSR pointers) before any kernel reads them and raise
+``ValueError``; the contents check is one reduction and one host sync per call (skipped
+under ``torch.compile``). Packed layers call the registered ops directly and validate
+their buffers when loaded instead.
 """
 
 from __future__ import annotations
@@ -31,6 +48,7 @@ import importlib
 
 import torch
 
+from . import _op_autograd
 from . import _validate as v
 from .backend import Backend
 from . import dispatch
@@ -70,8 +88,16 @@ def _conv_fake(x, weight_shape, stride, padding, dilation):
     return x.new_empty(x.shape[0], weight_shape[0], oh, ow)
 
 
-def _triton(module: str, fn: str, contiguous: bool = False):
+def _finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no NaN/Inf. One reduction over the input; on CUDA also a host sync
+    (the price of giving the dense op's NaN/Inf on every path; the dense path does not pay it)."""
+    return bool(torch.isfinite(x).all())
+
+
+def _triton(name: str, module: str, fn: str, contiguous: bool = False):
     def impl(*args):
+        if not _finite(args[0]):  # the kernel skips pruned weights: 0 * inf would not give NaN
+            return _op_autograd.dense_op(name, *args).contiguous()
         y = getattr(_module(f"kernels.{module}"), fn)(*args)
         return y.contiguous() if contiguous else y
     return impl
@@ -101,22 +127,28 @@ for _name, _ref_fn, _triton_fn, _fake in _GEMMS:
     _conv = _name.endswith("conv2d")
     _define(f"{_name}_reference", SCHEMAS[_name], _reference(_ref_fn, _conv), _fake)
     if _triton_fn is not None:
-        _define(f"{_name}_triton", SCHEMAS[_name], _triton(*_triton_fn, contiguous=_conv), _fake)
+        _define(f"{_name}_triton", SCHEMAS[_name], _triton(_name, *_triton_fn, contiguous=_conv), _fake)
 
 
 def _cpu_nm_linear(x, values, index, n, m, in_features, out_features, bias):
     cpu = _module("_cpu")
     x, bias = cpu.check_rows_input("nmkern::cpu_nm_linear", x, bias, in_features, out_features)
+    if not _finite(x):  # see _triton
+        return _op_autograd.dense_op("cpu_nm_linear", x, values, index, n, m, in_features, out_features, bias)
     return cpu.nm_linear_f32(x, values, index, n, m, out_features, bias)
 
 
 def _cpu_bsr_linear(x, values, rowptr, col, block, in_features, out_features, bias):
     cpu = _module("_cpu")
     x, bias = cpu.check_rows_input("nmkern::cpu_bsr_linear", x, bias, in_features, out_features)
+    if not _finite(x):  # see _triton
+        return _op_autograd.dense_op("cpu_bsr_linear", x, values, rowptr, col, block, in_features, out_features, bias)
     return cpu.bsr_linear_f32(x, values, rowptr, col, block, out_features, bias)
 
 
 def _cuda_sparse24_linear(x, values, meta, bias):
+    if not _finite(x):  # see _triton (a host sync on CUDA)
+        return _op_autograd.dense_op("cuda_sparse24_linear", x, values, meta, bias)
     return _module("_cuda").sparse24_linear(x, values, meta, bias)
 
 
@@ -126,6 +158,9 @@ _define("cpu_bsr_linear", SCHEMAS["cpu_bsr_linear"], _cpu_bsr_linear,
         lambda x, values, rowptr, col, block, in_features, out_features, bias: x.new_empty(x.shape[0], out_features))
 _define("cuda_sparse24_linear", SCHEMAS["semi24_linear"], _cuda_sparse24_linear,
         lambda x, values, meta, bias: x.new_empty(x.shape[0], values.shape[0]))
+_op_autograd.register([f"{name}_{impl}" for name, _, triton_fn, _ in _GEMMS
+                       for impl in ("reference", "triton") if impl == "reference" or triton_fn is not None]
+                      + ["cpu_nm_linear", "cpu_bsr_linear", "cuda_sparse24_linear"])
 
 
 def _op(name: str, backend: Backend):
@@ -150,6 +185,9 @@ def _check_x(op: str, x, weight_dtype: torch.dtype, in_features: int, where: str
         raise ValueError(f"{op}: x must have at least 1 dimension, got a scalar")
     if x.dtype != weight_dtype:
         raise TypeError(f"{op}: x has dtype {x.dtype} but the weight is {weight_dtype}; cast x with .to({weight_dtype})")
+    if in_features == 0:
+        raise ValueError(f"{op}: the weight has in_features=0; a layer with no inputs has nothing to sparsify "
+                         "(use F.linear, which returns the bias)")
     if x.shape[-1] != in_features:
         raise ValueError(f"{op}: x has shape {tuple(x.shape)} but the weight has in_features={in_features}; "
                          f"the last dimension of x must be {in_features}")
@@ -168,10 +206,15 @@ def _flat(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def nm_linear(x: torch.Tensor, packed: NMPacked, bias: torch.Tensor | None = None, *, backend="auto") -> torch.Tensor:
-    """``x @ W^T + bias`` with W an N:M-packed ``(out, in)`` weight (``pack_nm(w, n, m)`` with dim=-1/1)."""
+    """``x @ W^T + bias`` with W an N:M-packed ``(out, in)`` weight (``pack_nm(w, n, m)`` with dim=-1/1).
+
+    Differentiable in ``x`` and ``bias`` (not in the packed weight); ``packed`` is validated
+    (shapes, dtypes, indices) first.
+    """
     op = "nm_linear"
     if not isinstance(packed, NMPacked):
         raise TypeError(f"{op}: packed must be an nmkern.NMPacked (from nmkern.pack_nm), got {type(packed).__name__}")
+    v.check_nm_packed(op, packed, LINEAR_DTYPES)
     if len(packed.shape) != 2 or packed.dim != 1:
         raise ValueError(f"{op}: packed must hold a 2-D (out, in) weight grouped along in (dim=1), "
                          f"got shape {tuple(packed.shape)} grouped along dim {packed.dim}")
@@ -186,7 +229,10 @@ def nm_linear(x: torch.Tensor, packed: NMPacked, bias: torch.Tensor | None = Non
 
 def semi24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None, *,
                   backend="auto") -> torch.Tensor:
-    """``x @ W^T + bias`` with W given as :func:`nmkern.compress_24` output (CUTLASS 2:4 layout)."""
+    """``x @ W^T + bias`` with W given as :func:`nmkern.compress_24` output (CUTLASS 2:4 layout).
+
+    Differentiable in ``x`` and ``bias`` (not in ``values``); ``meta`` is validated first.
+    """
     op = "semi24_linear"
     v.check_tensor(op, "values", values, v.HALF_DTYPES, ndim=2)
     v.check_tensor(op, "meta", meta, (torch.int16,), ndim=2)
@@ -196,6 +242,7 @@ def semi24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bia
         raise ValueError(f"{op}: values {tuple(values.shape)} and meta {tuple(meta.shape)} do not match the CUTLASS "
                          f"2:4 layout (meta ({out_f}, {in_f // META_GROUP}), rows % {ROW_ALIGN} == 0); "
                          "pass what nmkern.compress_24 returned")
+    v.check_meta_24(op, meta)
     _check_x(op, x, values.dtype, in_f)
     _check_bias(op, bias, values.dtype, out_f)
     v.check_same_device(op, x=x, values=values, meta=meta, bias=bias)
@@ -221,7 +268,8 @@ def bsr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
     """``x @ W^T + bias`` with W a 1xN block-sparse ``(out_features, in)`` matrix in BSR form.
 
     ``crow``/``col``/``values (nnzb, block)`` are the BSR buffers with blocksize
-    ``(block, 1)`` (:func:`nmkern.to_bsr_1xn` gives them as a torch BSR tensor).
+    ``(block, 1)`` (:func:`nmkern.to_bsr_1xn` gives them as a torch BSR tensor). Differentiable
+    in ``x`` and ``bias`` (not in ``values``); the buffers are validated first.
     """
     op = "bsr_linear"
     _check_bsr(op, crow, col, values, out_features)
@@ -229,6 +277,7 @@ def bsr_linear(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: t
     _check_x(op, x, values.dtype, in_f)
     _check_bias(op, bias, values.dtype, out_features)
     v.check_same_device(op, x=x, crow=crow, col=col, values=values, bias=bias)
+    v.check_bsr_buffers(op, crow, col, values.shape[0], in_f)
     b = _backend(op, backend, x)
     y = _op("bsr_linear", b)(_flat(x, in_f), crow, col, values.contiguous(), out_features, bias)
     return y.reshape(*x.shape[:-1], out_features)
@@ -240,6 +289,14 @@ def _pair(op: str, name: str, val) -> list[int]:
     if isinstance(val, (tuple, list)) and len(val) == 2 and all(isinstance(e, int) for e in val):
         return list(val)
     raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {val!r}")
+
+
+def _conv_params(op: str, stride, padding, dilation) -> tuple[list[int], list[int], list[int]]:
+    stride, padding, dilation = (_pair(op, k, val) for k, val in
+                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"{op}: need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
+    return stride, padding, dilation
 
 
 def _check_conv_x(op: str, x, dtype: torch.dtype, weight_shape, stride, padding, dilation) -> None:
@@ -260,19 +317,18 @@ def nm_conv2d(x: torch.Tensor, packed: NMPacked, bias: torch.Tensor | None = Non
     """``conv2d(x, W, bias)`` (groups=1, zero padding) with W ``(O, I, kh, kw)`` packed N:M along ``I`` (dim=1).
 
     ``packed`` is ``nmkern.pack_nm(w, n, m, dim=1)``: its rows are the NHWC
-    ``(O, kh*kw*I)`` view the kernels read.
+    ``(O, kh*kw*I)`` view the kernels read. Differentiable in ``x`` and ``bias`` (not in the
+    packed weight); ``packed`` is validated (shapes, dtypes, indices) first.
     """
     op = "nm_conv2d"
     if not isinstance(packed, NMPacked):
         raise TypeError(f"{op}: packed must be an nmkern.NMPacked (from nmkern.pack_nm(w, n, m, dim=1)), "
                         f"got {type(packed).__name__}")
+    v.check_nm_packed(op, packed, LINEAR_DTYPES)
     if len(packed.shape) != 4 or packed.dim != 1:
         raise ValueError(f"{op}: packed must hold a 4-D conv weight grouped along input channels (dim=1), "
                          f"got shape {tuple(packed.shape)} grouped along dim {packed.dim}")
-    stride, padding, dilation = (_pair(op, k, val) for k, val in
-                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(f"{op}: need stride >= 1, dilation >= 1, padding >= 0; got {stride}, {dilation}, {padding}")
+    stride, padding, dilation = _conv_params(op, stride, padding, dilation)
     _check_conv_x(op, x, packed.dtype, packed.shape, stride, padding, dilation)
     _check_bias(op, bias, packed.dtype, packed.shape[0])
     v.check_same_device(op, x=x, values=packed.values, indices=packed.indices, bias=bias)
@@ -283,17 +339,20 @@ def nm_conv2d(x: torch.Tensor, packed: NMPacked, bias: torch.Tensor | None = Non
 
 def bsr_conv2d(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, weight_shape,
                bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """``conv2d(x, W, bias)`` with W a 1xN block-sparse conv weight in BSR form over ``(O, I*kh*kw)`` (reference)."""
+    """``conv2d(x, W, bias)`` with W a 1xN block-sparse conv weight in BSR form over ``(O, I*kh*kw)`` (reference).
+
+    Differentiable in ``x`` and ``bias`` (not in ``values``); the buffers are validated first.
+    """
     op = "bsr_conv2d"
     weight_shape = [int(s) for s in weight_shape]
     if len(weight_shape) != 4:
         raise ValueError(f"{op}: weight_shape must be (O, I, kh, kw), got {weight_shape}")
     _check_bsr(op, crow, col, values, weight_shape[0])
-    stride, padding, dilation = (_pair(op, k, val) for k, val in
-                                 (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    stride, padding, dilation = _conv_params(op, stride, padding, dilation)
     _check_conv_x(op, x, values.dtype, weight_shape, stride, padding, dilation)
     _check_bias(op, bias, values.dtype, weight_shape[0])
     v.check_same_device(op, x=x, crow=crow, col=col, values=values, bias=bias)
+    v.check_bsr_buffers(op, crow, col, values.shape[0], weight_shape[1] * weight_shape[2] * weight_shape[3])
     return torch.ops.nmkern.bsr_conv2d_reference(x, crow, col, values.contiguous(), weight_shape, bias, stride, padding,
                                                  dilation)
 

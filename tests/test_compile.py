@@ -79,13 +79,15 @@ def test_inductor_fullgraph_packed_model_matches_eager(backend):
         torch.testing.assert_close(compiled(x), eager)  # fp32 default tolerance: Inductor may fuse the GELU
 
 
-def test_native_ops_pass_opcheck():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_native_ops_pass_opcheck(requires_grad):
+    """opcheck: fake kernels, and (inputs that require grad) the autograd formula for x and bias."""
     _need("cpu")
     torch.manual_seed(3)
     for pattern in PATTERNS:
         layer = _packed_linear(pattern, "cpu")
         packed, t = layer._cpu_cached(), layer._cpu_cached().tensors
-        x, b = torch.randn(5, 64), torch.randn(32)
+        x, b = torch.randn(5, 64, requires_grad=requires_grad), torch.randn(32, requires_grad=requires_grad)
         if pattern == "2:4":
             args = (x, t["values"], t["index"], packed.n, packed.m, packed.in_features, packed.out_features, b)
             torch.library.opcheck(torch.ops.nmkern.cpu_nm_linear.default, args)

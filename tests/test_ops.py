@@ -37,23 +37,36 @@ def _conv():
 # --------------------------------------------------------------------------- opcheck
 
 
-def test_opcheck_linear_ops_reference():
+def _grad(*tensors):
+    """Inputs that require grad: opcheck then also checks the autograd formula (x and bias)."""
+    return tuple(t.detach().clone().requires_grad_() for t in tensors)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_linear_ops_reference(requires_grad):
     w, p = _nm()
     x, b = torch.randn(3, 64), torch.randn(32)
+    if requires_grad:
+        x, b = _grad(x, b)
     torch.library.opcheck(torch.ops.nmkern.nm_linear_reference.default, (x, p.values, p.indices, 2, 4, b))
     torch.library.opcheck(torch.ops.nmkern.nm_linear_reference.default, (x, p.values, p.indices, 2, 4, None))
     w24 = apply_nm_ref(torch.randn(32, 64), 2, 4).half()
     v24, meta = compress_24_ref(w24)
-    torch.library.opcheck(torch.ops.nmkern.semi24_linear_reference.default, (x.half(), v24, meta, b.half()))
+    torch.library.opcheck(torch.ops.nmkern.semi24_linear_reference.default,
+                          (x.detach().half().requires_grad_(requires_grad), v24, meta, b.detach().half()))
     wb, crow, col, vals = _bsr()
-    torch.library.opcheck(torch.ops.nmkern.bsr_linear_reference.default, (torch.randn(5, 24), crow, col, vals, 16, None))
+    xb = torch.randn(5, 24, requires_grad=requires_grad)
+    torch.library.opcheck(torch.ops.nmkern.bsr_linear_reference.default, (xb, crow, col, vals, 16, None))
 
 
-def test_opcheck_conv_ops_reference():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_conv_ops_reference(requires_grad):
     w, p = _conv()
-    x = torch.randn(2, 8, 5, 5)
+    x, b = torch.randn(2, 8, 5, 5), torch.randn(8)
+    if requires_grad:
+        x, b = _grad(x, b)
     torch.library.opcheck(torch.ops.nmkern.nm_conv2d_reference.default,
-                          (x, p.values, p.indices, 2, 4, list(w.shape), torch.randn(8), [1, 1], [1, 1], [1, 1]))
+                          (x, p.values, p.indices, 2, 4, list(w.shape), b, [1, 1], [1, 1], [1, 1]))
     wb = torch.randn(8, 8, 3, 3)
     wb = wb * block_mask_1xn_ref(wb, 4, 0.5)
     bsr = to_bsr_1xn_ref(wb.reshape(8, -1), 4)
@@ -67,9 +80,13 @@ def test_opcheck_triton_backend(interpret):
     w, p = _nm(16, 32)
     torch.library.opcheck(torch.ops.nmkern.nm_linear_triton.default,
                           (torch.randn(2, 32), p.values, p.indices, 2, 4, None))
+    torch.library.opcheck(torch.ops.nmkern.nm_linear_triton.default,
+                          (torch.randn(2, 32, requires_grad=True), p.values, p.indices, 2, 4, None))
     wb, crow, col, vals = _bsr()
     torch.library.opcheck(torch.ops.nmkern.bsr_linear_triton.default,
                           (torch.randn(2, 24), crow, col, vals, 16, torch.randn(16)))
+    torch.library.opcheck(torch.ops.nmkern.bsr_linear_triton.default,
+                          (*_grad(torch.randn(2, 24)), crow, col, vals, 16, *_grad(torch.randn(16))))
 
 
 # --------------------------------------------------------------------------- wrappers

@@ -68,8 +68,13 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: i
 
 
 def conv_weight_from_rows(w_rows: torch.Tensor, weight_shape) -> torch.Tensor:
-    """``(O, kh*kw*I)`` NHWC rows -> the ``(O, I, kh, kw)`` conv weight."""
-    return from_rows(w_rows, torch.Size(weight_shape), 1).contiguous()
+    """``(O, kh*kw*I)`` NHWC rows -> the ``(O, I, kh, kw)`` conv weight, with canonical strides.
+
+    ``.contiguous()`` is not enough: it keeps the odd strides of size-1 dims (a
+    (1, 2, 1, 1) weight comes back with strides (2, 1, 2, 2)), and torch 2.13's CPU
+    ``F.conv2d`` segfaults on those with stride (1, 2), padding 1, dilation 2.
+    """
+    return from_rows(w_rows, torch.Size(weight_shape), 1).clone(memory_format=torch.contiguous_format)
 
 
 def nm_conv2d_ref(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, weight_shape,
@@ -100,7 +105,7 @@ def unfold_nhwc(x: torch.Tensor, kernel_size, stride, padding, dilation) -> tupl
     ow = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     cols = F.unfold(x, (kh, kw), dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
     cols = cols.view(batch, channels, kh * kw, oh * ow).permute(0, 3, 2, 1)  # (B, L, kh*kw, I)
-    return cols.reshape(batch * oh * ow, -1), (batch, oh, ow)
+    return cols.reshape(batch * oh * ow, kh * kw * channels), (batch, oh, ow)  # no -1: batch may be 0
 
 
 def fold_rows_nchw(y_rows: torch.Tensor, batch: int, oh: int, ow: int) -> torch.Tensor:
