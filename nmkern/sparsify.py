@@ -139,14 +139,138 @@ def _why_skip(module: nn.Module, spec: LayerSpec) -> str | None:
     return fit_reason(LayerOp.CONV2D, module.in_channels, module.out_channels, *fit, module.groups)
 
 
+_SPARSE = (SparseLinear, SparseConv2d)
+_MHA_OUT_PROJ = ("MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward and its fused "
+                 "fast path never call out_proj), so a sparse module there would be bypassed; left dense")
+_MHA_RAW = ("a raw Parameter of MultiheadAttention, not an nn.Linear: sparse modules replace Linear/Conv2d layers "
+            "only; left dense")
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    parent_name = name.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
+def _shared_spec(module: nn.Module, names: list[str], resolver: SpecResolver):
+    """The one spec the scheme gives every name of ``module`` (None: no name matched); refuses a conflict."""
+    given = {name: spec for name in names if (spec := resolver.lookup(name)) is not None}
+    if len(set(given.values())) > 1:
+        listing = ", ".join(f"{n!r}: {'dense' if s is DENSE else s}" for n, s in given.items())
+        raise ValueError(f"{_OP}: {', '.join(map(repr, names))} are one shared module ({_describe(module)}, the same "
+                         f"object at each name), but the scheme gives them different patterns ({listing}); a module "
+                         "has one weight and one pattern: give every name of it the same pattern (or None for dense)")
+    return next(iter(given.values()), None)
+
+
+def _skip_reason(model: nn.Module, module: nn.Module, names: list[str], spec) -> str | None:
+    if spec is None:
+        return "not in the scheme (left dense)"
+    if spec is DENSE:
+        return "the scheme keeps it dense (None)"
+    if any(isinstance(_parent(model, n), nn.MultiheadAttention) and n.rpartition(".")[2] == "out_proj" for n in names):
+        return _MHA_OUT_PROJ
+    if type(module) not in (nn.Linear, nn.Conv2d):
+        return f"{type(module).__name__} subclasses nn.{type(module).__mro__[1].__name__}; only plain layers are swapped"
+    return _why_skip(module, spec)
+
+
+def _plan(model: nn.Module, resolver: SpecResolver, report: SparsifyReport) -> list[tuple[nn.Module, list, object]]:
+    """(module, every name it has in the model, spec) for each layer to swap; skipped layers go in the report."""
+    groups: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):  # a shared module has one name per use
+        if isinstance(mod, (nn.Linear, nn.Conv2d)) and not isinstance(mod, _SPARSE):
+            groups.setdefault(id(mod), (mod, []))[1].append(name)
+    plan = []
+    for module, names in groups.values():
+        spec = _shared_spec(module, names, resolver)
+        reason = _skip_reason(model, module, names, spec)
+        if reason is None:
+            plan.append((module, names, spec))
+            continue
+        for name in names:
+            report.skipped.append((name, f"{_describe(module)}: {reason}"))
+            log.info("sparsify: skipped %s (%s): %s", name, _describe(module), reason)
+    return plan
+
+
+def _check_plan(plan: list, pack: bool) -> None:
+    """Refuse, before anything is swapped, tied weights given two patterns and pack=True on meta tensors."""
+    owners: dict[int, tuple[str, object]] = {}
+    for module, names, spec in plan:
+        if pack and module.weight.is_meta:
+            raise ValueError(f"{_OP}: pack=True needs real weights, but {names[0]}.weight is on the meta device "
+                             "(shapes only, no values); sparsify without pack=True (the training form works on "
+                             "meta), materialise the model (to_empty + load_state_dict), then pack()")
+        first = owners.setdefault(id(module.weight), (names[0], spec))
+        if first[1] != spec:
+            raise ValueError(f"{_OP}: {first[0]!r} and {names[0]!r} share one weight Parameter (tied weights), but "
+                             f"the scheme gives them {first[1]} and {spec}; a tied weight needs one mask rule: give "
+                             f"both the same pattern, or keep one dense in the scheme (e.g. {{{names[0]!r}: None}})")
+
+
+def _keep_fused_paths_off(model: nn.Module) -> None:
+    """PyTorch's fused transformer kernels read ``linear1.weight`` / ``linear2.weight`` directly.
+
+    ``TransformerEncoderLayer`` takes torch's fused path (``torch._transformer_encoder_layer_fwd``)
+    in eval mode without grad only while ``activation_relu_or_gelu`` is set; it is a hint for that
+    path alone (the layer's own forward uses ``self.activation``), so clearing it keeps a layer
+    holding sparse modules on the modular path, which calls them. ``TransformerEncoder`` converts
+    padded batches to nested tensors for the fused path only; that is turned off likewise.
+    """
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoderLayer) and any(
+                isinstance(getattr(mod, a, None), _SPARSE) for a in ("linear1", "linear2")):
+            mod.activation_relu_or_gelu = 0
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and any(
+                isinstance(sub, _SPARSE) for layer in mod.layers for sub in layer.modules()):
+            mod.use_nested_tensor = False
+
+
+def _report_raw_projections(model: nn.Module, resolver: SpecResolver, report: SparsifyReport) -> None:
+    """MultiheadAttention's input projections are raw Parameters: say so where the scheme reaches them."""
+    for name, mha in model.named_modules():
+        if not isinstance(mha, nn.MultiheadAttention):
+            continue
+        raw = ("in_proj_weight",) if mha._qkv_same_embed_dim else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        for attr in raw:
+            full = f"{name}.{attr}" if name else attr
+            spec = resolver.lookup(full)
+            if spec is not None and spec is not DENSE:
+                shape = "x".join(map(str, getattr(mha, attr).shape))
+                report.skipped.append((full, f"Parameter {shape}: {_MHA_RAW}"))
+                log.info("sparsify: skipped %s: %s", full, _MHA_RAW)
+
+
+def _swap(model: nn.Module, module: nn.Module, names: list[str], spec, report: SparsifyReport, pack: bool,
+          **kw) -> None:
+    cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
+    new = cls.from_dense(module, **kw, **spec_kwargs(spec, _OP))
+    # The module's own Parameters, not copies: tied weights stay tied, optimisers keep their references.
+    new.weight = module.weight
+    if module.bias is not None:
+        new.bias = module.bias
+    new.train(module.training)
+    if pack:
+        new.pack()
+    for i, name in enumerate(names):  # a shared module: the same new module at every name
+        setattr(_parent(model, name), name.rpartition(".")[2], new)
+        shared = f" (the same module as {names[0]!r})" if i else ""
+        report.swapped.append((name, f"{_describe(module)} as {spec}{shared}"))
+        log.info("sparsify: %s (%s) -> %s%s", name, _describe(module), spec, shared)
+
+
 def sparsify(model: nn.Module, scheme, *, backend="auto", srste: bool = True, lambda_w: float = DEFAULT_LAMBDA_W,
              pack: bool = False) -> SparsifyReport:
     """Swap ``model``'s ``nn.Linear`` / ``nn.Conv2d`` layers for :class:`~nmkern.SparseLinear` /
     :class:`~nmkern.SparseConv2d` in place, following ``scheme`` (see the module docstring).
 
     The new modules start in the training form (dense weight, mask in forward;
-    ``srste``/``lambda_w`` set their SR-STE gradient); ``pack=True`` packs them
-    for inference right away. Returns a :class:`SparsifyReport`.
+    ``srste``/``lambda_w`` set their SR-STE gradient) and hold the old layers' own
+    Parameters (tied weights stay tied); ``pack=True`` packs them for inference right
+    away. A module used at several names is swapped for one sparse module at all of
+    them. Transformer layers holding sparse modules are kept off PyTorch's fused
+    inference path (which would read the dense weights). Returns a :class:`SparsifyReport`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{_OP}: model must be an nn.Module, got {type(model).__name__}")
@@ -159,33 +283,12 @@ def sparsify(model: nn.Module, scheme, *, backend="auto", srste: bool = True, la
     if resolver.uniform is DENSE:
         raise ValueError(f"{_OP}: scheme {scheme!r} keeps every layer dense; give a pattern such as '2:4' or '1x4:0.5'")
     report = SparsifyReport(packed=bool(pack))
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if type(mod) in (nn.Linear, nn.Conv2d) or (isinstance(mod, (nn.Linear, nn.Conv2d))
-                                                          and not isinstance(mod, (SparseLinear, SparseConv2d)))]
-    for name, module in targets:
-        pat = resolver.lookup(name)
-        if pat is None:
-            reason = "not in the scheme (left dense)"
-        elif pat is DENSE:
-            reason = "the scheme keeps it dense (None)"
-        elif type(module) not in (nn.Linear, nn.Conv2d):
-            reason = f"{type(module).__name__} subclasses nn.{type(module).__mro__[1].__name__}; only plain layers are swapped"
-        else:
-            reason = _why_skip(module, pat)
-        if reason is not None:
-            report.skipped.append((name, f"{_describe(module)}: {reason}"))
-            log.info("sparsify: skipped %s (%s): %s", name, _describe(module), reason)
-            continue
-        cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv2d
-        new = cls.from_dense(module, backend=backend, srste=srste, lambda_w=lambda_w, **spec_kwargs(pat, _OP))
-        new.train(module.training)
-        if pack:
-            new.pack()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        report.swapped.append((name, f"{_describe(module)} as {pat}"))
-        log.info("sparsify: %s (%s) -> %s", name, _describe(module), pat)
+    plan = _plan(model, resolver, report)
+    _check_plan(plan, pack)  # refusals come before the model changes
+    for module, names, spec in plan:
+        _swap(model, module, names, spec, report, pack, backend=backend, srste=srste, lambda_w=lambda_w)
+    _report_raw_projections(model, resolver, report)
+    _keep_fused_paths_off(model)
     if resolver.is_mapping:
         report.unmatched_keys = resolver.unused_keys()
         for key in report.unmatched_keys:

@@ -3,6 +3,7 @@
 * ``_layer.py``: what both share - the training and packed forms, packing, the
   ``state_dict`` round trip, the caches and the one ``forward`` (a lookup in the
   table of :mod:`nmkern.dispatch`);
+* ``_state.py``: the load-time checks of a ``state_dict`` (extra state, packed buffers);
 * ``linear.py`` / ``conv.py``: the geometry of each (shapes, input checks, the dense op).
 """
 

@@ -20,15 +20,21 @@ Each layer remembers its decision per (backend, device, GEMM rows); ``NMKERN_BAC
 is read when a layer first meets an input size (``.to()``, ``pack()`` and
 ``load_state_dict`` forget the decisions). The native kernels' weight layouts are built
 eagerly at ``pack()`` / ``.to()`` / ``load_state_dict`` where that path can run, so a
-``torch.compile`` trace never has to build them.
+``torch.compile`` trace never has to build them; the same places record what the table picks
+at 1, 2, 4, ... GEMM rows (the compile plan), so a trace reads that plan instead of calling into
+the table, and guards on the batch size only where the path changes (a forced path: never).
 
 ``state_dict`` round trips for both forms into a fresh module: the config rides in
 the extra state, and loading a packed state into a training-form module (or the
-reverse) switches the module's form first.
+reverse) switches the module's form first. Every state is checked before the module
+changes (:mod:`nmkern.nn._state`: shapes, dtypes, index ranges, config); a refused one
+leaves the module as it was. A training-form module also loads a plain ``nn.Linear`` /
+``nn.Conv2d`` state (weight and bias, no extra state; a 1xN mask then comes from the weight).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -44,6 +50,7 @@ from ..functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1
 from ..reference.linear import bsr_dense_ref, nm_dense_rows_ref
 from ..reference.semi24 import COL_ALIGN, ROW_ALIGN
 from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern, pattern_in
+from . import _state
 
 
 def parse_pattern(op: str, pattern) -> Pattern:
@@ -90,11 +97,14 @@ def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Patter
 
 
 # Per-module caches, rebuilt on demand; cleared by pack/load/.to()/.half() and never saved.
-_CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache", "_info_cache", "_path_cache")
+_CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache", "_info_cache", "_path_cache",
+           "_plan_cache")
 # Decisions remembered per module (distinct input row counts seen); the memo keeps
 # the per-call dispatch cost to a dict lookup (building LayerInfo and deciding cost
 # ~100 us per call on this machine, more than a small dense GEMM).
 _PATH_MEMO_SIZE = 256
+# GEMM row counts the compile plan asks the table about (see _SparseLayer._build_compile_plan).
+_PLAN_ROWS = tuple(2 ** i for i in range(17))
 
 
 class _SparseLayer(nn.Module):
@@ -162,6 +172,10 @@ class _SparseLayer(nn.Module):
             state[name] = None
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._prepare_native()  # unpickled / deep-copied: the layouts and the compile plan, in eager mode
+
     def _apply(self, fn, recurse=True):
         self._clear_caches()  # .to(), .half(), .cuda(): the native layouts follow the buffers
         out = super()._apply(fn, recurse)
@@ -184,6 +198,7 @@ class _SparseLayer(nn.Module):
                     Backend.CUSPARSELT: self._cslt_cached}
         for path in dispatch.native_paths(self.backend, self._layer_info(), self.device.type):
             builders[path]()
+        self._build_compile_plan()
 
     def _weight_tensor(self) -> torch.Tensor:
         """The tensor that carries the weight's dtype and device in the current form."""
@@ -275,7 +290,8 @@ class _SparseLayer(nn.Module):
         if not self._packed:
             return self.weight.detach() * self.mask()
         if self.pattern is Pattern.NM:  # conv rows are NHWC: make the (O, I, kh, kw) weight contiguous
-            return unpack_nm(self._nm_packed(), backend="reference").contiguous()
+            # canonical strides, not .contiguous(): see reference.linear.conv_weight_from_rows (a conv segfault)
+            return unpack_nm(self._nm_packed(), backend="reference").clone(memory_format=torch.contiguous_format)
         dense = bsr_dense_ref(self.bsr_crow, self.bsr_col, self.bsr_values, self.weight_shape[0], self._gemm_k())
         return dense.reshape(self.weight_shape)
 
@@ -299,9 +315,18 @@ class _SparseLayer(nn.Module):
 
     @torch.no_grad()
     def pack(self) -> "_SparseLayer":
-        """Switch in place to the compressed inference form (buffers only); returns self."""
+        """Switch in place to the compressed inference form (buffers only); returns self.
+
+        The packed form is a frozen sparse base: it is differentiable with respect to its
+        input (exact on every path) and its bias, not its weight; train the weight before
+        ``pack()`` (or put an adapter beside it).
+        """
         if self._packed:
             return self
+        if self.device.type == "meta":
+            raise ValueError(f"{type(self).__name__}.pack: the weight is on the meta device (shapes only, no values), "
+                             "so there is nothing to pack; materialise it first (module.to_empty(device=...) and "
+                             "load_state_dict), then pack(), or sparsify without pack=True")
         w = self.dense_weight()
         if self.pattern is Pattern.NM:
             packed = pack_nm(w, self.n, self.m, dim=1, backend=_mask_backend(w))
@@ -349,32 +374,46 @@ class _SparseLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        extra = state_dict.get(prefix + "_extra_state")
-        if isinstance(extra, dict):
-            self.pattern = parse_pattern(type(self).__name__, extra.get("pattern", self.pattern))
-            self.n, self.m = int(extra.get("n", self.n)), int(extra.get("m", self.m))
-            self.block, self.sparsity = int(extra.get("block", self.block)), float(extra.get("sparsity", self.sparsity))
-        names = (("packed_values", "packed_indices") if self.pattern is Pattern.NM
-                 else ("bsr_crow", "bsr_col", "bsr_values"))
-        if all(prefix + k in state_dict for k in names):
-            # Packed state: take its shapes (1xN nnzb varies) and dtypes (values may be fp16 in an fp32 module).
-            shapes = {k: (state_dict[prefix + k].shape, state_dict[prefix + k].dtype) for k in names}
+        # Everything the state gives is checked first (nmkern.nn._state): a refused state leaves
+        # the module as it was and its message reaches torch's "Error(s) in loading state_dict".
+        op = type(self).__name__ + (f" {prefix[:-1]!r}" if prefix else "")
+        try:
+            plan = _state.plan_load(op, self, state_dict, prefix)
+        except _state.StateError as e:
+            error_msgs.append(str(e))
+            return
+        cfg = plan.config
+        self.pattern, self.n, self.m = cfg["pattern"], cfg["n"], cfg["m"]
+        self.block, self.sparsity = cfg["block"], cfg["sparsity"]
+        if plan.form == "packed":
+            # Take the state's shapes (1xN nnzb varies) and dtypes (values may be fp16 in an fp32 module).
             if not self._packed or any(getattr(self, k, None) is None or getattr(self, k).shape != s[0]
-                                       or getattr(self, k).dtype != s[1] for k, s in shapes.items()):
+                                       or getattr(self, k).dtype != s[1] for k, s in plan.shapes.items()):
                 if self._packed:
                     self._training_shell()
-                self._packed_shell(shapes)
-        elif prefix + "weight" in state_dict and self._packed:
+                self._packed_shell(plan.shapes)
+        elif plan.form == "training" and self._packed:
             self._training_shell()
-        elif prefix + "weight" in state_dict and self.pattern is Pattern.BLOCK:
+        elif plan.form == "training" and self.pattern is Pattern.BLOCK:
             if self._buffers.get("weight_mask") is None:  # an N:M module taking a 1xN training state
                 self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=self.device))
-        elif prefix + "weight" in state_dict:
+        elif plan.form == "training":
             self._buffers.pop("weight_mask", None)  # a 1xN module taking an N:M training state
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if plan.form == "training" and not plan.has_extra:  # a plain nn.Linear / nn.Conv2d state: weight (+ bias)
+            self._adopt_plain_state(state_dict, prefix, missing_keys)
         self._clear_caches()
         self._prepare_native()
+
+    @torch.no_grad()
+    def _adopt_plain_state(self, state_dict, prefix: str, missing_keys: list) -> None:
+        """After loading a dense layer's state: no extra state is missing, and a 1xN mask comes from the weight."""
+        for key in (_state.EXTRA, "weight_mask"):
+            if prefix + key in missing_keys:
+                missing_keys.remove(prefix + key)
+        if self.pattern is Pattern.BLOCK and prefix + "weight_mask" not in state_dict:
+            self.weight_mask.copy_(self._initial_block_mask())  # as from_dense does
 
     def packed_nbytes(self) -> int:
         """Bytes of the tensors the packed form stores (weight part; bias excluded)."""
@@ -421,8 +460,8 @@ class _SparseLayer(nn.Module):
 
     def _decide(self, x: torch.Tensor, rows: int) -> tuple[Backend, object]:
         """(path, the table's callable for it), remembered per (backend, device, GEMM rows)."""
-        if torch.compiler.is_compiling():  # decided once at trace time anyway
-            path = dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
+        if torch.compiler.is_compiling():  # decided once at trace time, from the plan made in eager mode
+            path = self._traced_path(x, rows)
             return path, dispatch.callable_for(path, self._op)
         # Environment variables (NMKERN_BACKEND, TRITON_INTERPRET) are read on a memo miss only:
         # os.environ lookups cost more than the rest of this function.
@@ -438,6 +477,38 @@ class _SparseLayer(nn.Module):
                 memo.clear()
             memo[key] = hit
         return hit
+
+    def _build_compile_plan(self) -> None:
+        """What :func:`nmkern.dispatch.choose` picks at 1, 2, 4, ... GEMM rows, as row ranges.
+
+        Built in eager mode (``pack()``, ``.to()``, ``load_state_dict``, setting ``backend``) so a
+        ``torch.compile`` trace neither calls into the table (the native library's lock is a graph
+        break) nor guards on the exact row count: a forced path has one range (no guard on the
+        batch size at all), ``auto`` a range per path it switches between (one guard per switch).
+        """
+        call = Call(self._layer_info(), self.device.type, 1)
+        ranges: list[tuple[int, Backend]] = []
+        try:
+            for rows in _PLAN_ROWS:
+                path = dispatch.choose(self.backend, dataclasses.replace(call, rows=rows))
+                if ranges and ranges[-1][1] is path:
+                    ranges[-1] = (rows, path)
+                else:
+                    ranges.append((rows, path))
+        except ValueError:  # a forced path that cannot run here: the trace asks the table, which says why
+            ranges = []
+        self.__dict__["_plan_cache"] = ((self.backend, self.device.type), tuple(ranges))
+
+    def _traced_path(self, x: torch.Tensor, rows) -> Backend:
+        """The path under torch.compile: the eager plan's range holding ``rows`` (a SymInt when dynamic)."""
+        plan = self._plan_cache
+        if plan is None or plan[0] != (self.backend, x.device.type) or not plan[1]:
+            return dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
+        ranges = plan[1]
+        for max_rows, path in ranges[:-1]:
+            if rows <= max_rows:
+                return path
+        return ranges[-1][1]
 
     def _choose(self, x: torch.Tensor, rows: int) -> Backend:
         """The path this call takes (:func:`nmkern.dispatch.choose`, remembered)."""
