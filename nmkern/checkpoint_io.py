@@ -7,7 +7,8 @@
 * :func:`prune_module` / :func:`prune_torchscript`: the masked weights a scheme gives
   each Linear / Conv2d (model untouched) and a per-layer report; :func:`set_weights`
   writes them back;
-* :func:`atomic_write` / :func:`write_json`: outputs that are never left half-written.
+* :func:`atomic_write` / :func:`atomic_write_all` / :func:`write_json`: outputs that are never left
+  half-written, and never written over a directory or device node.
 
 Bad input raises :class:`CheckpointError` (a ``ValueError``) saying what and how to fix.
 """
@@ -17,8 +18,11 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
+import stat
+import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -35,32 +39,84 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- writing
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp_path)`` then rename, so a failure never leaves a half-written output."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_target(path: Path) -> Path:
+    """The path a write to ``path`` lands on (a symlink's target); refuses anything but a regular file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{id(write)}")
+    target = path.resolve() if path.is_symlink() else path
+    if os.path.lexists(target) and not target.is_file():
+        raise CheckpointError(f"{path} exists and is not a regular file (a directory, device or other special "
+                              "file); nmkern writes only regular files: choose another path")
+    return target
+
+
+def atomic_write_all(writes: Sequence[tuple[Path, Callable[[Path], object]]]) -> None:
+    """``write(tmp)`` for every ``(path, write)``, each into a temp file beside its path, then rename them all.
+
+    A failure in any writer leaves no output written or half-written. An output that
+    exists and is not a regular file (a directory, ``/dev/null``, a FIFO) is refused
+    before anything is written, so a device node is never replaced by a file.
+    """
+    targets = [_write_target(path) for path, _ in writes]
+    temps: list[Path] = []
     try:
-        write(tmp)
-        tmp.replace(path)
+        for target, (_, write) in zip(targets, writes):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+            os.close(fd)
+            temps.append(Path(name))
+            write(temps[-1])
+            mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else 0o666 & ~_umask()
+            os.chmod(temps[-1], mode)
+        for target, tmp in zip(targets, temps):
+            os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in temps:
+            if os.path.lexists(tmp):
+                tmp.unlink()
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp_path)`` then rename: a failure never leaves a half-written output (:func:`atomic_write_all`)."""
+    atomic_write_all([(Path(path), write)])
 
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=str) + "\n"))
 
 
-def save_model(model, path: Path) -> None:
-    """A TorchScript module as TorchScript, an nn.Module as its state_dict; atomically."""
+def save_model(model, path: Path, *, atomic: bool = True) -> None:
+    """A TorchScript module as TorchScript, an nn.Module as its state_dict; atomically unless ``atomic=False``
+    (for a writer of :func:`atomic_write_all`, which is given a temp path)."""
     if isinstance(model, torch.jit.ScriptModule):
-        atomic_write(path, lambda p: torch.jit.save(model, str(p)))
+        write = lambda p: torch.jit.save(model, str(p))  # noqa: E731
     else:
-        atomic_write(path, lambda p: torch.save(model.state_dict(), p))
+        write = lambda p: torch.save(model.state_dict(), p)  # noqa: E731
+    if atomic:
+        atomic_write(path, write)
+    else:
+        write(path)
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def describe_load_error(e: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words (never torch's advice to
+    retry with ``weights_only=False``, which would run whatever code a planted pickle holds)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        return ("it holds Python objects other than tensors and plain containers, which nmkern does not load "
+                "(unpickling them could run code), or it is damaged")
+    if isinstance(e, EOFError) or not text.strip():
+        return f"it is empty or truncated ({type(e).__name__})"
+    first = " ".join(text.split())[:160]
+    return f"{type(e).__name__}: {first}"
 
 
 def load_torchscript(path: Path):
@@ -84,7 +140,7 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         obj = load_torchscript(p)
         if obj is None:
             raise CheckpointError(
-                f"{path} is not a checkpoint torch can load safely ({type(first).__name__}: {first}); "
+                f"{path} is not a checkpoint torch can load safely ({describe_load_error(first)}); "
                 "save a state_dict with torch.save(model.state_dict(), path) or a TorchScript file"
             ) from None
     if isinstance(obj, torch.nn.Module) or hasattr(obj, "state_dict"):
@@ -261,6 +317,6 @@ def set_weights(model, weights: Mapping[str, torch.Tensor]) -> None:
             submodule(model, name).weight.copy_(w)
 
 
-__all__ = ["CheckpointError", "atomic_write", "build_from_factory", "import_factory", "load_into", "load_model",
-           "load_state_dict", "load_torchscript", "prune", "prune_module", "prune_torchscript",
-           "save_model", "set_weights", "submodule", "write_json"]
+__all__ = ["CheckpointError", "atomic_write", "atomic_write_all", "build_from_factory", "describe_load_error",
+           "import_factory", "load_into", "load_model", "load_state_dict", "load_torchscript", "prune", "prune_module",
+           "prune_torchscript", "save_model", "set_weights", "submodule", "write_json"]

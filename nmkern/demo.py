@@ -33,11 +33,15 @@ from . import timing
 from .benchmark import pack_model, packed_variants, time_models
 from .data import Dataset, load_mnist1d
 from .methods.domino import Budget, domino_search
-from .methods.recipes import accuracy, prunable_sparsity, sparsify_copy, train
+from .checkpoint_io import atomic_write
+from .methods.recipes import accuracy, prunable_sparsity, seed_everything, sparsify_copy, train
 from .models import MNIST1DNet
 from .nn import SparseConv2d, SparseLinear
 
 SPARSE_TYPES = (SparseLinear, SparseConv2d)
+# every file run_demo writes into its output folder (each atomically: a temp file, then renamed)
+OUTPUTS = ("dense.pt", "scheme.json", "per_layer_n.png", "sparse_packed.pt", "results.json", "accuracy_vs_sparsity.png",
+           "latency_ratio.png", "report.md")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +85,7 @@ QUICK = DemoConfig(quick=True, dense_epochs=10, sparse_epochs=4, baselines=("1:8
 
 
 def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
+    seed_everything(seed)
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -142,6 +146,14 @@ def _plt():
     return plt
 
 
+def _save_fig(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
 def plot_accuracy(rows: list[dict], dense_acc: float, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -157,9 +169,7 @@ def plot_accuracy(rows: list[dict], dense_acc: float, path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("MNIST-1D, 1-D CNN: accuracy vs sparsity", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_fig(plt, fig, path)
 
 
 def plot_latency(rows: list[dict], path: Path, title: str) -> None:
@@ -176,9 +186,7 @@ def plot_latency(rows: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_fig(plt, fig, path)
 
 
 # --------------------------------------------------------------------------- report
@@ -192,7 +200,7 @@ def write_report(res: dict, out: Path) -> None:
     """``report.md``: the run, accuracy table, searched scheme, packing and CPU latency of ``res``."""
     lines = (_report_header(res) + _report_accuracy(res) + _report_scheme(res) + _report_packing(res)
              + _report_latency(res) + _report_footer())
-    (out / "report.md").write_text("\n".join(lines))
+    atomic_write(out / "report.md", lambda p: p.write_text("\n".join(lines)))
 
 
 def _report_header(res: dict) -> list[str]:
@@ -387,7 +395,7 @@ def _train_dense(cfg: DemoConfig, data: Dataset, out: Path, progress: bool) -> t
     dense = MNIST1DNet()
     train(dense, data, cfg.dense_epochs, cfg.lr, cfg.batch_size, seed=cfg.seed, desc="dense", progress=progress)
     dense.eval()
-    torch.save(dense.state_dict(), out / "dense.pt")
+    atomic_write(out / "dense.pt", lambda p: torch.save(dense.state_dict(), p))
     return dense, accuracy(dense, data)
 
 
@@ -438,7 +446,7 @@ def _run_variants(cfg: DemoConfig, dense: nn.Module, scheme, data: Dataset, rows
 def _pack_and_check(dense: nn.Module, model: nn.Module, data: Dataset, out: Path) -> tuple[nn.Module, dict]:
     """Step 4: the packed copy of ``model`` (``sparse_packed.pt``), its sizes, accuracy and logit difference."""
     packed = pack_model(model)
-    torch.save(packed.state_dict(), out / "sparse_packed.pt")
+    atomic_write(out / "sparse_packed.pt", lambda p: torch.save(packed.state_dict(), p))
     with torch.no_grad():
         diff = float((packed(data.x_test) - model(data.x_test)).abs().max())
     return packed, {"dense_bytes": state_bytes(dense), "train_form_bytes": state_bytes(model),
@@ -448,7 +456,7 @@ def _pack_and_check(dense: nn.Module, model: nn.Module, data: Dataset, out: Path
 
 def _write_outputs(res: dict, dense_acc: float, out: Path) -> None:
     """``results.json``, the accuracy and latency plots and ``report.md``."""
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(res, indent=1)))
     plot_accuracy(res["accuracy"], dense_acc, out / "accuracy_vs_sparsity.png")
     plot_latency(res["latency"], out / "latency_ratio.png",
                  f"MNIST-1D CNN, packed DominoSearch model vs dense, {res['machine']['threads']} thread(s)\n"

@@ -166,13 +166,21 @@ class Scheme(Mapping):
     def from_dict(cls, d: Mapping) -> "Scheme":
         if not isinstance(d, Mapping) or d.get("format") != _FORMAT or "layers" not in d:
             raise ValueError(f"Scheme.load: not an nmkern scheme (expected a JSON object with format={_FORMAT!r} and 'layers')")
-        layers = {k: (None if p is None else tuple(p)) for k, p in d["layers"].items()}
+        if not isinstance(d["layers"], Mapping):
+            raise ValueError(f"Scheme.load: 'layers' must be an object {{layer name: [n, m] | null}}, "
+                             f"got {type(d['layers']).__name__}")
+        for key in ("layer_params", "layer_flops", "meta"):
+            if d.get(key) is not None and not isinstance(d[key], Mapping):
+                raise ValueError(f"Scheme.load: {key!r} must be an object, got {type(d[key]).__name__}")
+        layers = {k: (tuple(p) if isinstance(p, list) else p) for k, p in d["layers"].items()}
         return cls(layers, layer_params=d.get("layer_params"), layer_flops=d.get("layer_flops"), meta=d.get("meta"))
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        """Write the JSON atomically (a temp file beside ``path``, then renamed)."""
+        from .checkpoint_io import atomic_write
+
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write(path, lambda p: p.write_text(text))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Scheme":
@@ -209,5 +217,9 @@ class Scheme(Mapping):
             parts.append(f"FLOPs {self.flops_reduction:.2f}x fewer")
         ax.set_title(title or ("chosen N per layer" + (" - " + ", ".join(parts) if parts else "")), fontsize=9)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        from .checkpoint_io import atomic_write
+
+        try:
+            atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+        finally:
+            plt.close(fig)

@@ -81,6 +81,32 @@ def test_errors(tmp_path):
         Scheme.load(bad)
 
 
+def test_load_refuses_wrong_json_types(tmp_path):
+    path = tmp_path / "s.json"
+    for doc, needle in (({"format": "nmkern.scheme/1", "layers": [["a", [2, 4]]]}, "'layers' must be an object"),
+                        ({"format": "nmkern.scheme/1", "layers": {"a": [2, 4]}, "layer_params": [8]},
+                         "'layer_params' must be an object"),
+                        ({"format": 1, "layers": {"a": [2, 4]}}, "not an nmkern scheme")):
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match=needle):
+            Scheme.load(path)
+    path.write_text(json.dumps({"format": "nmkern.scheme/1", "layers": {"a": "2:4", "b": None}}))
+    assert dict(Scheme.load(path)) == {"a": (2, 4), "b": None}  # "n:m" text, not split into characters
+
+
+def test_save_and_plot_are_atomic(tmp_path):
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    Scheme({"x": (2, 4)}).save(link)  # through the link, into its target; no temp file left beside it
+    assert link.is_symlink() and dict(Scheme.load(target)) == {"x": (2, 4)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        Scheme({"x": (2, 4)}).save(tmp_path / "d.json")
+
+
 def test_plot_png(tmp_path):
     pytest.importorskip("matplotlib")  # an optional dependency (extras "demo" / "examples")
     path = tmp_path / "n.png"

@@ -4,13 +4,15 @@ One module per command (inspect, prune, demo, search, train, bench), each with
 ``register(subparsers)`` and ``run(args) -> exit code``; :mod:`._common` holds the
 plumbing they share. Commands never import one another.
 
-Exit codes: 0 ok, 2 bad usage or input (the message says what and how to fix),
-1 internal error.
+Exit codes: 0 ok, 2 bad usage or input (the message says what and how to fix, and
+nothing was written), 1 internal error, 130 interrupted (Ctrl-C), 141 stdout closed
+early (e.g. ``nmkern inspect --json | head``: quiet, like other unix tools).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -18,9 +20,12 @@ import torch
 from . import bench, demo, inspect, prune, search, train
 from ._common import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError
 
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # the shell's codes for SIGINT / SIGPIPE
+
 COMMANDS = (inspect, demo, prune, search, train, bench)  # --help lists them in this order
 
-__all__ = ["EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "UsageError",
+           "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         command.register(sub)
     return parser
+
+
+def _drop_stdout() -> None:
+    """The reader of stdout went away (``| head``): send what is still buffered to /dev/null, quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a file descriptor
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     threads = torch.get_num_threads()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except (UsageError, ValueError, TypeError) as e:  # library calls raise ValueError / TypeError on bad input
         print(f"nmkern {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:  # pragma: no cover - reported, not hidden
         import traceback
 

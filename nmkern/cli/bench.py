@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from ._common import EXIT_OK, UsageError, parse_int_list, progress, set_threads, write_json
+from ._common import EXIT_OK, UsageError, check_output_files, parse_int_list, progress, set_threads, write_json
 
 _PATTERN_FORMS = "n:m with 1 <= n < m <= 16 (e.g. 2:4) or 1x<block>:<sparsity> (e.g. 1x4:0.75)"
 
@@ -18,7 +19,9 @@ def register(sub) -> None:
     p.add_argument("--no-cold", action="store_true",
                    help="skip the cold-cache figures (a stack of layers > 4x the last-level cache)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default="nmkern-bench.json", help="where the JSON results go")
+    p.add_argument("--json", default="nmkern-bench.json",
+                   help="where the JSON results go (an existing file is refused unless --force)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -44,8 +47,13 @@ def _parse_args(args):
             patterns[-1].check_shape(o, i)
         except ValueError as e:
             raise UsageError(f"--{e}") from None
-    if args.seconds <= 0:
-        raise UsageError(f"--seconds {args.seconds}: must be > 0")
+    if not patterns:
+        raise UsageError(f"--pattern {args.pattern!r}: give at least one pattern, {_PATTERN_FORMS}")
+    if not math.isfinite(args.seconds) or args.seconds <= 0:
+        raise UsageError(f"--seconds {args.seconds}: must be a finite number of seconds > 0 (e.g. 2)")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be >= 1")
+    check_output_files([("--json", Path(args.json))], force=args.force)
     return o, i, batches, patterns
 
 
@@ -59,7 +67,8 @@ def run(args) -> int:
                           progress=progress(args))
     result["meta"]["command"] = (f"nmkern bench --shape {args.shape} --batch {args.batch} --pattern {args.pattern}"
                                  + (" --no-cold" if args.no_cold else ""))
+    table = format_bench_table(result)  # before writing: a failure here leaves nothing behind
     write_json(out_path, result)
-    print(format_bench_table(result))
+    print(table)
     print(f"wrote {out_path}")
     return EXIT_OK

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import checkpoint_io
 from ..spec import BlockSpec, parse_spec
-from ._common import EXIT_OK, SCHEME_HELP, UsageError, parse_scheme_arg, write_json
+from ._common import EXIT_OK, SCHEME_HELP, UsageError, check_output_files, parse_scheme_arg
 
 
 def register(sub) -> None:
@@ -16,8 +16,12 @@ def register(sub) -> None:
     p.add_argument("--scheme", default=None, help=SCHEME_HELP)
     p.add_argument("--method", default="magnitude", help="'magnitude' (N:M by |w|) or '1xn:<block>:<sparsity>'")
     p.add_argument("--factory", default=None, help="module:callable building the model of a state_dict checkpoint")
-    p.add_argument("-o", "--output", required=True, help="pruned model (same format as the input); report beside it as .json")
+    p.add_argument("-o", "--output", required=True,
+                   help="pruned model (same format as the input); report beside it as .json (both refused if "
+                        "they exist, unless --force)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing -o file and its .json report (never an input file)")
     p.set_defaults(func=run)
 
 
@@ -42,22 +46,24 @@ def _uniform_1xn(args) -> BlockSpec | None:
                      "'1xn:<block>:<sparsity>' (e.g. 1xn:4:0.5)")
 
 
-def _check_paths(args) -> tuple[Path, Path]:
+def _check_paths(args) -> tuple[Path, Path, Path]:
+    """(input, output, report) with every output checked before any work (see check_output_files)."""
     src, out = Path(args.model), Path(args.output)
     if not src.is_file():
         raise UsageError(f"no such file: {args.model}")
-    if out.resolve() == src.resolve():
-        raise UsageError(f"-o {args.output} would overwrite the input; choose another output path")
     if out.suffix == ".json":
         raise UsageError(f"-o {args.output}: the pruned model is a torch file; the report goes beside it as .json")
     if out.exists() and out.is_dir():
         raise UsageError(f"-o {args.output} is a directory; give a file path such as pruned.pt")
-    return src, out
+    report = out.with_suffix(".json")
+    inputs = [src] + ([Path(args.scheme)] if args.scheme and Path(args.scheme).exists() else [])
+    check_output_files([("-o", out), ("report of -o:", report)], inputs=inputs, force=args.force)
+    return src, out, report
 
 
 def run(args) -> int:
-    src, out = _check_paths(args)
     uniform_1xn = _uniform_1xn(args)
+    src, out, report_path = _check_paths(args)
     scheme = uniform_1xn if uniform_1xn is not None else parse_scheme_arg(args.scheme)
     model, fmt = checkpoint_io.load_model(args.model, args.factory)
     masked, rows = checkpoint_io.prune(model, scheme)
@@ -69,9 +75,8 @@ def run(args) -> int:
               "method": args.method, "layers": rows,
               "sparsified": sum(r["action"] == "sparsified" for r in rows),
               "skipped": sum(r["action"] == "skipped" for r in rows)}
-    report_path = out.with_suffix(".json")
-    checkpoint_io.save_model(model, out)
-    write_json(report_path, report)
+    checkpoint_io.atomic_write_all([(out, lambda p: checkpoint_io.save_model(model, p, atomic=False)),
+                                    (report_path, lambda p: p.write_text(json.dumps(report, indent=1) + "\n"))])
     if args.json:
         print(json.dumps(report, indent=1))
     else:

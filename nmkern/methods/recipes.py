@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import enum
 import math
+import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 from ..benchmark import pack_model
 from ..data import Dataset
-from ..checkpoint_io import atomic_write, load_into, write_json
+from ..checkpoint_io import atomic_write, describe_load_error, load_into, write_json
 from ..spec import BlockSpec, DenseSpec, NMSpec, parse_spec
 from . import srste
 
@@ -42,6 +43,53 @@ class TrainMethod(str, enum.Enum):
     @property
     def takes_scheme(self) -> bool:
         return self in (TrainMethod.SRSTE, TrainMethod.STE, TrainMethod.GAP)
+
+
+# what run_search / run_train write into their output folder ("gap/": GaP's phase checkpoints)
+SEARCH_OUTPUTS = ("dense.pt", "scheme.json", "per_layer_n.png", "search.json")
+TRAIN_OUTPUTS = ("checkpoint.pt", "model.pt", "model_packed.pt", "train.json", "gap/")
+
+
+# --------------------------------------------------------------------------- seeding and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, Python's ``random`` and numpy (when installed): model initialisation included."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is optional
+        return
+    np.random.seed(seed % 2**32)
+
+
+def rng_state() -> dict:
+    """The RNG states as tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
+    version, mt, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64),
+                                                        "gauss": gauss}}
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restore what :func:`rng_state` returned (a KeyError / TypeError / ValueError on a malformed one)."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["mt"].tolist()), py["gauss"]))
+    if "numpy" in state:
+        import numpy as np
+
+        npst = state["numpy"]
+        np.random.set_state((npst["kind"], npst["keys"].numpy().astype("uint32"), npst["pos"], npst["has_gauss"],
+                             npst["cached"]))
 
 
 # --------------------------------------------------------------------------- a model on a dataset
@@ -156,16 +204,17 @@ def dense_stage(cfg: RunConfig, data, out: Path, epochs: int, *, resume: bool = 
     """``(model, test accuracy, how)``: ``cfg.init``, a finished ``out/dense.pt`` (with resume), or trained now."""
     from ..models import make_model
 
+    seed_everything(cfg.seed)  # before the model is built: --seed fixes its initialisation
     model = make_model(cfg.dataset)
     dense_path = out / "dense.pt"
     if cfg.init:
         load_init(cfg, model)
         how = f"loaded from {cfg.init}"
     elif resume and dense_path.is_file():
-        model.load_state_dict(torch.load(dense_path, map_location="cpu", weights_only=True))
+        load_into(model, str(dense_path), f"--resume: {dense_path} does not fit the bundled {cfg.dataset} model",
+                  f"delete {dense_path} (it is retrained) or use another -o")
         how = f"resumed from {dense_path}"
     else:
-        torch.manual_seed(cfg.seed)
         train(model, data, epochs, 3e-3, cfg.batch_size, seed=cfg.seed, desc="dense", progress=progress)
         atomic_write(dense_path, lambda p: torch.save(model.state_dict(), p))
         how = f"trained {epochs} epochs, saved {dense_path}"
@@ -174,6 +223,22 @@ def dense_stage(cfg: RunConfig, data, out: Path, epochs: int, *, resume: bool = 
 
 
 # --------------------------------------------------------------------------- search
+
+
+def check_search_config(cfg: SearchConfig) -> None:
+    """DominoSearch's own argument checks on ``cfg``, run before any training (ValueError / TypeError)."""
+    import inspect
+
+    from . import domino
+
+    params = inspect.signature(domino.domino_search).parameters
+    fixed = {k: params[k].default for k in ("loss_fn", "momentum", "weight_decay", "decay_gamma", "penalty_every",
+                                            "vote_ratio", "w_erk", "w_flops", "tolerance")}
+    domino._check_args(cfg.budget, cfg.policy, cfg.m, lr=cfg.lr, decay=cfg.decay,
+                       decay_milestones=cfg.decay_milestones, check_every=cfg.check_every, max_iters=cfg.max_iters,
+                       progress=False, **fixed)
+    if not cfg.init and cfg.dense_epochs < 1:
+        raise ValueError(f"dense_epochs={cfg.dense_epochs}: must be >= 1 without an init state_dict")
 
 
 def run_search(cfg: SearchConfig, data, out: Path, *, resume: bool = False, progress: bool = True,
@@ -251,14 +316,45 @@ def gap_target(scheme, model: torch.nn.Module, *, label: str | None = None, log:
     return {"target": "nm", "scheme": {k: (s.n, s.m) for k, s in layers.items()}, "layers": list(layers)}
 
 
-def _resume_state(cfg: TrainConfig, ckpt: Path, model, opt, sched, log: Log) -> tuple[int, list[dict]]:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != cfg.fingerprint():
-        raise ValueError(f"--resume: {ckpt} was written by a different run ({state.get('fingerprint')}); "
+_CHECKPOINT_TYPES = {"fingerprint": dict, "epoch": int, "model": dict, "optimizer": dict, "scheduler": dict,
+                     "history": list}
+
+
+def _read_checkpoint(cfg: TrainConfig, ckpt: Path) -> dict:
+    """The checked contents of a ``checkpoint.pt`` (tensors and plain containers only: weights_only=True,
+    so a planted pickle cannot run code); ValueError saying what is wrong and how to fix it."""
+    fix = f"delete {ckpt} to start over, or use another -o"
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, not a torch file, or objects weights_only refuses
+        raise ValueError(f"--resume: {ckpt} is not a checkpoint nmkern can load safely ({describe_load_error(e)}); "
+                         f"{fix}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"--resume: {ckpt} holds a {type(state).__name__}, not an nmkern training checkpoint; {fix}")
+    for key, typ in _CHECKPOINT_TYPES.items():
+        if not isinstance(state.get(key), typ) or isinstance(state.get(key), bool):
+            raise ValueError(f"--resume: {ckpt} has no valid {key!r} entry (not an nmkern training checkpoint); {fix}")
+    if state["fingerprint"] != cfg.fingerprint():
+        raise ValueError(f"--resume: {ckpt} was written by a different run ({state['fingerprint']}); "
                          "use the same options or another -o")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+    if not 0 <= state["epoch"] <= cfg.epochs or len(state["history"]) != state["epoch"]:
+        raise ValueError(f"--resume: {ckpt} records epoch {state['epoch']} with {len(state['history'])} history "
+                         f"entries for a {cfg.epochs}-epoch run; {fix}")
+    return state
+
+
+def _resume_state(cfg: TrainConfig, ckpt: Path, model, opt, sched, log: Log) -> tuple[int, list[dict]]:
+    state = _read_checkpoint(cfg, ckpt)
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise ValueError(f"--resume: {ckpt} does not fit this run ({type(e).__name__}: {detail}); delete it to "
+                         "start over, or use another -o") from None
     log(f"--resume: continuing after epoch {state['epoch']} of {cfg.epochs}")
     return state["epoch"], state["history"]
 
@@ -283,7 +379,8 @@ def _train_epochs(cfg: TrainConfig, model, data, out: Path, *, resume: bool, pro
         history.append({"epoch": ep + 1, "loss": sum(losses) / len(losses), "test_accuracy": acc})
         bar.set_postfix_str(f"loss {history[-1]['loss']:.3f} acc {100 * acc:.1f}%")
         state = {"fingerprint": cfg.fingerprint(), "epoch": ep + 1, "model": model.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history}
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
+                 "rng": rng_state()}
         atomic_write(ckpt, lambda p, s=state: torch.save(s, p))
     return history
 
@@ -336,6 +433,7 @@ def run_train(cfg: TrainConfig, scheme, data, out: Path, *, resume: bool = False
     from ..models import make_model
 
     method = TrainMethod(cfg.method)
+    seed_everything(cfg.seed)  # before the model is built: --seed fixes its initialisation
     model = make_model(cfg.dataset)
     load_init(cfg, model)
     result: dict = {"dataset": cfg.dataset, "method": method.value, "config": cfg.fingerprint()}
@@ -357,5 +455,6 @@ def run_train(cfg: TrainConfig, scheme, data, out: Path, *, resume: bool = False
     return result
 
 
-__all__ = ["RunConfig", "SearchConfig", "TrainConfig", "TrainMethod", "dense_stage", "gap_target", "load_init",
-           "run_search", "run_train", "to_plain"]
+__all__ = ["SEARCH_OUTPUTS", "TRAIN_OUTPUTS", "RunConfig", "SearchConfig", "TrainConfig", "TrainMethod",
+           "check_search_config", "dense_stage", "gap_target", "load_init", "rng_state", "run_search", "run_train",
+           "seed_everything", "set_rng_state", "to_plain"]
