@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import pickle
+import re
 import subprocess
 import sys
 
@@ -10,6 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nmkern.checkpoint_io import CheckpointError
+from nmkern.methods._gap_dist import _DistContext
 from nmkern.methods.gap import GaPMethod, PGaP, SGaP, check_partitions, gap_train, make_partitions
 from nmkern.methods.masking import erk_sparsities, meets_target, prunable_layers, resolve_targets, weight_sparsity
 
@@ -124,7 +129,7 @@ def test_sgap_grows_from_zero_and_changes_the_masks():
 
     def grab(event, info):
         if event == "checkpoint" and info["phase"] == ("init",):
-            seen["init"] = {k: v.clone() for k, v in torch.load(info["path"], weights_only=False)["masks"].items()}
+            seen["init"] = {k: v.clone() for k, v in torch.load(info["path"], weights_only=True)["masks"].items()}
 
     import tempfile
 
@@ -213,6 +218,7 @@ def _pgap_config():
 WORKER_SCRIPT = """
 import os, sys
 import torch
+import torch.distributed as dist
 sys.path.insert(0, {tests_dir!r})
 from test_gap import _pgap_config, tiny_data, tiny_model
 from nmkern.methods.gap import PGaP
@@ -221,8 +227,36 @@ torch.set_num_threads(1)  # same thread count as the fallback run: identical flo
 model = tiny_model()
 # torchrun sets WORLD_SIZE/RANK/MASTER_ADDR: PGaP.run creates the gloo process group itself.
 res = PGaP(**_pgap_config()).run(model, tiny_data(), checkpoint_dir=os.path.join({out_dir!r}, "ckpt"), progress=False)
+# run() destroyed the group it created (after a barrier): nothing of gloo is left to tear down at exit
+assert not dist.is_initialized(), "PGaP.run left its process group alive"
 torch.save({{"state": model.state_dict(), "masks": res.masks}}, os.path.join({out_dir!r}, "rank%s.pt" % os.environ["RANK"]))
 """
+
+
+def _torchrun(tmp_path, script_text: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``script_text`` on ``nproc`` CPU ranks under torchrun (no restarts); the finished process."""
+    script = tmp_path / "worker.py"
+    script.write_text(script_text)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "--max-restarts", "0", str(script)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _failed_ranks(output: str) -> dict[int, str]:
+    """rank -> "exitcode X (SIGNAME)" for every rank torchrun reports as failed."""
+    found = re.findall(r"rank\s*:\s*(\d+)[^\n]*\n\s*exitcode\s*:\s*(-?\d+)[^\n]*?(\(SIG\w+\))?\s*$", output, re.M)
+    return {int(r): f"exitcode {code}" + (f" {sig}" if sig else "") for r, code, sig in found}
+
+
+def _assert_clean_exit(proc: subprocess.CompletedProcess) -> None:
+    """Every rank exited 0; otherwise which rank failed how (exit code, signal) and the end of the output."""
+    if proc.returncode == 0:
+        return
+    failed = _failed_ranks(proc.stderr + proc.stdout)
+    raise AssertionError(f"torchrun exited {proc.returncode}; failed ranks: {failed or 'none reported'}\n"
+                         f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
 
 
 def _fallback_pgap():
@@ -237,23 +271,97 @@ def _fallback_pgap():
 
 
 def test_pgap_two_gloo_ranks_equal_the_single_process_fallback(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER_SCRIPT.format(tests_dir=os.path.dirname(os.path.abspath(__file__)), out_dir=str(tmp_path)))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = _torchrun(tmp_path, WORKER_SCRIPT.format(tests_dir=tests_dir, out_dir=str(tmp_path)))
+    _assert_clean_exit(proc)
     # rank 0 checkpointed the initial prune, both merges and the fine-tune (phases 0, 3, 6, 7)
     assert sorted(os.listdir(tmp_path / "ckpt")) == [f"phase_{i:04d}.pt" for i in (0, 3, 6, 7)]
     state, res = _fallback_pgap()
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert state_equal(got["state"], state), f"rank {rank} differs from the fallback"
         assert masks_equal(got["masks"], res.masks)
     # the merge really took each partition from its own worker: both partitions at target
     for k, mask in res.masks.items():
         assert int(mask.sum()) == mask.numel() - int(0.75 * mask.numel())
+
+
+PLANTED_SCRIPT = """
+import os, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {tests_dir!r})
+from test_gap import _pgap_config, tiny_data, tiny_model
+from nmkern.checkpoint_io import CheckpointError
+from nmkern.methods.gap import PGaP
+
+try:
+    PGaP(**_pgap_config()).run(tiny_model(), tiny_data(), checkpoint_dir={ckpt_dir!r}, progress=False)
+except CheckpointError as e:  # rank 0 read the file; every rank raises its error
+    assert not dist.is_initialized(), "PGaP.run left its process group alive after an error"
+    with open(os.path.join({out_dir!r}, "rank%s.err" % os.environ["RANK"]), "w") as f:
+        f.write(str(e))
+"""
+
+
+def test_pgap_ranks_refuse_a_planted_checkpoint_and_exit_cleanly(tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save(Planted(marker), ckpt / "phase_0003.pt")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = _torchrun(tmp_path, PLANTED_SCRIPT.format(tests_dir=tests_dir, ckpt_dir=str(ckpt), out_dir=str(tmp_path)))
+    _assert_clean_exit(proc)
+    assert not marker.exists(), "loading the planted checkpoint ran its code"
+    for rank in range(2):
+        err = (tmp_path / f"rank{rank}.err").read_text()
+        assert str(ckpt / "phase_0003.pt") in err and "delete" in err, err
+
+
+def test_a_failed_rank_is_reported_with_its_signal(tmp_path):
+    script = "import os, time\nif os.environ['RANK'] == '1':\n    os.abort()\ntime.sleep(1)\n"
+    proc = _torchrun(tmp_path, script)
+    assert proc.returncode != 0
+    with pytest.raises(AssertionError, match=r"failed ranks: \{.*1: 'exitcode -6 \(SIGABRT\)'"):
+        _assert_clean_exit(proc)
+
+
+class _FakeDist:
+    """Records the torch.distributed calls of :meth:`_DistContext.close`."""
+
+    def __init__(self, fail_barrier: bool = False):
+        self.calls, self.fail_barrier, self.initialized = [], fail_barrier, True
+
+    def get_backend(self):
+        return "gloo"
+
+    def barrier(self):
+        self.calls.append("barrier")
+        if self.fail_barrier:
+            raise RuntimeError("peer gone")
+
+    def is_initialized(self):
+        return self.initialized
+
+    def destroy_process_group(self):
+        self.calls.append("destroy")
+        self.initialized = False
+
+
+def test_close_barriers_before_destroying_and_always_destroys():
+    ok = _FakeDist()
+    _DistContext(ok, owned=True).close(ok=True)
+    assert ok.calls == ["barrier", "destroy"]  # no rank tears down while a peer is in the last collective
+    failed = _FakeDist()
+    _DistContext(failed, owned=True).close(ok=False)
+    assert failed.calls == ["destroy"]  # peers are in other collectives: no barrier to match
+    broken = _FakeDist(fail_barrier=True)
+    with pytest.raises(RuntimeError, match="peer gone"):
+        _DistContext(broken, owned=True).close(ok=True)
+    assert broken.calls == ["barrier", "destroy"]
+    users = _FakeDist()
+    _DistContext(users, owned=False).close(ok=True)
+    assert users.calls == ["barrier"]  # a group the caller created stays theirs
 
 
 def test_pgap_merge_takes_each_partition_from_its_worker():
@@ -303,6 +411,91 @@ def test_kill_and_resume_is_bit_identical(tmp_path, method, kill_at):
     assert state_equal(model.state_dict(), ref_model.state_dict())
     assert masks_equal(res.masks, ref.masks)
     assert [h["phase"] for h in res.history] == [h["phase"] for h in ref.history]
+
+
+class Planted:
+    """What an attacker puts in run/gap/phase_*.pt: unpickling it calls Path.touch(marker)."""
+
+    def __init__(self, marker):
+        self.marker = pathlib.Path(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+SGAP_CFG = dict(method="sgap", partitions=2, target="unstructured", sparsity=0.8, rounds=2, epochs_per_step=1,
+                finetune_epochs=1, batch_size=32, seed=5, progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "raw pickle"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+def test_a_planted_checkpoint_is_refused_never_run(tmp_path, fmt):
+    marker, ckpt = tmp_path / "pwned", tmp_path / "run" / "gap"
+    gap_train(tiny_model(), tiny_data(), checkpoint_dir=str(ckpt), **SGAP_CFG)
+    planted = ckpt / "phase_9999.pt"  # sorts last: the one a resume reads
+    if fmt == "torch.save":
+        torch.save(Planted(marker), planted)
+    else:
+        planted.write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(CheckpointError, match=re.escape(str(planted)) + r".*cannot be read safely.*delete"):
+        gap_train(tiny_model(), tiny_data(), checkpoint_dir=str(ckpt), **SGAP_CFG)
+    assert not marker.exists(), "resuming ran the planted checkpoint's code"
+    # the planted file is live: an unsafe load does run it (so the assertion above can fail)
+    if fmt == "torch.save":
+        torch.load(planted, weights_only=False)
+    else:
+        pickle.loads(planted.read_bytes())
+    assert marker.exists()
+
+
+def test_a_truncated_checkpoint_names_the_file_and_deleting_it_resumes_bit_identically(tmp_path):
+    ref_model = tiny_model()
+    ref = gap_train(ref_model, tiny_data(), **SGAP_CFG)
+
+    def kill(event, info):
+        if event == "checkpoint" and info["index"] == 2:
+            raise Killed("injected")
+
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        gap_train(tiny_model(), tiny_data(), checkpoint_dir=str(run), callback=kill, **SGAP_CFG)
+    latest = run / "phase_0002.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a disk-full / half-copied file
+    with pytest.raises(CheckpointError, match=re.escape(str(latest)) + r".*delete .*phase_0002\.pt to recompute"):
+        gap_train(tiny_model(), tiny_data(), checkpoint_dir=str(run), **SGAP_CFG)
+    latest.unlink()  # what the error says to do: phase 2 is recomputed from phase 1's checkpoint
+    model = tiny_model(seed=99)
+    res = gap_train(model, tiny_data(), checkpoint_dir=str(run), **SGAP_CFG)
+    assert state_equal(model.state_dict(), ref_model.state_dict())
+    assert masks_equal(res.masks, ref.masks)
+    assert [h["phase"] for h in res.history] == [h["phase"] for h in ref.history]
+
+
+@pytest.mark.parametrize("payload,problem", [
+    ({"model": torch.zeros(2)}, "keys"),
+    ([torch.zeros(2)], "a list, not a dict"),
+    ("next", "a str, not a dict"),
+])
+def test_a_checkpoint_that_is_not_a_phase_checkpoint_is_refused(tmp_path, payload, problem):
+    torch.save(payload, tmp_path / "phase_0000.pt")
+    with pytest.raises(CheckpointError, match=rf"phase_0000\.pt is not a GaP phase checkpoint \({problem}.*delete"):
+        gap_train(tiny_model(), tiny_data(), checkpoint_dir=str(tmp_path), **SGAP_CFG)
+
+
+def test_a_checkpoint_with_masks_of_the_wrong_shape_is_refused(tmp_path):
+    def kill(event, info):
+        if event == "checkpoint" and info["index"] == 0:
+            raise Killed("injected")
+
+    with pytest.raises(Killed):
+        gap_train(tiny_model(), tiny_data(), checkpoint_dir=str(tmp_path), callback=kill, **SGAP_CFG)
+    path = tmp_path / "phase_0000.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["masks"]["3"] = ck["masks"]["3"][:1]
+    torch.save(ck, path)
+    shape_error = r"phase_0000\.pt has a torch\.bool mask of shape \(1, 8, 3, 3\) for layer '3'.*delete"
+    with pytest.raises(CheckpointError, match=shape_error):
+        gap_train(tiny_model(), tiny_data(), checkpoint_dir=str(tmp_path), **SGAP_CFG)
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):

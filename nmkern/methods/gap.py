@@ -28,23 +28,27 @@ phase is a pure function of (model state, masks, seed, phase index): a fresh SGD
 optimizer and a data order drawn from the phase seed. So a run killed after any
 checkpoint and resumed ends with the same weights and masks, bit for bit, as an
 uninterrupted one. Under torch.distributed rank 0 writes the checkpoints after the
-initial prune, each merge and the fine-tune.
+initial prune, each merge and the fine-tune. A checkpoint holds only tensors and plain
+containers and is read with ``weights_only=True``: a corrupted or planted file raises a
+:class:`~nmkern.checkpoint_io.CheckpointError` naming it (see :mod:`._gap_checkpoint`).
+Every P-GaP rank ends with a barrier and ``destroy_process_group`` (:mod:`._gap_dist`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import glob
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..checkpoint_io import CheckpointError
 from ..spec import LayerSpec, Pattern, SpecResolver
+from ._gap_checkpoint import CHECKPOINT_VERSION, fix_hint, latest_checkpoint, read_checkpoint, write_checkpoint
+from ._gap_dist import _DistContext
 from .masking import (
     Distribution,
     MaskSet,
@@ -61,7 +65,6 @@ from .masking import (
 log = logging.getLogger("nmkern.methods.gap")
 
 MIN_PARTITIONS, MAX_PARTITIONS = 2, 6
-CHECKPOINT_VERSION = 1
 
 
 class GaPMethod(str, enum.Enum):
@@ -235,21 +238,6 @@ class _GaPBase:
             "train": {k: getattr(self.cfg, k) for k in ("lr", "momentum", "weight_decay", "batch_size")},
         }, sort_keys=True)
 
-    # ------------------------------------------------------------------ checkpoints
-    @staticmethod
-    def _latest_checkpoint(ckpt_dir: str):
-        files = sorted(glob.glob(os.path.join(ckpt_dir, "phase_*.pt")))
-        return files[-1] if files else None
-
-    @staticmethod
-    def _write_checkpoint(ckpt_dir: str, index: int, payload: dict) -> str:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        path = os.path.join(ckpt_dir, f"phase_{index:04d}.pt")
-        tmp = path + ".tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint as the latest
-        return path
-
     # ------------------------------------------------------------------ phases
     def _log_sparsity(self, history, label, model, parts, masks: MaskSet, loss=None):
         per_part = [weight_sparsity(masks.layers[k] for k in p) for p in parts]
@@ -292,42 +280,69 @@ class _GaPBase:
                    phases=_phases(self.method, len(parts), self.rounds), masks=MaskSet(layers),
                    fingerprint=self._fingerprint(parts, targets), dist=dist_ctx, checkpoint_dir=checkpoint_dir,
                    callback=callback, progress=progress)
+        ok = False
         try:
             index = self._resume(run, resume)
             run.dist.sync_model(model)  # every rank starts from rank 0's weights
             while index < len(run.phases):
                 index = self._run_phase(run, index) + 1
-            return GaPResult(model=model, masks={k: mk for k, mk in run.masks.state().items()}, partitions=parts,
-                             targets=targets, history=run.history)
+            ok = True
         finally:
-            dist_ctx.close()
+            dist_ctx.close(ok)  # barrier after the last collective, then destroy the group P-GaP created
+        return GaPResult(model=model, masks={k: mk for k, mk in run.masks.state().items()}, partitions=parts,
+                         targets=targets, history=run.history)
 
     def _resume(self, run: "_Run", resume: bool) -> int:
         """Load the latest checkpoint (rank 0 reads, every rank gets it); the index of the next phase."""
-        ck, path = None, None
+        ck, path, error = None, None, None
         if run.checkpoint_dir and resume and run.dist.is_writer:
-            path = self._latest_checkpoint(run.checkpoint_dir)
+            path = latest_checkpoint(run.checkpoint_dir)
             if path is not None:
-                ck = torch.load(path, map_location="cpu", weights_only=False)
-        # Every rank resumes from what rank 0 read (checkpoint_dir need not be shared).
-        ck, path = run.dist.broadcast_object((ck, path))
+                try:  # weights_only=True: a planted pickle is refused, never run
+                    ck = read_checkpoint(path)
+                except CheckpointError as e:
+                    error = str(e)
+        # Every rank resumes from what rank 0 read (checkpoint_dir need not be shared), or raises its error.
+        ck, path, error = run.dist.broadcast_object((ck, path, error))
+        if error is not None:
+            raise CheckpointError(f"{self.method.value}: {error}")
         if ck is None:
             return 0
-        if ck.get("fingerprint") != run.fingerprint:
+        if ck["fingerprint"] != run.fingerprint:
             raise ValueError(
                 f"{self.method.value}: checkpoint {path} was written by a run with a different configuration; "
                 f"use another checkpoint_dir or resume=False to start over"
             )
-        run.model.load_state_dict(ck["model"])
-        run.masks.load(ck["masks"])
-        run.history, run.pending = ck["history"], ck["pending"]
+        self._load_checkpoint(run, path, ck)
         log.info("%s: resuming from %s at phase %d/%d", self.method.value, path, ck["next"], len(run.phases))
         return ck["next"]
+
+    def _load_checkpoint(self, run: "_Run", path: str, ck: dict) -> None:
+        op = self.method.value
+        if ck["next"] > len(run.phases):
+            raise CheckpointError(f"{op}: checkpoint {path} resumes at phase {ck['next']} of a {len(run.phases)}-phase "
+                                  f"run; {fix_hint(path)}")
+        if set(ck["masks"]) != set(run.masks.masks) or any(set(j["masks"]) != set(run.masks.masks)
+                                                           for j in ck["pending"].values()):
+            raise CheckpointError(f"{op}: checkpoint {path} has masks for layers {sorted(ck['masks'])}, this run "
+                                  f"prunes {sorted(run.masks.masks)}; {fix_hint(path)}")
+        for masks in [ck["masks"], *(j["masks"] for j in ck["pending"].values())]:
+            for k, mk in masks.items():
+                if mk is not None and (mk.dtype != torch.bool or mk.shape != run.layers[k].weight.shape):
+                    raise CheckpointError(f"{op}: checkpoint {path} has a {mk.dtype} mask of shape {tuple(mk.shape)} "
+                                          f"for layer {k!r} (weight {tuple(run.layers[k].weight.shape)}); "
+                                          f"{fix_hint(path)}")
+        try:
+            run.model.load_state_dict(ck["model"])
+            run.masks.load(ck["masks"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{op}: checkpoint {path} does not fit this model ({e}); {fix_hint(path)}") from e
+        run.history, run.pending = ck["history"], ck["pending"]
 
     def _checkpoint(self, run: "_Run", index: int) -> None:
         if not run.checkpoint_dir or not run.dist.is_writer:
             return
-        path = self._write_checkpoint(run.checkpoint_dir, index, {
+        path = write_checkpoint(run.checkpoint_dir, index, {
             "fingerprint": run.fingerprint, "next": index + 1, "model": _clone_state(run.model),
             "masks": run.masks.state(), "history": run.history, "pending": run.pending,
         })
@@ -468,123 +483,3 @@ def _merge(payloads: Sequence[dict], parts, layers, base_state) -> tuple[dict, d
         for name in names:
             masks[name] = payloads[p]["masks"][name]
     return state, masks
-
-
-# ----------------------------------------------------------------------------- torch.distributed
-
-
-class _DistContext:
-    """Which worker jobs this process runs and how their results meet."""
-
-    def __init__(self, dist_module, owned: bool = False):
-        self.dist = dist_module
-        self.owned = owned
-
-    @classmethod
-    def create(cls, op: str, k: int) -> "_DistContext":
-        import torch.distributed as dist
-
-        owned = False
-        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend=backend)  # env:// from torchrun
-            owned = True
-        if not (dist.is_available() and dist.is_initialized()):
-            return cls(None)
-        world = dist.get_world_size()
-        if world == 1:
-            if owned:
-                dist.destroy_process_group()
-            return cls(None)
-        if world != k:
-            raise ValueError(f"{op}: torch.distributed has {world} ranks but there are {k} partitions; "
-                             f"launch with torchrun --nproc_per_node {k} (one worker per partition)")
-        if dist.get_backend() == "nccl" and torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
-        return cls(dist, owned)
-
-    @property
-    def active(self) -> bool:
-        return self.dist is not None
-
-    @property
-    def rank(self) -> int:
-        return self.dist.get_rank() if self.active else 0
-
-    @property
-    def is_writer(self) -> bool:
-        if not self.active:  # S-GaP started on every rank of a torchrun job: only rank 0 writes checkpoints
-            return os.environ.get("RANK", "0") == "0"
-        return self.rank == 0
-
-    def runs_job(self, p: int) -> bool:
-        return not self.active or p == self.rank
-
-    def close(self) -> None:
-        if self.active and self.owned:
-            self.dist.destroy_process_group()
-
-    def _device(self, model):
-        if self.active and self.dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    @staticmethod
-    def _float_keys(model):
-        # Every state tensor travels as float64: exact for fp32/fp16/bf16 values and for
-        # integer buffers below 2**53 (BatchNorm's num_batches_tracked).
-        return [k for k, t in model.state_dict().items() if t.is_floating_point() or t.dtype in
-                (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)]
-
-    def broadcast_object(self, obj):
-        """Rank 0's ``obj`` on every rank (pickled; used once, for the resume checkpoint)."""
-        if not self.active:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def sync_model(self, model: nn.Module) -> None:
-        """Broadcast rank 0's state to every rank."""
-        if not self.active:
-            return
-        state = model.state_dict()
-        keys = self._float_keys(model)
-        flat = torch.cat([state[k].detach().reshape(-1).double() for k in keys]).to(self._device(model))
-        self.dist.broadcast(flat, src=0)
-        flat = flat.cpu()
-        new, offset = {}, 0
-        for k in keys:
-            t = state[k]
-            new[k] = flat[offset:offset + t.numel()].reshape(t.shape).to(t.dtype)
-            offset += t.numel()
-        model.load_state_dict({**state, **new})
-
-    def gather_payloads(self, pending: dict, k: int, model: nn.Module, masks: MaskSet) -> list[dict]:
-        """Every worker's (state, masks, loss), in worker order, on every rank."""
-        if not self.active:
-            return [pending[p] for p in range(k)]
-        mine = pending[self.rank]
-        state = mine["state"]
-        keys = self._float_keys(model)
-        mask_names = list(masks.layers)
-        # float64 carries fp32/fp16/bf16 values exactly, so the round trip is bit-exact.
-        flat = torch.cat([state[key].reshape(-1).double() for key in keys]
-                         + [mine["masks"][n].reshape(-1).double() for n in mask_names]
-                         + [torch.tensor([mine["loss"]], dtype=torch.float64)]).to(self._device(model))
-        bufs = [torch.empty_like(flat) for _ in range(k)]
-        self.dist.all_gather(bufs, flat)
-        out = []
-        for buf in bufs:
-            buf = buf.cpu()
-            st, mk, off = dict(state), {}, 0
-            for key in keys:
-                t = state[key]
-                st[key] = buf[off:off + t.numel()].reshape(t.shape).to(t.dtype)
-                off += t.numel()
-            for n in mask_names:
-                ref = mine["masks"][n]
-                mk[n] = buf[off:off + ref.numel()].reshape(ref.shape) != 0
-                off += ref.numel()
-            out.append({"state": st, "masks": mk, "loss": float(buf[off])})
-        return out
