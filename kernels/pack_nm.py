@@ -12,8 +12,9 @@ t = j % n -th kept element of group j // n. Each slot re-reads its group (a grou
 is read n times; the data sits in L1 and packing runs once per weight) and picks
 its element from the group's kept-slot prefix count.
 
-Values move as raw bits (an integer view of the same width), so NaN payloads,
--0.0 and Inf round-trip exactly; "non-zero" ignores the sign bit of floats.
+Values move as raw bits (an integer view of the same width), so kept values (NaN
+payloads, -0.0, Inf) round-trip bit for bit; dropped slots come back as +0.0, and
+"non-zero" ignores the sign bit of floats.
 """
 
 from __future__ import annotations

@@ -12,7 +12,11 @@ handful of compares per element, cheaper than writing and re-reading a mask tens
 Ranking: element i of a group is kept when ``#{j: |w_j| > |w_i|} + #{j < i: |w_j| ==
 |w_i|} < n`` - the position a stable descending sort gives it, so ties go to the lower
 index exactly as in the reference. The rivals j are walked one column at a time
-(static loop over m), so a program holds only (BLOCK_G, MP) values plus an int32 rank.
+(static loop over m), so a program holds only (BLOCK_G, MP) values plus a rank. The rank
+counts in fp32 (exact up to 2**24): an int32 sum of compare results let LLVM pack the
+compares into bit vectors for popcount, built through an 8-byte stack slot (fp32 backward,
+m = 6, under Triton 3.3, 3.4, 3.7 and 3.8; fp32 m = 16 also spilled on sm_90 under 3.6);
+float adds are never reassociated that way.
 
 Rounding (why the backward casts between steps): torch evaluates the reference as
 three ops, ``(lambda_w * notmask)`` then ``* w`` then ``grad +``, each rounded to the
@@ -38,12 +42,12 @@ def _srste_keep(w_ptr, offs_row, g_ok, ok, lane, n, M: tl.constexpr):
     """Bool (BLOCK_G, MP): which lanes of each group are among the n largest |w|."""
     w = tl.load(w_ptr + offs_row[:, None] + lane[None, :], mask=ok, other=0)
     mag = tl.abs(w)
-    rank = tl.zeros(mag.shape, dtype=tl.int32)
+    rank = tl.zeros(mag.shape, dtype=tl.float32)  # fp32, not int32: see the module docstring
     for j in tl.static_range(M):
         # (BLOCK_G, 1) loaded straight into the 2-D layout: no layout conversion through shared memory
         rival = tl.abs(tl.load(w_ptr + offs_row[:, None] + j, mask=g_ok[:, None], other=0))
         beats = (rival > mag) | ((rival == mag) & (j < lane[None, :]))
-        rank += beats.to(tl.int32)
+        rank += tl.where(beats, 1.0, 0.0)
     return w, rank < n
 
 
@@ -115,9 +119,10 @@ def srste_configs() -> list[dict]:
     ``BLOCK_G = 128`` groups per program at ``num_warps = 4``, whatever m: the one
     tile size that compiled with no stack for every m tried (2..16, fp16/bf16/fp32)
     on sm_80 and sm_90; 512 or 1024 elements per program independent of m left
-    8-16 B of stack on sm_90 for some m (e.g. fp32 m=6, fp16 m=4). Known exception:
-    non-power-of-two m in 9..15 (e.g. 12) in fp16/bf16 still shows 16-24 B of stack
-    on sm_90; every power-of-two m and m <= 8 is spill-free on sm_80 and sm_90.
+    8-16 B of stack on sm_90 for some m (e.g. fp32 m=6, fp16 m=4). With the fp32
+    rank, every m in 2..16, forward and backward, fp16/bf16/fp32, is spill-free on
+    sm_80 and sm_90 under Triton 3.9 (the int32 rank left 16-24 B of stack for fp16/bf16
+    m = 9..15 on sm_90); AOT_SPECS' sample of them is checked under Triton 3.2-3.9.
     """
     return [{"BLOCK_G": 128, "num_warps": 4}]
 

@@ -4,8 +4,8 @@ Layout: :mod:`nmkern.reference.nm_pack`. One program rebuilds ``BLOCK_G`` whole
 groups: it reads the n kept values of each group and their ``bits``-wide in-group
 indices (index j of a row at word ``j // per_word``, bit ``bits * (j % per_word)``),
 then every one of the m lanes takes the value whose index names it, or zero.
-Values move as raw bits (integer view of the same width), so the round trip is
-exact for NaN/-0.0/Inf too.
+Values move as raw bits (integer view of the same width), so kept values (NaN,
+-0.0, Inf) come back bit for bit; dropped slots come back as +0.0.
 """
 
 from __future__ import annotations
@@ -37,12 +37,18 @@ def unpack_nm_kernel(
     PER: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    g = pid * BLOCK_G + tl.arange(0, BLOCK_G)
+    g0 = tl.program_id(0).to(tl.int64) * BLOCK_G
+    g = g0 + tl.arange(0, BLOCK_G)
     g_ok = g < num_groups
-    r = g // groups_per_row
+    # Row and in-row group of each g with one 64-bit division per program, the rest in 32 bits
+    # (c < groups_per_row + BLOCK_G < 2**31, the launcher checks): 64-bit division is a ptxas
+    # subroutine, and one per group spilled on sm_80 under Triton 3.2-3.4.
+    r0 = g0 // groups_per_row
+    c = (g0 - r0 * groups_per_row).to(tl.int32) + tl.arange(0, BLOCK_G)
+    dr = c // groups_per_row
+    r = r0 + dr
     t = tl.arange(0, NP)[None, :]
-    j = (g % groups_per_row)[:, None] * n + t  # (BLOCK_G, NP) kept-value index in the row
+    j = (c - dr * groups_per_row)[:, None] * n + t  # (BLOCK_G, NP) kept-value index in the row
     t_ok = g_ok[:, None] & (t < n)
     word = tl.load(indices_ptr + r[:, None] * W + j // PER, mask=t_ok, other=0)
     # Arithmetic shift of a negative int32 still leaves the low BITS bits right: fields end at bit <= 32.
@@ -82,6 +88,9 @@ def unpack_nm_triton(values: torch.Tensor, indices: torch.Tensor, n: int, m: int
     num_groups = rows * groups_per_row
     if num_groups:
         configs = unpack_nm_configs(n, m)
+        limit = 2**31 - 1 - max(c["BLOCK_G"] for c in configs)  # the kernel's in-row group index is int32
+        if groups_per_row > limit:
+            raise ValueError(f"unpack_nm: {groups_per_row} groups per row; the Triton kernel takes at most {limit}")
         launch(unpack_nm_kernel, configs, configs[0], lambda cfg: (triton.cdiv(num_groups, cfg["BLOCK_G"]),),
                values.view(int_dtype), indices, out.view(int_dtype), num_groups, groups_per_row, n,
                kept, indices.shape[1], **_geometry(n, m))

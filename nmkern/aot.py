@@ -130,6 +130,15 @@ def _full_signature(fn, spec: dict) -> dict:
     return {a: sig[a] for a in fn.arg_names}
 
 
+def _ast_source(triton, fn, signature: dict, constexprs: dict, attrs):
+    """``triton.compiler.ASTSource`` across Triton versions: 3.3 renamed ``constants=`` to ``constexprs=``."""
+    import inspect
+
+    if "constexprs" in inspect.signature(triton.compiler.ASTSource).parameters:
+        return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compiler.ASTSource(fn=fn, signature=signature, constants=constexprs, attrs=attrs)
+
+
 def compile_one(module: str, spec: dict, arch: int, cuobjdump: str, workdir: str) -> KernelResult:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -139,8 +148,7 @@ def compile_one(module: str, spec: dict, arch: int, cuobjdump: str, workdir: str
     options = {k: v for k, v in spec.items() if k not in SPEC_KEYS}
     t0 = time.perf_counter()
     try:
-        src = triton.compiler.ASTSource(fn=fn, signature=_full_signature(fn, spec),
-                                        constexprs=spec.get("constexprs", {}), attrs=spec.get("attrs"))
+        src = _ast_source(triton, fn, _full_signature(fn, spec), spec.get("constexprs", {}), spec.get("attrs"))
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, WARP_SIZE), options=options)
     except Exception as e:  # report every failure, keep going
         res.compile_s = time.perf_counter() - t0

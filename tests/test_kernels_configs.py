@@ -169,3 +169,16 @@ def test_autotune_path_launches_through_triton_autotune(interpret, device, monke
         torch.testing.assert_close(y, default)
     finally:
         _configs._autotuner.cache_clear()
+
+
+def test_unpack_launcher_refuses_rows_past_the_int32_group_index(monkeypatch):
+    """unpack_nm_kernel keeps the in-row group index in int32; the launcher checks it fits with the tile."""
+    import torch
+
+    from nmkern.kernels import unpack_nm
+
+    values = torch.zeros(1, 4, dtype=torch.float16)
+    indices = torch.zeros(1, 1, dtype=torch.int32)
+    monkeypatch.setattr(unpack_nm, "unpack_nm_configs", lambda n, m: [{"BLOCK_G": 2**31 - 4, "num_warps": 4}])
+    with pytest.raises(ValueError, match="4 groups per row; the Triton kernel takes at most 3"):
+        unpack_nm.unpack_nm_triton(values, indices, 1, 2)
