@@ -6,7 +6,9 @@ build directory for wheels):
 * ``csrc/cuda/*.cu`` -> ``nmkern_cuda.fatbin`` with nvcc, one cubin per arch in
   ``NMKERN_CUDA_ARCHS`` (default ``80;86;89;90a``) plus PTX of the newest arch.
   The ``.cu`` sources are shipped too so that the run time can NVRTC-compile them
-  for an arch the fatbin lacks.
+  for an arch the fatbin lacks. ``nvcc --version`` picks the sparse MMA instruction:
+  ``mma.sp::ordered_metadata`` from CUDA 12.5 (PTX ISA 8.5), plain ``mma.sp`` before
+  (``-DNMKERN_SP_ORDERED_METADATA=1/0``, see csrc/cuda/sp24_device.cuh).
 * ``csrc/cpu/*.cpp`` -> ``libnmkern_cpu_<isa>.so`` with the host C++ compiler, one
   library per instruction set (``avx512``, ``avx2``, ``generic``); the run time
   picks the best one the CPU supports.
@@ -21,6 +23,7 @@ its Triton and reference backends.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +35,9 @@ from setuptools.dist import Distribution
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "80;86;89;90a"
+# mma.sp::ordered_metadata needs PTX ISA 8.5, first shipped with CUDA 12.5. Same number and rule
+# as nmkern._cuda.ordered_metadata_supported (the build test checks that they agree).
+ORDERED_METADATA_MIN_CUDA = (12, 5)
 
 # Flags per CPU instruction-set variant; the run time chooses among them.
 CPU_ISA_FLAGS = {
@@ -72,6 +78,33 @@ def cuda_gencode_flags(archs: str) -> list[str]:
     return flags
 
 
+def ordered_metadata_supported(version: tuple[int, ...]) -> bool:
+    """True when a CUDA toolkit of ``version`` (major, minor) assembles mma.sp::ordered_metadata."""
+    return tuple(version[:2]) >= ORDERED_METADATA_MIN_CUDA
+
+
+def parse_nvcc_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) from ``nvcc --version`` output ("... release 12.4, V12.4.131"), else None."""
+    m = re.search(r"release (\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def sparse_mma_flags(nvcc: str) -> list[str]:
+    """``-DNMKERN_SP_ORDERED_METADATA=1`` for nvcc >= 12.5, ``=0`` before; no flag when the version
+    cannot be read (then the header decides from __CUDACC_VER_MAJOR__ / __CUDACC_VER_MINOR__)."""
+    try:
+        proc = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+        version = parse_nvcc_version(proc.stdout)
+    except (OSError, subprocess.SubprocessError):
+        version = None
+    if version is None:
+        _warn("could not read the nvcc version; csrc/cuda/sp24_device.cuh picks the mma.sp variant itself")
+        return []
+    flag = int(ordered_metadata_supported(version))
+    print(f"nmkern setup: nvcc {version[0]}.{version[1]}: NMKERN_SP_ORDERED_METADATA={flag}")
+    return [f"-DNMKERN_SP_ORDERED_METADATA={flag}"]
+
+
 def build_cuda(out_dir: Path) -> None:
     if os.environ.get("NMKERN_SKIP_CUDA_BUILD") == "1":
         print("nmkern setup: NMKERN_SKIP_CUDA_BUILD=1, skipping the CUDA build")
@@ -96,7 +129,7 @@ def build_cuda(out_dir: Path) -> None:
 
     extra = shlex.split(os.environ.get("NMKERN_NVCC_FLAGS", ""))
     cmd = [nvcc, "-fatbin", "-O3", "-std=c++17", "--threads", "0", f"-I{ROOT / 'csrc' / 'cuda'}",
-           *cuda_gencode_flags(archs), *extra, "-o", str(fatbin), str(unity)]
+           *sparse_mma_flags(nvcc), *cuda_gencode_flags(archs), *extra, "-o", str(fatbin), str(unity)]
     ok = _run(cmd)
     unity.unlink(missing_ok=True)
     if not ok:

@@ -31,6 +31,7 @@ from .spec import (  # noqa: E402
     parse_spec,
 )
 from .sparsify import SparsifyReport, sparsify  # noqa: E402
+from .selftest import SelftestReport, selftest  # noqa: E402
 from .methods.masking import Distribution  # noqa: E402
 from .methods.gap import GaPMethod, GaPResult, PGaP, SGaP, gap_train, make_partitions  # noqa: E402
 from .methods.blockprune import BlockPruneResult, prune_1xn  # noqa: E402
@@ -68,6 +69,8 @@ __all__ = [
     "SparseLinear",
     "SparsifyReport",
     "sparsify",
+    "SelftestReport",
+    "selftest",
     "Distribution",
     "GaPMethod",
     "GaPResult",

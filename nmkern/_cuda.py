@@ -40,6 +40,9 @@ SOURCE_DIRS = (_PKG / "_lib" / "cuda_src", _PKG.parent / "csrc" / "cuda")
 KERNEL_SOURCES = ("sparse24_gemm.cu", "compress24.cu")
 
 MIN_CAPABILITY = (8, 0)  # mma.sp needs Ampere or newer
+# mma.sp::ordered_metadata needs PTX ISA 8.5 (CUDA 12.5); older NVRTC gets plain mma.sp
+# (csrc/cuda/sp24_device.cuh, NMKERN_SP_ORDERED_METADATA). setup.py applies the same rule to nvcc.
+ORDERED_METADATA_MIN_CUDA = (12, 5)
 
 # Tile geometry, mirrored from csrc/cuda/sp24_layout.cuh (GemmCfg); tests/test_cuda_host_emulation.py
 # checks these numbers against the header compiled on the host.
@@ -147,6 +150,27 @@ _modules: dict[int, object] = {}
 _kernels: dict[tuple[int, str], object] = {}
 
 
+def ordered_metadata_supported(version: tuple[int, ...]) -> bool:
+    """True when a CUDA toolkit / NVRTC of ``version`` (major, minor) assembles mma.sp::ordered_metadata."""
+    return tuple(version[:2]) >= ORDERED_METADATA_MIN_CUDA
+
+
+def nvrtc_options(src: Path, nvrtc_version: tuple[int, ...] | None) -> tuple[str, ...]:
+    """NVRTC options for the shipped sources: the include dir and the mma.sp variant for this NVRTC
+    (no macro when its version is unknown: the header then reads __CUDACC_VER_MAJOR__/_MINOR__)."""
+    opts = ("-std=c++17", f"-I{src}")
+    if nvrtc_version is not None:
+        opts += (f"-DNMKERN_SP_ORDERED_METADATA={int(ordered_metadata_supported(nvrtc_version))}",)
+    return opts
+
+
+def _nvrtc_version(cupy) -> tuple[int, int] | None:
+    try:
+        return tuple(cupy.cuda.nvrtc.getVersion())[:2]
+    except Exception:  # no libnvrtc, or a CuPy without the binding
+        return None
+
+
 def _nvrtc_module(cupy):
     src = _source_dir()
     if src is None:
@@ -155,7 +179,7 @@ def _nvrtc_module(cupy):
             "exist; rebuild the package with nvcc on PATH (pip install . without NMKERN_SKIP_CUDA_BUILD=1)"
         )
     code = "".join(f'#include "{s}"\n' for s in KERNEL_SOURCES)
-    return cupy.RawModule(code=code, options=("-std=c++17", f"-I{src}"))
+    return cupy.RawModule(code=code, options=nvrtc_options(src, _nvrtc_version(cupy)))
 
 
 def _module(device_index: int):

@@ -405,5 +405,5 @@ def test_every_writing_command_has_force():
     from nmkern.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    for name in ("prune", "train", "search", "bench", "demo"):
+    for name in ("prune", "train", "search", "bench", "demo", "selftest"):
         assert "--force" in sub.choices[name].format_help(), name

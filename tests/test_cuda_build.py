@@ -263,8 +263,13 @@ def test_nvrtc_fallback_compiles_shipped_sources(tmp_path):
     code = "".join(f'#include "{s}"\n' for s in _cuda.KERNEL_SOURCES).encode()
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), code, b"nmkern_unity.cu", 0, None, None) == 0
+    # The options _cuda._nvrtc_module passes for this NVRTC's version (mma.sp variant included);
     # sm_80 makes NVRTC emit a cubin, as CuPy asks for the device's own arch.
-    opts = [b"-std=c++17", f"-I{CUDA_DIR}".encode(), b"--gpu-architecture=sm_80"]
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    assert lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) == 0
+    opts = [o.encode() for o in _cuda.nvrtc_options(CUDA_DIR, (major.value, minor.value))]
+    assert any(o.startswith(b"-DNMKERN_SP_ORDERED_METADATA=") for o in opts)
+    opts.append(b"--gpu-architecture=sm_80")
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -281,3 +286,81 @@ def test_nvrtc_fallback_compiles_shipped_sources(tmp_path):
     for kernel in GEMM_KERNELS:
         body = next(b for (_, f), b in funcs.items() if f == kernel)
         assert "HMMA.SP.16832" in body, f"{kernel}: NVRTC build has no sparse tensor-core instruction"
+
+
+# ---- mma.sp vs mma.sp::ordered_metadata: chosen from the toolkit version ---------------------------
+
+
+@pytest.mark.parametrize("version,ordered", [((11, 8), False), ((12, 4), False), ((12, 5), True), ((12, 10), True),
+                                             ((13, 0), True), ((12, 5, 82), True)])
+def test_ordered_metadata_choice_by_version(version, ordered):
+    # PTX ISA 8.5 (CUDA 12.5) introduced mma.sp::ordered_metadata; setup.py (nvcc) and _cuda (NVRTC) agree.
+    assert _cuda.ordered_metadata_supported(version) is ordered
+    assert SETUP.ordered_metadata_supported(version) is ordered
+    flag = f"-DNMKERN_SP_ORDERED_METADATA={int(ordered)}"
+    assert flag in _cuda.nvrtc_options(CUDA_DIR, version)
+
+
+def test_nvrtc_options_without_a_version_leave_the_choice_to_the_header():
+    opts = _cuda.nvrtc_options(CUDA_DIR, None)
+    assert not any("NMKERN_SP_ORDERED_METADATA" in o for o in opts)
+    assert f"-I{CUDA_DIR}" in opts
+
+
+def test_parse_nvcc_version():
+    text = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.4, V12.4.131\n"
+    assert SETUP.parse_nvcc_version(text) == (12, 4)
+    assert SETUP.parse_nvcc_version("Cuda compilation tools, release 13.0, V13.0.88") == (13, 0)
+    assert SETUP.parse_nvcc_version("no version here") is None
+
+
+def _fake_nvcc(tmp_path: Path, release: str) -> str:
+    exe = tmp_path / f"nvcc_{release.replace('.', '_')}"
+    exe.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_sparse_mma_flags_follow_nvcc_version(tmp_path):
+    assert SETUP.sparse_mma_flags(_fake_nvcc(tmp_path, "12.4")) == ["-DNMKERN_SP_ORDERED_METADATA=0"]
+    assert SETUP.sparse_mma_flags(_fake_nvcc(tmp_path, "12.5")) == ["-DNMKERN_SP_ORDERED_METADATA=1"]
+    assert SETUP.sparse_mma_flags(str(tmp_path / "missing-nvcc")) == []  # unknown: the header decides
+
+
+def _installed_nvcc_version() -> tuple[int, int]:
+    proc = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True, timeout=60)
+    version = SETUP.parse_nvcc_version(proc.stdout)
+    assert version is not None, proc.stdout
+    return version
+
+
+def test_wheel_build_passes_the_variant_for_this_nvcc(wheel_build):
+    flag = int(SETUP.ordered_metadata_supported(_installed_nvcc_version()))
+    assert f"-DNMKERN_SP_ORDERED_METADATA={flag}" in wheel_build.log
+
+
+_PTX_MMA = re.compile(r"\b(mma\.sp(?:::ordered_metadata)?)\.sync\.aligned\.m16n8k32\.row\.col\.f32\.(b?f16)\.")
+
+
+@pytest.mark.parametrize("arch", ["80", "90a"])
+@pytest.mark.parametrize("variant", [0, 1, None])
+def test_both_mma_sp_variants_compile(tmp_path, arch, variant):
+    """NMKERN_SP_ORDERED_METADATA=0 / 1 (None: the header's own default from the nvcc version): the PTX
+    holds that instruction for f16 and bf16, and ptxas turns it into sparse tensor-core SASS."""
+    nvcc = _nvcc()
+    define = [] if variant is None else [f"-DNMKERN_SP_ORDERED_METADATA={variant}"]
+    if variant is None:
+        variant = int(SETUP.ordered_metadata_supported(_installed_nvcc_version()))
+    src = CUDA_DIR / "sparse24_gemm.cu"
+    base = [nvcc, "-O3", "-std=c++17", f"-I{CUDA_DIR}", *define]
+    ptx, cubin = tmp_path / "k.ptx", tmp_path / "k.cubin"
+    for cmd in ([*base, "-ptx", f"-arch=compute_{arch}", "-o", str(ptx), str(src)],
+                [*base, "-cubin", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-o", str(cubin), str(src)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    found = {(m.group(1), m.group(2)) for m in _PTX_MMA.finditer(ptx.read_text())}
+    want = "mma.sp::ordered_metadata" if variant else "mma.sp"
+    assert found == {(want, "f16"), (want, "bf16")}
+    sass = _cuobjdump("-sass", str(cubin))
+    assert "HMMA.SP.16832.F32.BF16" in sass
+    assert re.search(r"HMMA\.SP\.16832\.F32 ", sass), "no fp16 sparse tensor-core instruction in the SASS"

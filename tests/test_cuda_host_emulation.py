@@ -1,18 +1,26 @@
 """CUDA kernels' index and metadata logic, checked on the CPU (no GPU needed).
 
-tests/cuda_host/sp24_host_test.cpp includes csrc/cuda/sp24_layout.cuh (the helpers the kernels
-use) and is compiled here with g++. It
+tests/cuda_host/sp24_host_test.cpp includes csrc/cuda/sp24_layout.cuh and sp24_epilogue.cuh (the
+helpers the kernels use) and is compiled here with g++. It
 
 * decodes nmkern.compress_24's CUTLASS-layout metadata and rebuilds the dense matrix,
 * runs the prune-and-compress kernel's per-thread logic, compared byte for byte with
   compress_24(apply_nm(w, 2, 4)),
-* emulates the GEMM kernel (stage loader, ldmatrix addresses, metadata word per lane,
-  accumulator mapping from the header; ldmatrix and mma.sp from the PTX ISA fragment
-  description) and compares Y with a float64 matmul of the decompressed weight.
+* emulates the GEMM kernel and the split-K reduce: the stage schedule, loader, ldmatrix
+  addresses, metadata word per lane, accumulator mapping, epilogue and reduce come from the
+  headers; cp.async groups in flight, ldmatrix and mma.sp from the PTX ISA. Shared memory starts
+  as NaN, copies not yet waited for read as NaN (and stop the run), and every cp.async / ldmatrix
+  / vector address must be 16-byte aligned. Y (fp16/bf16, written only by the kernel's epilogue
+  or the reduce) is compared with a float64 matmul of the decompressed weight.
+* negative controls: builds with a planted bug (NMKERN_EMU_* flags) must fail that comparison.
+
+No GPU runs here: what only hardware can settle (the real instruction semantics, barriers between
+warps, timing) is left to tests/test_cuda_gpu.py.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import struct
 import subprocess
@@ -32,18 +40,36 @@ HEADER_DIR = ROOT / "csrc" / "cuda"
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(scope="session")
-def host_prog(tmp_path_factory) -> Path:
+def _compile(out_dir: Path, flags: tuple[str, ...]) -> Path:
     cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no host C++ compiler (g++/clang++) to build the emulation program")
-    exe = tmp_path_factory.mktemp("sp24_host") / "sp24_host_test"
+    exe = out_dir / ("sp24_host_test" + "".join("_" + f.lstrip("-D").lower() for f in flags))
     proc = subprocess.run(
-        [cxx, "-std=c++17", "-O2", "-Wall", "-Werror", f"-I{HEADER_DIR}", str(HOST_SRC), "-o", str(exe)],
+        [cxx, "-std=c++17", "-O2", "-Wall", "-Werror", *flags, f"-I{HEADER_DIR}", str(HOST_SRC), "-o", str(exe)],
         capture_output=True, text=True,
     )
     assert proc.returncode == 0, f"host test program failed to compile:\n{proc.stderr}"
     return exe
+
+
+@pytest.fixture(scope="session")
+def host_build(tmp_path_factory):
+    """build(*flags) -> executable; one g++ run per flag set per session (about 1.5 s each)."""
+    out_dir = tmp_path_factory.mktemp("sp24_host")
+    cache: dict[tuple[str, ...], Path] = {}
+
+    def build(*flags: str) -> Path:
+        if flags not in cache:
+            cache[flags] = _compile(out_dir, flags)
+        return cache[flags]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def host_prog(host_build) -> Path:
+    return host_build()
 
 
 def _run(exe: Path, *args) -> subprocess.CompletedProcess:
@@ -148,48 +174,161 @@ def test_prune_compress_bytes_match_reference(host_prog, tmp_path, dtype, n, k):
 # ---- GEMM emulation -----------------------------------------------------------------------------
 
 GEMM_CASES = [
-    # (config, splits, M, N, K, bias)
+    # (config, requested splits, M, N, K, bias)
     ("small", 1, 1, 64, 64, False),
     ("small", 1, 5, 96, 96, True),  # N % BN != 0, K % 64 == 32 (k tail), M < BM
-    ("small", 3, 17, 64, 320, True),  # split-K (5 k tiles over 3 splits), 2 batch tiles
+    ("small", 3, 17, 64, 320, True),  # split-K (5 k tiles over 3 splits), 2 batch tiles, bias in the reduce
     ("large", 1, 130, 160, 160, True),  # ragged M and N, k tail
     ("large", 2, 64, 128, 256, False),
     ("large", 1, 5, 64, 64, True),  # idle warps: W rows 64..127 and batch rows 64..127 are past N / M
     ("small", 2, 64, 32, 128, False),  # four batch tiles, one warp past N
+    ("large", 4, 70, 96, 352, True),  # split-K with a k tail (K % 64 == 32), 4 asked -> 3 splits of 2 tiles
+    ("small", 4, 3, 64, 224, False),  # split-K, k tail in the last split, no bias
 ]
+REDUCE_THREADS = 256  # nmkern/_cuda.py's reduce launch
+REDUCE_SMS = 1  # launcher: blocks = min(ceil(M*N/4/256), 8 * SMs); 1 SM -> <= 8 blocks, so the grid-stride loop repeats
 
 
-def _emulate(host_prog, tmp_path, dtype, cfg, splits, x, values, meta, bias):
+def _launch_geometry(m: int, n: int, k: int, splits: int) -> tuple[int, int, int]:
+    """(splits, kt_per_split, reduce blocks) exactly as _cuda.sparse24_linear computes them."""
+    ktiles = math.ceil(k / _cuda.BK)
+    splits = min(splits, ktiles)
+    kt_per_split = math.ceil(ktiles / splits)
+    splits = math.ceil(ktiles / kt_per_split)  # no empty split
+    blocks = min(math.ceil(m * n // 4 / REDUCE_THREADS), 8 * REDUCE_SMS)
+    return splits, kt_per_split, blocks
+
+
+def _emulate(exe, tmp_path, dtype, cfg, splits, x, values, meta, bias):
     m, k = x.shape
     n = values.shape[0]
+    splits, kt_per_split, red_blocks = _launch_geometry(m, n, k, splits)
     f_in, f_out = tmp_path / "g.in", tmp_path / "g.out"
-    payload = _header(dtype is torch.bfloat16, 0 if cfg == "small" else 1, splits, m, n, k, bias is not None)
+    payload = _header(dtype is torch.bfloat16, 0 if cfg == "small" else 1, splits, kt_per_split, red_blocks,
+                      REDUCE_THREADS, m, n, k, bias is not None)
     payload += _bits(x) + _bits(values) + _bits(meta) + (_bits(bias) if bias is not None else b"")
     f_in.write_bytes(payload)
-    out = _run(host_prog, "gemm", f_in, f_out)
-    return out, (torch.from_numpy(np.frombuffer(f_out.read_bytes(), dtype="<f4").copy()).reshape(m, n)
-                 if out.returncode == 0 else None)
+    out = _run(exe, "gemm", f_in, f_out)
+    if out.returncode != 0:
+        return out, None
+    y = torch.from_numpy(np.frombuffer(f_out.read_bytes(), dtype="<i2").copy()).view(dtype).reshape(m, n)
+    return out, y
+
+
+def _gemm_error(x, w, bias, y) -> tuple[float, float]:
+    """(max excess of |Y - fp64| over its bound, the bound at that element); <= 0 passes.
+
+    Bound per element: 8x torch's own fp32 error (floored at one fp32 ulp of the largest
+    |x| @ |w| partial sum, for shapes where torch happens to be exact), for the fp32 accumulation,
+    plus the final rounding to fp16/bf16 (round to nearest: half an ulp, <= eps/2 * |v| for
+    normal v, plus half the smallest subnormal).
+    """
+    ref = x.double() @ w.double().T + (bias.double() if bias is not None else 0)
+    torch32 = x.float() @ w.float().T + (bias.float() if bias is not None else 0)
+    scale = (x.double().abs() @ w.double().abs().T).max().item()
+    acc_tol = 8 * max((torch32.double() - ref).abs().max().item(), torch.finfo(torch.float32).eps * scale)
+    fi = torch.finfo(y.dtype)
+    bound = acc_tol + (fi.eps / 2) * (ref.abs() + acc_tol) + fi.smallest_normal * fi.eps / 4
+    err = (y.double() - ref).abs()
+    excess = torch.nan_to_num(err - bound, nan=float("inf"))
+    i = int(excess.argmax())
+    return excess.flatten()[i].item(), bound.flatten()[i].item()
+
+
+def _gemm_case(dtype, m, n, k, with_bias, seed_extra=0):
+    gen = torch.Generator().manual_seed(m * 31 + n * 7 + k + seed_extra)
+    w = _sparse_weight(n, k, dtype, gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    return w, x, bias
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg,splits,m,n,k,with_bias", GEMM_CASES)
 def test_gemm_emulation_matches_dense(host_prog, tmp_path, dtype, cfg, splits, m, n, k, with_bias):
-    gen = torch.Generator().manual_seed(m * 31 + n * 7 + k)
-    w = _sparse_weight(n, k, dtype, gen)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    w, x, bias = _gemm_case(dtype, m, n, k, with_bias)
     values, meta = nmkern.compress_24(w, backend="reference")
     out, y = _emulate(host_prog, tmp_path, dtype, cfg, splits, x, values, meta, bias)
     assert out.returncode == 0, out.stdout + out.stderr
+    excess, bound = _gemm_error(x, w, bias, y)
+    assert excess <= 0, f"|emulated - fp64| exceeds its bound {bound:.3g} by {excess:.3g}"
 
-    ref = x.double() @ w.double().T + (bias.double() if bias is not None else 0)
-    torch32 = x.float() @ w.float().T + (bias.float() if bias is not None else 0)
-    # fp32 accumulation on both sides: allow 8x torch's own fp32 error (floored at one fp32 ulp
-    # of the largest |x| @ |w| partial sum, for shapes where torch happens to be exact).
-    scale = (x.double().abs() @ w.double().abs().T).max().item()
-    tol = 8 * max((torch32.double() - ref).abs().max().item(), torch.finfo(torch.float32).eps * scale)
-    err = (y.double() - ref).abs().max().item()
-    assert err <= tol, f"max |emulated - fp64| = {err:.3g} > {tol:.3g}"
+
+def test_weights_have_random_per_group_patterns():
+    """The GEMM weights mix all six 2:4 patterns (plus underfull groups) across rows and columns.
+
+    A uniform pattern would hide a metadata word placed on the wrong lane / row (every row's
+    nibbles would be equal); the negative controls below rely on this.
+    """
+    from nmkern.reference.semi24 import nibbles_24_ref
+
+    w = _sparse_weight(64, 128, torch.float16, torch.Generator().manual_seed(0))
+    nib = nibbles_24_ref(w)  # (N, K/4)
+    assert set(nib.unique().tolist()) >= {0b0100, 0b1000, 0b1100, 0b1001, 0b1101, 0b1110}
+    assert (nib[:8] != nib[8:16]).float().mean() > 0.5  # rows g and g + 8 differ in most groups
+    assert (nib[:, :4] != nib[:, 4:8]).float().mean() > 0.5  # k halves of a k32 step differ
+
+
+# ---- negative controls: a planted bug must make the emulated GEMM fail --------------------------
+
+# One small case that covers the k tail, split-K with the reduce, bias, ragged M and two batch tiles.
+NEG_CASE = ("small", 2, 17, 64, 224, True)
+NEGATIVE_CONTROLS = [
+    # (flag, what the failure must say: None = Y differs from the fp64 reference)
+    ("NMKERN_EMU_BAD_SELECTOR", None),
+    ("NMKERN_EMU_BAD_META", None),
+    ("NMKERN_EMU_BAD_B_ORDER", None),
+    ("NMKERN_EMU_EARLY_READ", "while a cp.async to it is in flight"),
+    ("NMKERN_EMU_MISALIGN", "is not 16-byte aligned"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("flag,message", NEGATIVE_CONTROLS)
+def test_gemm_emulation_negative_controls(host_build, tmp_path, dtype, flag, message):
+    cfg, splits, m, n, k, with_bias = NEG_CASE
+    w, x, bias = _gemm_case(dtype, m, n, k, with_bias)
+    values, meta = nmkern.compress_24(w, backend="reference")
+    # The same case passes without the planted bug.
+    out, y = _emulate(host_build(), tmp_path, dtype, cfg, splits, x, values, meta, bias)
+    assert out.returncode == 0 and _gemm_error(x, w, bias, y)[0] <= 0, out.stdout + out.stderr
+    out, y = _emulate(host_build(f"-D{flag}"), tmp_path, dtype, cfg, splits, x, values, meta, bias)
+    if message is None:
+        assert out.returncode == 0, out.stdout + out.stderr  # runs to the end, but computes a wrong Y
+        excess, bound = _gemm_error(x, w, bias, y)
+        assert excess > 100 * bound, f"{flag}: Y still within {excess + bound:.3g} of the reference"
+    else:
+        assert out.returncode == 1 and message in out.stdout, out.stdout + out.stderr
+
+
+def test_early_read_without_the_in_flight_check_gives_nan(host_build, tmp_path):
+    """A stage read before its wait also shows in Y: the bytes of a copy in flight are NaN.
+
+    NMKERN_EMU_EARLY_READ alone stops at the first in-flight read; with the poison alone
+    (NMKERN_EMU_NO_INFLIGHT_CHECK) the metadata read as 0xFFFFFFFF is rejected by mma.sp.
+    """
+    cfg, splits, m, n, k, with_bias = NEG_CASE
+    w, x, bias = _gemm_case(torch.float16, m, n, k, with_bias)
+    values, meta = nmkern.compress_24(w, backend="reference")
+    exe = host_build("-DNMKERN_EMU_EARLY_READ", "-DNMKERN_EMU_NO_INFLIGHT_CHECK")
+    out, _ = _emulate(exe, tmp_path, torch.float16, cfg, splits, x, values, meta, bias)
+    assert out.returncode == 1 and "metadata nibble not ordered" in out.stdout, out.stdout + out.stderr
+
+
+def test_uniform_pattern_would_hide_a_misplaced_metadata_row(host_build, tmp_path):
+    """Why the weights use random per-group patterns: with one 2:4 pattern everywhere, metadata
+    applied to the wrong row (NMKERN_EMU_BAD_META) goes unnoticed."""
+    m, n, k = 16, 64, 64
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k, generator=gen)
+    w[:, 1::4] = 0
+    w[:, 3::4] = 0  # pattern 0101 in every group: nibble 0b1000 everywhere
+    w = w.half()
+    x = torch.randn(m, k, generator=gen).half()
+    values, meta = nmkern.compress_24(w, backend="reference")
+    out, y = _emulate(host_build("-DNMKERN_EMU_BAD_META"), tmp_path, torch.float16, "small", 1, x, values, meta, None)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _gemm_error(x, w, None, y)[0] <= 0
 
 
 def test_gemm_emulation_detects_bad_metadata(host_prog, tmp_path):
@@ -207,8 +346,31 @@ def test_gemm_emulation_detects_bad_metadata(host_prog, tmp_path):
     assert not torch.equal(logical, meta)
     out, y = _emulate(host_prog, tmp_path, dtype, "small", 1, x, values, logical, None)
     assert out.returncode == 0, out.stdout + out.stderr
-    ref = x.double() @ w.double().T
-    assert (y.double() - ref).abs().max().item() > 1e-2
+    assert _gemm_error(x, w, None, y)[0] > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_rounding_matches_torch(host_prog, tmp_path, dtype):
+    """The emulated epilogue's fp32 -> fp16/bf16 conversion (round to nearest even) is torch's, bit for bit."""
+    fi = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(11)
+    vals = torch.cat([
+        torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-9, 6, (4000,), generator=gen).float(),
+        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), fi.max, 65519.0, 65520.0, 3e38,
+                      fi.smallest_normal, fi.smallest_normal / 3, 2.0 ** -25, 2.0 ** -24 * 1.5, 2.0 ** -26]),
+    ]).float()
+    # exact ties between two neighbouring 16-bit values (round half to even picks the even one)
+    lo = (torch.randn(500, generator=gen).abs() + fi.smallest_normal).to(dtype)
+    lo = lo[lo < fi.max]
+    hi = (lo.view(torch.int16) + 1).view(dtype)
+    mid = (lo.double() + hi.double()) / 2  # exact in fp32: one bit more than the 16-bit mantissa
+    vals = torch.cat([vals, mid.float(), -mid.float()])
+    f_in, f_out = tmp_path / "r.in", tmp_path / "r.out"
+    f_in.write_bytes(_header(dtype is torch.bfloat16, vals.numel()) + vals.numpy().astype("<f4").tobytes())
+    out = _run(host_prog, "round", f_in, f_out)
+    assert out.returncode == 0, out.stdout + out.stderr
+    got = torch.from_numpy(np.frombuffer(f_out.read_bytes(), dtype="<i2").copy())
+    assert torch.equal(got, vals.to(dtype).view(torch.int16))
 
 
 def test_split_k_choice():

@@ -7,6 +7,35 @@
 
 #include "sp24_layout.cuh"
 
+// Which sparse MMA instruction to emit (PTX ISA 9.7.14.6, "mma.sp / mma.sp::ordered_metadata"):
+//   1: mma.sp::ordered_metadata (PTX ISA 8.5, CUDA 12.5+). The PTX ISA notes say plain mma.sp
+//      "may have substantially reduced performance on some target architectures" and advise
+//      the ordered form.
+//   0: plain mma.sp (PTX ISA 7.1, CUDA 11.1+), for older nvcc / NVRTC.
+// Both take the same operands (a, b, c, metadata e, selector f), the same fragment layout and
+// the same selector meaning: for m16n8k32 f16/bf16, selector 0 reads the metadata of threads
+// T0,T1 of each group of four, selector 1 that of T2,T3 (any other value is undefined). The one
+// difference the ISA states: ::ordered_metadata requires the two 2-bit indices of each 4-chunk
+// sorted in increasing order from the LSB (meaningful nibbles 0b0100, 0b1000, 0b1001, 0b1100,
+// 0b1101, 0b1110; others undefined); plain mma.sp has no such requirement. compress_24 writes
+// the kept positions in increasing order, so the same metadata is valid for both.
+// setup.py (nvcc --version) and nmkern/_cuda.py (NVRTC version) pass the macro explicitly;
+// without it, the compiler's version macros decide, and 1 where those are absent.
+#ifndef NMKERN_SP_ORDERED_METADATA
+#if defined(__CUDACC_VER_MAJOR__) && defined(__CUDACC_VER_MINOR__) && \
+    (__CUDACC_VER_MAJOR__ < 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ < 5))
+#define NMKERN_SP_ORDERED_METADATA 0
+#else
+#define NMKERN_SP_ORDERED_METADATA 1
+#endif
+#endif
+
+#if NMKERN_SP_ORDERED_METADATA
+#define NMKERN_MMA_SP "mma.sp::ordered_metadata"
+#else
+#define NMKERN_MMA_SP "mma.sp"
+#endif
+
 namespace sp24 {
 
 typedef unsigned short u16;
@@ -27,7 +56,7 @@ struct F16 {
   template <int SEL>
   static __device__ __forceinline__ void mma_sp(float (&d)[4], const u32 (&a)[4], const u32 (&b)[4], u32 e) {
     asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        NMKERN_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
@@ -45,7 +74,7 @@ struct BF16 {
   template <int SEL>
   static __device__ __forceinline__ void mma_sp(float (&d)[4], const u32 (&a)[4], const u32 (&b)[4], u32 e) {
     asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        NMKERN_MMA_SP ".sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),

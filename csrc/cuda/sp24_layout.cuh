@@ -35,6 +35,13 @@
 #define SP24_HD inline
 #endif
 
+// `#pragma unroll` for nvcc / NVRTC only: g++ -Wall (the host emulation) rejects unknown pragmas.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define SP24_UNROLL _Pragma("unroll")
+#else
+#define SP24_UNROLL
+#endif
+
 namespace sp24 {
 
 // ---- tile geometry shared by kernel and host emulation -------------------------------
@@ -170,6 +177,13 @@ using CfgSmall = GemmCfg<2, 1, 16, 4>;
 // Large batches: 128 x 128 tiles, 8 warps (4 along W rows x 2 along batch), 3 stages.
 using CfgLarge = GemmCfg<4, 2, 64, 3>;
 
+// Byte offsets of stage s's three regions in the dynamic shared memory: [A | B | E] per stage.
+// Each region size is a multiple of 16 bytes, so every region starts 16-byte aligned (cp.async
+// and ldmatrix need 16-byte aligned shared addresses).
+template <class Cfg> SP24_HD int stage_a_bytes(int s) { return s * Cfg::STAGE_BYTES; }
+template <class Cfg> SP24_HD int stage_b_bytes(int s) { return s * Cfg::STAGE_BYTES + Cfg::A_BYTES; }
+template <class Cfg> SP24_HD int stage_e_bytes(int s) { return s * Cfg::STAGE_BYTES + Cfg::A_BYTES + Cfg::B_BYTES; }
+
 // Operand tags for the stage loader's copy functor.
 enum Operand { kOpA = 0, kOpB = 1, kOpE = 2 };
 
@@ -199,6 +213,45 @@ SP24_HD void load_stage(Copy& copy, int tid, int kt, int n0, int m0, int M, int 
     bool ok = (gk32 * 32 < K) && (n0 + w < N);
     copy(kOpE, smem_e(Cfg::BN, k32, w), (long long)gk32 * N + n0 + w, ok);
   }
+}
+
+// Compile-time cp.async.wait_group depth, as a tag type (the PTX operand is an immediate).
+template <int N>
+struct Pending {
+  static constexpr int value = N;
+};
+
+// The cp.async pipeline of one block, as one thread runs it (the host emulation runs it once for
+// the whole block: every call below is block-uniform). Callbacks:
+//   load(stage, kt)   issue this thread's 16-byte cp.async copies of k tile kt into slot `stage`
+//   commit()          cp.async.commit_group (also when nothing was issued: keeps the count fixed)
+//   wait(Pending<N>)  cp.async.wait_group N: all but the newest N committed groups have landed
+//   sync()            __syncthreads
+//   compute(stage, kt) the mma steps on slot `stage`, which holds k tile kt
+// Before iteration `it`, STAGES - 1 + it groups are committed (one per slot load, empty or not);
+// waiting until STAGES - 2 remain pending completes the oldest it + 1, i.e. tile it. The barrier
+// then (a) publishes every thread's copies of tile it and (b) guarantees all warps left compute
+// on slot (it - 1) % STAGES, which the load right after it overwrites with tile it + STAGES - 1.
+template <class Cfg, class Load, class Commit, class Wait, class Sync, class Compute>
+SP24_HD void run_pipeline(Load& load, Commit& commit, Wait& wait, Sync& sync, Compute& compute, int kt_begin,
+                          int nkt) {
+  SP24_UNROLL
+  for (int s = 0; s < Cfg::STAGES - 1; ++s) {
+    if (s < nkt) load(s, kt_begin + s);
+    commit();
+  }
+  for (int it = 0; it < nkt; ++it) {
+    wait(Pending<Cfg::STAGES - 2>{});
+    sync();
+    const int next = it + Cfg::STAGES - 1;
+    if (next < nkt) load(next % Cfg::STAGES, kt_begin + next);
+    commit();
+    compute(it % Cfg::STAGES, kt_begin + it);
+  }
+  // Drain (the trailing groups are empty) and let every warp finish reading the stages: the
+  // epilogue's fp32 tile reuses the same shared memory from byte 0.
+  wait(Pending<0>{});
+  sync();
 }
 
 }  // namespace sp24

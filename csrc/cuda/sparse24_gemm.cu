@@ -20,6 +20,7 @@
 #define NMKERN_SPARSE24_GEMM_CU
 
 #include "sp24_device.cuh"
+#include "sp24_epilogue.cuh"
 #include "sp24_layout.cuh"
 
 namespace sp24 {
@@ -42,12 +43,11 @@ __device__ __forceinline__ void gemm_kernel(const u16* __restrict__ x, const u16
   const int kt_end = min(ktiles, kt_begin + kt_per_split);
   const int nkt = max(kt_end - kt_begin, 0);
 
-  auto stage_ptr = [&](int s) { return smem + s * Cfg::STAGE_BYTES; };
+  // Pipeline callbacks for run_pipeline (sp24_layout.cuh), which holds the stage schedule.
   auto load = [&](int s, int kt) {
-    unsigned char* base = stage_ptr(s);
-    u16* As = reinterpret_cast<u16*>(base);
-    u16* Bs = reinterpret_cast<u16*>(base + Cfg::A_BYTES);
-    u32* Es = reinterpret_cast<u32*>(base + Cfg::A_BYTES + Cfg::B_BYTES);
+    u16* As = reinterpret_cast<u16*>(smem + stage_a_bytes<Cfg>(s));
+    u16* Bs = reinterpret_cast<u16*>(smem + stage_b_bytes<Cfg>(s));
+    u32* Es = reinterpret_cast<u32*>(smem + stage_e_bytes<Cfg>(s));
     auto copy = [&](int op, int soff, long long goff, bool ok) {
       if (op == kOpA) cp_async16(As + soff, ok ? values + goff : values, ok);
       else if (op == kOpB) cp_async16(Bs + soff, ok ? x + goff : x, ok);
@@ -55,6 +55,9 @@ __device__ __forceinline__ void gemm_kernel(const u16* __restrict__ x, const u16
     };
     load_stage<Cfg>(copy, tid, kt, n0, m0, M, N, K);
   };
+  auto commit = [] { cp_async_commit(); };
+  auto wait = [](auto pending) { cp_async_wait<decltype(pending)::value>(); };
+  auto sync = [] { __syncthreads(); };
 
   float acc[2][Cfg::NT][4];
 #pragma unroll
@@ -67,115 +70,75 @@ __device__ __forceinline__ void gemm_kernel(const u16* __restrict__ x, const u16
   // Warp-uniform: does this warp own any valid W rows / batch rows?
   const bool warp_active = (n0 + wn * 32 < N) && (m0 + wm * Cfg::WM < M);
 
+  auto compute = [&](int s, int kt) {
+    const u16* As = reinterpret_cast<const u16*>(smem + stage_a_bytes<Cfg>(s));
+    const u16* Bs = reinterpret_cast<const u16*>(smem + stage_b_bytes<Cfg>(s));
+    const u32* Es = reinterpret_cast<const u32*>(smem + stage_e_bytes<Cfg>(s));
+    const int k0 = kt * kBK;
+    if (!warp_active) return;
 #pragma unroll
-  for (int s = 0; s < Cfg::STAGES - 1; ++s) {
-    if (s < nkt) load(s, kt_begin + s);
-    cp_async_commit();
-  }
-
-  for (int it = 0; it < nkt; ++it) {
-    cp_async_wait<Cfg::STAGES - 2>();
-    __syncthreads();
-    {
-      const int next = it + Cfg::STAGES - 1;
-      if (next < nkt) load(next % Cfg::STAGES, kt_begin + next);
-      cp_async_commit();
-    }
-    const unsigned char* base = stage_ptr(it % Cfg::STAGES);
-    const u16* As = reinterpret_cast<const u16*>(base);
-    const u16* Bs = reinterpret_cast<const u16*>(base + Cfg::A_BYTES);
-    const u32* Es = reinterpret_cast<const u32*>(base + Cfg::A_BYTES + Cfg::B_BYTES);
-    const int k0 = (kt_begin + it) * kBK;
-    if (warp_active) {
+    for (int kk = 0; kk < kMetaWordsPerRowStage; ++kk) {
+      if (k0 + kk * 32 >= K) break;  // K tail: only the first k32 step of the last tile
+      const u32 e = Es[smem_e(Cfg::BN, kk, wn * 32 + lane)];
+      u32 a[2][4];
 #pragma unroll
-      for (int kk = 0; kk < kMetaWordsPerRowStage; ++kk) {
-        if (k0 + kk * 32 >= K) break;  // K tail: only the first k32 step of the last tile
-        const u32 e = Es[smem_e(Cfg::BN, kk, wn * 32 + lane)];
-        u32 a[2][4];
+      for (int t = 0; t < 2; ++t)
+        ldmatrix_x4(a[t], As + smem_a(wn * 32 + t * 16 + ldsm_a_row(lane), kk * 16 + ldsm_a_col(lane)));
 #pragma unroll
-        for (int t = 0; t < 2; ++t)
-          ldmatrix_x4(a[t], As + smem_a(wn * 32 + t * 16 + ldsm_a_row(lane), kk * 16 + ldsm_a_col(lane)));
-#pragma unroll
-        for (int j = 0; j < Cfg::NT; ++j) {
-          u32 b[4];
-          ldmatrix_x4(b, Bs + smem_b(wm * Cfg::WM + j * 8 + ldsm_b_row(lane), kk * 32 + ldsm_b_col(lane)));
-          T::template mma_sp<0>(acc[0][j], a[0], b, e);  // W rows 0..15 of the 32-row block
-          T::template mma_sp<1>(acc[1][j], a[1], b, e);  // W rows 16..31
-        }
+      for (int j = 0; j < Cfg::NT; ++j) {
+        u32 b[4];
+        ldmatrix_x4(b, Bs + smem_b(wm * Cfg::WM + j * 8 + ldsm_b_row(lane), kk * 32 + ldsm_b_col(lane)));
+        T::template mma_sp<0>(acc[0][j], a[0], b, e);  // W rows 0..15 of the 32-row block
+        T::template mma_sp<1>(acc[1][j], a[1], b, e);  // W rows 16..31
       }
     }
-  }
-  cp_async_wait<0>();
-  __syncthreads();
+  };
+  run_pipeline<Cfg>(load, commit, wait, sync, compute, kt_begin, nkt);
 
-  // Epilogue: accumulators -> fp32 tile Cs[batch][w_row] in shared memory -> 8-wide stores.
+  // Epilogue (sp24_epilogue.cuh): accumulators -> fp32 tile Cs[batch][w_row] in shared memory
+  // (reusing the drained pipeline stages) -> 8-wide stores.
   float* Cs = reinterpret_cast<float*>(smem);
 #pragma unroll
   for (int t = 0; t < 2; ++t)
 #pragma unroll
     for (int j = 0; j < Cfg::NT; ++j)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = wn * 32 + t * 16 + acc_row(lane, i);
-        const int c = wm * Cfg::WM + j * 8 + acc_col(lane, i);
-        Cs[c * Cfg::EPI_STRIDE + r] = acc[t][j][i];
-      }
+      for (int i = 0; i < 4; ++i) Cs[epi_acc_offset<Cfg>(wn, wm, t, j, lane, i)] = acc[t][j][i];
   __syncthreads();
 
-  constexpr int CHUNKS = Cfg::BM * Cfg::BN / 8;
-  for (int id = tid; id < CHUNKS; id += Cfg::THREADS) {
-    const int m = id / (Cfg::BN / 8);
-    const int nc = (id % (Cfg::BN / 8)) * 8;
-    const int gm = m0 + m, gn = n0 + nc;
-    if (gm >= M || gn >= N) continue;
-    const float4 lo = *reinterpret_cast<const float4*>(Cs + m * Cfg::EPI_STRIDE + nc);
-    const float4 hi = *reinterpret_cast<const float4*>(Cs + m * Cfg::EPI_STRIDE + nc + 4);
-    if (gridDim.z > 1) {
-      float4* dst = reinterpret_cast<float4*>(ws + ((long long)blockIdx.z * M + gm) * N + gn);
-      dst[0] = lo;
-      dst[1] = hi;
-      continue;
-    }
-    float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-    if (bias != nullptr) {
-      const uint4 braw = *reinterpret_cast<const uint4*>(bias + gn);
-      const u32 bw[4] = {braw.x, braw.y, braw.z, braw.w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        v[2 * q] += T::to_float(static_cast<u16>(bw[q] & 0xFFFFu));
-        v[2 * q + 1] += T::to_float(static_cast<u16>(bw[q] >> 16));
-      }
-    }
-    u32 packed[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      packed[q] = static_cast<u32>(T::from_float(v[2 * q])) | (static_cast<u32>(T::from_float(v[2 * q + 1])) << 16);
-    *reinterpret_cast<uint4*>(y + (long long)gm * N + gn) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-  }
+  auto tile8 = [&](int off, float (&v)[8]) {
+    const float4 lo = *reinterpret_cast<const float4*>(Cs + off);
+    const float4 hi = *reinterpret_cast<const float4*>(Cs + off + 4);
+    v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
+    v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+  };
+  auto ws8 = [&](long long off, const float (&v)[8]) {
+    float4* dst = reinterpret_cast<float4*>(ws + off);
+    dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+    dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+  };
+  auto bias8 = [&](int off, u32 (&bw)[4]) {
+    const uint4 braw = *reinterpret_cast<const uint4*>(bias + off);
+    bw[0] = braw.x; bw[1] = braw.y; bw[2] = braw.z; bw[3] = braw.w;
+  };
+  auto y8 = [&](long long off, const u32 (&p)[4]) {
+    *reinterpret_cast<uint4*>(y + off) = make_uint4(p[0], p[1], p[2], p[3]);
+  };
+  epilogue_store<Cfg, T>(tile8, ws8, bias8, y8, tid, n0, m0, M, N, blockIdx.z, gridDim.z > 1, bias != nullptr);
 }
 
-// Y = sum_z ws[z] (+ bias), 4 outputs per thread; M * N % 4 == 0 because N % 32 == 0.
+// Y = sum_z ws[z] (+ bias), 4 outputs per thread (sp24_epilogue.cuh); M * N % 4 == 0 because N % 32 == 0.
 template <class T>
 __device__ __forceinline__ void splitk_reduce(const float* __restrict__ ws, const u16* __restrict__ bias,
                                               u16* __restrict__ y, int M, int N, int splits) {
-  const long long total4 = (long long)M * N / 4;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total4;
-       i += (long long)gridDim.x * blockDim.x) {
-    float4 s = reinterpret_cast<const float4*>(ws)[i];
-    for (int z = 1; z < splits; ++z) {
-      const float4 p = reinterpret_cast<const float4*>(ws + (long long)z * M * N)[i];
-      s.x += p.x; s.y += p.y; s.z += p.z; s.w += p.w;
-    }
-    float v[4] = {s.x, s.y, s.z, s.w};
-    const int n = static_cast<int>((i * 4) % N);
-    if (bias != nullptr) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) v[q] += T::to_float(bias[n + q]);
-    }
-    const u32 lo = static_cast<u32>(T::from_float(v[0])) | (static_cast<u32>(T::from_float(v[1])) << 16);
-    const u32 hi = static_cast<u32>(T::from_float(v[2])) | (static_cast<u32>(T::from_float(v[3])) << 16);
-    reinterpret_cast<uint2*>(y)[i] = make_uint2(lo, hi);
-  }
+  auto ws4 = [&](long long off, float (&v)[4]) {
+    const float4 s = *reinterpret_cast<const float4*>(ws + off);
+    v[0] = s.x; v[1] = s.y; v[2] = s.z; v[3] = s.w;
+  };
+  auto bias1 = [&](int n) { return bias[n]; };
+  auto y4 = [&](long long off, u32 lo, u32 hi) { *reinterpret_cast<uint2*>(y + off) = make_uint2(lo, hi); };
+  splitk_reduce_thread<T>(ws4, bias1, y4, blockIdx.x * (long long)blockDim.x + threadIdx.x,
+                          (long long)gridDim.x * blockDim.x, M, N, splits, bias != nullptr);
 }
 
 }  // namespace sp24

@@ -1,18 +1,25 @@
-// Host-side checks of csrc/cuda/sp24_layout.cuh, compiled by tests/test_cuda_host_emulation.py
-// with g++ (no GPU). Three modes, each reading one binary file written by the Python test:
+// Host-side checks of csrc/cuda/sp24_layout.cuh and sp24_epilogue.cuh, compiled by
+// tests/test_cuda_host_emulation.py with g++ (no GPU). Modes, each reading one binary file
+// written by the Python test:
 //
 //   layout   <in>        decode CUTLASS-layout metadata with the header's helpers and rebuild the
 //                        dense matrix; must equal nmkern.decompress_24 bit for bit. Also checks
 //                        the per-lane metadata word the GEMM loads (meta_word_for_lane).
 //   compress <in> <out>  run the prune-and-compress kernel's per-chunk logic (header helpers) on a
 //                        dense matrix; writes values + metadata for a byte comparison in Python.
-//   gemm     <in> <out>  emulate the GEMM kernel block by block and warp by warp: the stage loader
-//                        and every smem / ldmatrix / metadata / accumulator index come from the
-//                        header; ldmatrix and mma.sp themselves are emulated from the PTX ISA
-//                        fragment descriptions below (written independently of the header).
-//                        Writes Y (M x N) as float32 for a comparison against a float64 matmul.
+//   gemm     <in> <out>  emulate the GEMM kernel and the split-K reduce, block by block and warp
+//                        by warp. Shared with the kernel (headers): the cp.async stage schedule
+//                        (run_pipeline), the stage loader, every smem / ldmatrix / metadata /
+//                        accumulator index, the epilogue (fp32 tile, 8-wide stores, bias unpack,
+//                        16-bit packing) and the reduce. Emulated here from the PTX ISA: cp.async
+//                        groups in flight, ldmatrix, mma.sp (written independently of the
+//                        headers). Every cp.async / ldmatrix / vector access is checked for
+//                        16-byte alignment and bounds. Writes Y (M x N, fp16/bf16 bits), which
+//                        the test compares against a float64 matmul.
+//   round    <in> <out>  the host fp32 -> fp16/bf16 rounding the emulated epilogue uses.
 //
-// Exit code 0 on success; on a failed check it prints the first mismatch and exits 1.
+// Exit code 0 on success; on a failed check it prints "FAIL: ..." and exits 1. Compile-time
+// NMKERN_EMU_* flags plant bugs for the negative controls (see "negative controls" below).
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "sp24_epilogue.cuh"
 #include "sp24_layout.cuh"
 
 using u16 = uint16_t;
@@ -161,15 +169,121 @@ static int run_compress(const char* in, const char* out) {
   return 0;
 }
 
+// ---- negative controls ------------------------------------------------------------------------
+// Each flag plants one bug in the emulated kernel. tests/test_cuda_host_emulation.py builds the
+// program once per flag and asserts that the GEMM check then FAILS, i.e. that it can see the bug:
+//   NMKERN_EMU_BAD_SELECTOR  mma.sp sparsity selectors swapped (tile t reads the other lane pair)
+//   NMKERN_EMU_BAD_META      the two 16-bit halves of the metadata word swapped (row g <-> g + 8)
+//   NMKERN_EMU_BAD_B_ORDER   B registers 1 and 2 swapped (k 8..15 <-> k 16..23 of the k32 step)
+//   NMKERN_EMU_EARLY_READ    cp.async.wait_group N leaves N + 1 groups pending (a missing wait:
+//                            the stage computed on is still in flight)
+//   NMKERN_EMU_MISALIGN      each stage's B region starts 8 bytes late (misaligned cp.async/ldmatrix)
+// NMKERN_EMU_NO_INFLIGHT_CHECK turns off the explicit in-flight read check (the poison stays).
+#ifdef NMKERN_EMU_BAD_SELECTOR
+constexpr int kSelTile0 = 1, kSelTile1 = 0;
+#else
+constexpr int kSelTile0 = 0, kSelTile1 = 1;
+#endif
+#ifdef NMKERN_EMU_EARLY_READ
+constexpr int kWaitSlack = 1;
+#else
+constexpr int kWaitSlack = 0;
+#endif
+#ifdef NMKERN_EMU_MISALIGN
+constexpr int kBRegionSkew = 8;
+#else
+constexpr int kBRegionSkew = 0;
+#endif
+
+// A check of the emulated kernel failed: report and stop (exit 1, like a value mismatch).
+[[noreturn]] static void die(const std::string& msg) {
+  std::printf("FAIL: %s\n", msg.c_str());
+  std::fflush(stdout);
+  std::exit(1);
+}
+
 // ---- PTX ISA emulation (independent of the header) ------------------------------------------
-// ldmatrix.sync.aligned.m8n8.x4.b16: lanes 8j..8j+7 give the row addresses of matrix j; thread t
-// receives in register j the two 16-bit elements at row t/4, columns 2*(t%4) and 2*(t%4)+1 of
-// matrix j (lower column in the low half).
-static void ldmatrix_x4_isa(const std::vector<u16>& smem, const int addr[32], u32 regs[32][4]) {
+
+// One block's dynamic shared memory, with cp.async modelled as in-flight groups (PTX ISA,
+// cp.async / cp.async.commit_group / cp.async.wait_group): a copy's bytes are undefined until a
+// wait_group completes its group. Here they read as 0xFF (NaN in fp16, bf16 and fp32, and the
+// metadata nibble 0xF, which the mma.sp emulation rejects) and carry an in-flight mark: reading
+// a marked byte stops the run with "in flight". Bytes never written also read 0xFF: the whole
+// block's shared memory starts as NaN, and the epilogue tile is refilled with NaN before use.
+struct Smem {
+  struct Copy {
+    int dst;
+    unsigned char data[16];
+  };
+  std::vector<unsigned char> bytes, inflight;
+  std::vector<Copy> open;                  // issued, not yet committed
+  std::vector<std::vector<Copy>> groups;   // committed, oldest first
+  explicit Smem(int n) : bytes(n, 0xFF), inflight(n, 0) {}
+
+  void check_range(int off, int n, const char* what) const {
+    if (off < 0 || off + n > static_cast<int>(bytes.size()))
+      die(std::string(what) + ": shared offset " + std::to_string(off) + " + " + std::to_string(n) +
+          " outside the " + std::to_string(bytes.size()) + "-byte allocation");
+  }
+  void read(int off, void* dst, int n, const char* what) const {
+    check_range(off, n, what);
+#ifndef NMKERN_EMU_NO_INFLIGHT_CHECK  // (a test turns it off to show the NaN poison alone also fails)
+    for (int i = 0; i < n; ++i)
+      if (inflight[off + i])
+        die(std::string(what) + " reads shared byte " + std::to_string(off + i) +
+            " while a cp.async to it is in flight (no cp.async.wait_group covers it)");
+#endif
+    std::memcpy(dst, bytes.data() + off, n);
+  }
+  void write(int off, const void* src, int n, const char* what) {
+    check_range(off, n, what);
+    std::memcpy(bytes.data() + off, src, n);
+  }
+  void fill_nan(int off, int n) {
+    check_range(off, n, "NaN fill");
+    std::memset(bytes.data() + off, 0xFF, n);
+  }
+  // cp.async.cg.shared.global [dst], [src], 16, src_size (16, or 0 = zero fill).
+  void cp_async16(int dst, const unsigned char* src) {
+    if (dst % 16) die("cp.async shared address " + std::to_string(dst) + " is not 16-byte aligned");
+    check_range(dst, 16, "cp.async");
+    Copy c;
+    c.dst = dst;
+    if (src) std::memcpy(c.data, src, 16);
+    else std::memset(c.data, 0, 16);
+    open.push_back(c);
+    std::memset(bytes.data() + dst, 0xFF, 16);  // old contents are gone, new ones not there yet
+    std::memset(inflight.data() + dst, 1, 16);
+  }
+  void commit() {
+    groups.push_back(open);
+    open.clear();
+  }
+  void wait_group(int n) {
+    while (static_cast<int>(groups.size()) > n) {
+      for (const Copy& c : groups.front()) {
+        std::memcpy(bytes.data() + c.dst, c.data, 16);
+        std::memset(inflight.data() + c.dst, 0, 16);
+      }
+      groups.erase(groups.begin());
+    }
+  }
+};
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8j..8j+7 give the row addresses of matrix j
+// (each row 8 x b16 = 16 bytes, 16-byte aligned); thread t receives in register j the two 16-bit
+// elements at row t/4, columns 2*(t%4) and 2*(t%4)+1 of matrix j (lower column in the low half).
+static void ldmatrix_x4_isa(const Smem& sm, const int addr[32], u32 regs[32][4]) {
+  u16 rows[32][8];
+  for (int l = 0; l < 32; ++l) {
+    if (addr[l] % 16) die("ldmatrix row address " + std::to_string(addr[l]) + " (lane " + std::to_string(l) +
+                          ") is not 16-byte aligned");
+    sm.read(addr[l], rows[l], 16, "ldmatrix");
+  }
   for (int t = 0; t < 32; ++t)
     for (int j = 0; j < 4; ++j) {
-      const int base = addr[8 * j + t / 4] + 2 * (t % 4);
-      regs[t][j] = static_cast<u32>(smem[base]) | (static_cast<u32>(smem[base + 1]) << 16);
+      const u16* row = rows[8 * j + t / 4];
+      regs[t][j] = static_cast<u32>(row[2 * (t % 4)]) | (static_cast<u32>(row[2 * (t % 4) + 1]) << 16);
     }
 }
 
@@ -181,10 +295,12 @@ static void ldmatrix_x4_isa(const std::vector<u16>& smem, const int addr[32], u3
 //      each nibble = index of the first kept element | index of the second << 2 (ordered).
 //   B: reg r of lane holds B[k = 2q + 8r + e][n = g], e = 0 (low half), 1 (high half).
 //   C/D: element i of lane is row g + 8*(i>>1), column 2q + (i&1).
-static bool mma_sp_isa(float d[32][4], const u32 a[32][4], const u32 b[32][4], const u32 e[32], int sel,
-                       std::string* err) {
-  float A[16][32] = {};
-  float B[32][8] = {};
+// Only the two B rows a nibble selects enter a product (the hardware gathers them), so a NaN
+// in a B row that no kept A element selects does not reach D.
+static void mma_sp_isa(float d[32][4], const u32 a[32][4], const u32 b[32][4], const u32 e[32], int sel) {
+  float Av[16][16];  // kept values, compressed: row, 2 per 4-column chunk
+  int Ak[16][16];    // their columns in the 32-wide A tile
+  float B[32][8];
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane >> 2, q = lane & 3;
     for (int r = 0; r < 4; ++r) {
@@ -193,10 +309,12 @@ static bool mma_sp_isa(float d[32][4], const u32 a[32][4], const u32 b[32][4], c
       const unsigned bits16 = (row < 8 ? md : md >> 16) & 0xFFFF;
       const unsigned nib = (bits16 >> (4 * q)) & 0xF;
       const int i0 = nib & 3, i1 = (nib >> 2) & 3;
-      if (i0 >= i1) { *err = "metadata nibble not ordered (invalid for .sp::ordered_metadata)"; return false; }
-      const int base = 4 * q + 16 * half;
-      A[row][base + i0] = to_float(static_cast<u16>(a[lane][r] & 0xFFFF));
-      A[row][base + i1] = to_float(static_cast<u16>(a[lane][r] >> 16));
+      if (i0 >= i1) die("metadata nibble not ordered (invalid for mma.sp::ordered_metadata)");
+      const int chunk = q + 4 * half, base = 4 * chunk;
+      Av[row][2 * chunk] = to_float(static_cast<u16>(a[lane][r] & 0xFFFF));
+      Av[row][2 * chunk + 1] = to_float(static_cast<u16>(a[lane][r] >> 16));
+      Ak[row][2 * chunk] = base + i0;
+      Ak[row][2 * chunk + 1] = base + i1;
       B[2 * q + 8 * r][g] = to_float(static_cast<u16>(b[lane][r] & 0xFFFF));
       B[2 * q + 8 * r + 1][g] = to_float(static_cast<u16>(b[lane][r] >> 16));
     }
@@ -206,124 +324,242 @@ static bool mma_sp_isa(float d[32][4], const u32 a[32][4], const u32 b[32][4], c
     for (int i = 0; i < 4; ++i) {
       const int row = g + 8 * (i >> 1), col = 2 * q + (i & 1);
       double s = 0;
-      for (int k = 0; k < 32; ++k) s += static_cast<double>(A[row][k]) * B[k][col];
+      for (int c = 0; c < 16; ++c) s += static_cast<double>(Av[row][c]) * B[Ak[row][c]][col];
       d[lane][i] += static_cast<float>(s);
     }
   }
-  return true;
 }
 
+// float -> fp16 / bf16, round to nearest even (cvt.rn.f16.f32 / cvt.rn.bf16.f32), in software.
+static u16 float_to_half(float f) {
+  u32 x;
+  std::memcpy(&x, &f, 4);
+  const u32 sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+  if (ax > 0x7F800000u) return static_cast<u16>(sign | 0x7E00u);  // NaN
+  if (ax >= 0x477FF000u) return static_cast<u16>(sign | 0x7C00u);  // >= 65520 rounds to inf
+  if (ax < 0x38800000u) {  // below 2^-14: subnormal, in units of 2^-24 (exact scaling)
+    float v;
+    std::memcpy(&v, &ax, 4);
+    return static_cast<u16>(sign | static_cast<u32>(std::nearbyint(v * 16777216.0f)));  // 1024 = min normal
+  }
+  const u32 m = ax - (112u << 23);  // rebias the exponent 127 -> 15
+  u32 r = m >> 13;
+  const u32 rem = m & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;  // a carry into the exponent is correct
+  return static_cast<u16>(sign | r);
+}
+static u16 float_to_bf16(float f) {
+  u32 x;
+  std::memcpy(&x, &f, 4);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<u16>(((x >> 16) & 0x8000u) | 0x7FC0u);
+  return static_cast<u16>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+
+// The 16-bit type tag the shared epilogue / reduce (sp24_epilogue.cuh) take: sp24::F16 / BF16
+// on the device, software conversions here.
+struct HostT {
+  static float to_float(u16 h) { return ::to_float(h); }
+  static u16 from_float(float f) { return g_bf16 ? float_to_bf16(f) : float_to_half(f); }
+};
+
 // ---- mode: gemm -----------------------------------------------------------------------------
-// Input: bf16 flag, config (0 small, 1 large), splits, M, N, K, has_bias, x (M*K u16),
-// values (N*K/2 u16), meta (N*K/16 u16), bias (N u16 if has_bias). Output: Y (M*N float32).
+// Input: bf16 flag, config (0 small, 1 large), splits (gridDim.z), kt_per_split, reduce blocks,
+// reduce threads, M, N, K, has_bias, x (M*K u16), values (N*K/2 u16), meta (N*K/16 u16), bias
+// (N u16 if has_bias). Output: Y (M*N u16), written only through the kernel's epilogue (splits
+// == 1) or the split-K reduce; it starts as NaN, so an output nobody writes fails the comparison.
+struct Gemm {
+  int splits, kt_per_split, red_blocks, red_threads, M, N, K;
+  const std::vector<u16>& x;
+  const std::vector<u16>& values;
+  const std::vector<u16>& meta;
+  const std::vector<u16>* bias;
+};
+
+// Global memory reads of a cp.async source or a vector load: `elem_off` elements of `elem`
+// bytes from a 16-byte aligned base (the launcher passes 16-byte aligned tensors).
+static const unsigned char* global_at(const void* base, size_t total_bytes, long long elem_off, int elem,
+                                      int n, const char* what) {
+  const long long byte = elem_off * elem;
+  if (byte % n) die(std::string(what) + ": global byte offset " + std::to_string(byte) + " is not " +
+                    std::to_string(n) + "-byte aligned");
+  if (byte < 0 || byte + n > static_cast<long long>(total_bytes))
+    die(std::string(what) + ": global byte offset " + std::to_string(byte) + " out of bounds");
+  return static_cast<const unsigned char*>(base) + byte;
+}
+
 template <class Cfg>
-static int emulate_gemm(int splits, int M, int N, int K, const std::vector<u16>& x, const std::vector<u16>& values,
-                        const std::vector<u16>& meta, const std::vector<u16>* bias, std::vector<float>& y) {
+static void emulate_gemm(const Gemm& p, std::vector<u16>& y) {
   using namespace sp24;
+  const int M = p.M, N = p.N, K = p.K;
   const int ktiles = (K + kBK - 1) / kBK;
-  const int kt_per_split = (ktiles + splits - 1) / splits;
-  std::vector<float> ws(static_cast<size_t>(splits) * M * N, 0.f);
-  // Shared memory of one block, per stage, as the three typed regions the kernel carves out.
-  std::vector<std::vector<u16>> As(Cfg::STAGES, std::vector<u16>(Cfg::A_BYTES / 2));
-  std::vector<std::vector<u16>> Bs(Cfg::STAGES, std::vector<u16>(Cfg::B_BYTES / 2));
-  std::vector<std::vector<u32>> Es(Cfg::STAGES, std::vector<u32>(Cfg::E_BYTES / 4));
-  std::string err;
-  for (int bz = 0; bz < splits; ++bz)
+  const bool to_ws = p.splits > 1;
+  std::vector<float> ws(to_ws ? static_cast<size_t>(p.splits) * M * N : 0, NAN);
+  y.assign(static_cast<size_t>(M) * N, 0xFFFF);  // NaN in fp16 and bf16
+  constexpr int WARPS = Cfg::WARPS_N * Cfg::WARPS_M;
+  static float acc[WARPS][2][Cfg::NT][32][4];
+  for (int bz = 0; bz < p.splits; ++bz)
     for (int by = 0; by < (M + Cfg::BM - 1) / Cfg::BM; ++by)
       for (int bx = 0; bx < (N + Cfg::BN - 1) / Cfg::BN; ++bx) {
         const int n0 = bx * Cfg::BN, m0 = by * Cfg::BM;
-        const int kt_begin = bz * kt_per_split;
-        const int kt_end = std::min(ktiles, kt_begin + kt_per_split);
+        const int kt_begin = bz * p.kt_per_split;
+        const int kt_end = std::min(ktiles, kt_begin + p.kt_per_split);
         const int nkt = std::max(kt_end - kt_begin, 0);
+        Smem sm(Cfg::SMEM_BYTES);
+        std::memset(acc, 0, sizeof acc);
+        const int b_skew = kBRegionSkew;  // 0 unless NMKERN_EMU_MISALIGN
+
+        // run_pipeline callbacks for the whole block (each is block-uniform in the kernel).
         auto load = [&](int s, int kt) {
           for (int tid = 0; tid < Cfg::THREADS; ++tid) {
             auto copy = [&](int op, int soff, long long goff, bool ok) {
-              for (int i = 0; i < (op == kOpE ? 4 : 8); ++i) {  // 16 bytes
-                if (op == kOpA) As[s].at(soff + i) = ok ? values.at(goff + i) : 0;
-                else if (op == kOpB) Bs[s].at(soff + i) = ok ? x.at(goff + i) : 0;
-                else Es[s].at(soff + i) = ok ? (static_cast<u32>(meta.at(2 * (goff + i))) |
-                                                 (static_cast<u32>(meta.at(2 * (goff + i) + 1)) << 16))
-                                              : 0;
-              }
+              if (op == kOpA)
+                sm.cp_async16(stage_a_bytes<Cfg>(s) + 2 * soff,
+                              ok ? global_at(p.values.data(), 2 * p.values.size(), goff, 2, 16, "cp.async A") : nullptr);
+              else if (op == kOpB)
+                sm.cp_async16(stage_b_bytes<Cfg>(s) + b_skew + 2 * soff,
+                              ok ? global_at(p.x.data(), 2 * p.x.size(), goff, 2, 16, "cp.async B") : nullptr);
+              else
+                sm.cp_async16(stage_e_bytes<Cfg>(s) + 4 * soff,
+                              ok ? global_at(p.meta.data(), 2 * p.meta.size(), goff, 4, 16, "cp.async E") : nullptr);
             };
             load_stage<Cfg>(copy, tid, kt, n0, m0, M, N, K);
           }
         };
-        static float acc[Cfg::WARPS_N * Cfg::WARPS_M][2][Cfg::NT][32][4];
-        std::memset(acc, 0, sizeof acc);
-        for (int s = 0; s < Cfg::STAGES - 1; ++s)
-          if (s < nkt) load(s, kt_begin + s);
-        for (int it = 0; it < nkt; ++it) {
-          const int next = it + Cfg::STAGES - 1;
-          if (next < nkt) load(next % Cfg::STAGES, kt_begin + next);
-          const int st = it % Cfg::STAGES;
-          const int k0 = (kt_begin + it) * kBK;
-          for (int warp = 0; warp < Cfg::WARPS_N * Cfg::WARPS_M; ++warp) {
+        auto commit = [&] { sm.commit(); };
+        auto wait = [&](auto pending) { sm.wait_group(decltype(pending)::value + kWaitSlack); };
+        // Warps run one after another here, so a barrier reorders nothing in the emulation.
+        auto sync = [] {};
+        auto compute = [&](int s, int kt) {
+          const int k0 = kt * kBK;
+          for (int warp = 0; warp < WARPS; ++warp) {
             const int wn = warp % Cfg::WARPS_N, wm = warp / Cfg::WARPS_N;
-            if (!((n0 + wn * 32 < N) && (m0 + wm * Cfg::WM < M))) continue;
+            if (!((n0 + wn * 32 < N) && (m0 + wm * Cfg::WM < M))) continue;  // the kernel's warp_active
             for (int kk = 0; kk < kMetaWordsPerRowStage; ++kk) {
               if (k0 + kk * 32 >= K) break;
               u32 e[32];
-              for (int lane = 0; lane < 32; ++lane) e[lane] = Es[st][smem_e(Cfg::BN, kk, wn * 32 + lane)];
+              for (int lane = 0; lane < 32; ++lane) {
+                sm.read(stage_e_bytes<Cfg>(s) + 4 * smem_e(Cfg::BN, kk, wn * 32 + lane), &e[lane], 4, "metadata load");
+#ifdef NMKERN_EMU_BAD_META
+                e[lane] = (e[lane] >> 16) | (e[lane] << 16);
+#endif
+              }
               u32 a[2][32][4];
               for (int t = 0; t < 2; ++t) {
                 int addr[32];
                 for (int lane = 0; lane < 32; ++lane)
-                  addr[lane] = smem_a(wn * 32 + t * 16 + ldsm_a_row(lane), kk * 16 + ldsm_a_col(lane));
-                ldmatrix_x4_isa(As[st], addr, a[t]);
+                  addr[lane] = stage_a_bytes<Cfg>(s) +
+                               2 * smem_a(wn * 32 + t * 16 + ldsm_a_row(lane), kk * 16 + ldsm_a_col(lane));
+                ldmatrix_x4_isa(sm, addr, a[t]);
               }
               for (int j = 0; j < Cfg::NT; ++j) {
                 int addr[32];
                 for (int lane = 0; lane < 32; ++lane)
-                  addr[lane] = smem_b(wm * Cfg::WM + j * 8 + ldsm_b_row(lane), kk * 32 + ldsm_b_col(lane));
+                  addr[lane] = stage_b_bytes<Cfg>(s) + b_skew +
+                               2 * smem_b(wm * Cfg::WM + j * 8 + ldsm_b_row(lane), kk * 32 + ldsm_b_col(lane));
                 u32 b[32][4];
-                ldmatrix_x4_isa(Bs[st], addr, b);
-                if (!mma_sp_isa(acc[warp][0][j], a[0], b, e, 0, &err) ||
-                    !mma_sp_isa(acc[warp][1][j], a[1], b, e, 1, &err))
-                  return fail(err);
+                ldmatrix_x4_isa(sm, addr, b);
+#ifdef NMKERN_EMU_BAD_B_ORDER
+                for (int lane = 0; lane < 32; ++lane) std::swap(b[lane][1], b[lane][2]);
+#endif
+                mma_sp_isa(acc[warp][0][j], a[0], b, e, kSelTile0);
+                mma_sp_isa(acc[warp][1][j], a[1], b, e, kSelTile1);
               }
             }
           }
-        }
-        // Epilogue indices: accumulator element -> (W row, batch row) as the kernel writes them.
-        for (int warp = 0; warp < Cfg::WARPS_N * Cfg::WARPS_M; ++warp) {
+        };
+        run_pipeline<Cfg>(load, commit, wait, sync, compute, kt_begin, nkt);
+        if (!sm.open.empty()) die("cp.async copies issued but never committed to a group");
+
+        // Epilogue phase 1: every warp (idle ones too, as in the kernel) stores its accumulators
+        // into the fp32 tile, which overlays the drained stages; NaN first, so a tile element
+        // that phase 1 misses and phase 2 reads shows up in Y.
+        sm.fill_nan(0, Cfg::EPI_BYTES);
+        for (int warp = 0; warp < WARPS; ++warp) {
           const int wn = warp % Cfg::WARPS_N, wm = warp / Cfg::WARPS_N;
           for (int t = 0; t < 2; ++t)
             for (int j = 0; j < Cfg::NT; ++j)
               for (int lane = 0; lane < 32; ++lane)
                 for (int i = 0; i < 4; ++i) {
-                  const int gn = n0 + wn * 32 + t * 16 + acc_row(lane, i);
-                  const int gm = m0 + wm * Cfg::WM + j * 8 + acc_col(lane, i);
-                  if (gm < M && gn < N) ws[(static_cast<size_t>(bz) * M + gm) * N + gn] = acc[warp][t][j][lane][i];
+                  const int off = epi_acc_offset<Cfg>(wn, wm, t, j, lane, i);
+                  if (off < 0 || 4 * off + 4 > Cfg::EPI_BYTES) die("epilogue tile store outside the tile");
+                  sm.write(4 * off, &acc[warp][t][j][lane][i], 4, "epilogue tile store");
                 }
         }
+        // Phase 2, thread by thread, through the shared helper.
+        auto tile8 = [&](int off, float (&v)[8]) {
+          for (int h = 0; h < 2; ++h) {  // two 16-byte ld.shared.v4.f32
+            const int byte = 4 * (off + 4 * h);
+            if (byte % 16) die("epilogue tile load at shared byte " + std::to_string(byte) + " is not 16-byte aligned");
+            if (byte + 16 > Cfg::EPI_BYTES) die("epilogue tile load outside the tile");
+            sm.read(byte, v + 4 * h, 16, "epilogue tile load");
+          }
+        };
+        auto ws8 = [&](long long off, const float (&v)[8]) {
+          for (int h = 0; h < 2; ++h) {
+            const long long o = off + 4 * h;
+            global_at(ws.data(), 4 * ws.size(), o, 4, 16, "split-K partial store");
+            std::memcpy(&ws[o], v + 4 * h, 16);
+          }
+        };
+        auto bias8 = [&](int off, u32 (&bw)[4]) {
+          std::memcpy(bw, global_at(p.bias->data(), 2 * p.bias->size(), off, 2, 16, "bias load"), 16);
+        };
+        auto y8 = [&](long long off, const u32 (&pk)[4]) {
+          global_at(y.data(), 2 * y.size(), off, 2, 16, "Y store");
+          std::memcpy(&y[off], pk, 16);
+        };
+        for (int tid = 0; tid < Cfg::THREADS; ++tid)
+          epilogue_store<Cfg, HostT>(tile8, ws8, bias8, y8, tid, n0, m0, M, N, bz, to_ws, p.bias != nullptr);
       }
-  y.assign(static_cast<size_t>(M) * N, 0.f);
-  for (int z = 0; z < splits; ++z)
-    for (size_t i = 0; i < y.size(); ++i) y[i] += ws[static_cast<size_t>(z) * M * N + i];
-  if (bias)
-    for (int m = 0; m < M; ++m)
-      for (int n = 0; n < N; ++n) y[static_cast<size_t>(m) * N + n] += to_float((*bias)[n]);
-  return 0;
+  if (!to_ws) return;
+  // Split-K reduce kernel: every thread of the launcher's grid, in its grid-stride loop.
+  auto ws4 = [&](long long off, float (&v)[4]) {
+    std::memcpy(v, global_at(ws.data(), 4 * ws.size(), off, 4, 16, "reduce partial load"), 16);
+  };
+  auto bias1 = [&](int n) { return *reinterpret_cast<const u16*>(global_at(p.bias->data(), 2 * p.bias->size(), n, 2, 2, "reduce bias load")); };
+  auto y4 = [&](long long off, u32 lo, u32 hi) {
+    global_at(y.data(), 2 * y.size(), off, 2, 8, "reduce Y store");
+    const u32 w[2] = {lo, hi};
+    std::memcpy(&y[off], w, 8);
+  };
+  const long long nthreads = static_cast<long long>(p.red_blocks) * p.red_threads;
+  for (long long g = 0; g < nthreads; ++g)
+    splitk_reduce_thread<HostT>(ws4, bias1, y4, g, nthreads, M, N, p.splits, p.bias != nullptr);
 }
 
 static int run_gemm(const char* in, const char* out) {
   Reader r(in);
   g_bf16 = r.i64() != 0;
-  const int cfg = static_cast<int>(r.i64()), splits = static_cast<int>(r.i64());
-  const int M = static_cast<int>(r.i64()), N = static_cast<int>(r.i64()), K = static_cast<int>(r.i64());
-  const bool has_bias = r.i64() != 0;
+  const int cfg = static_cast<int>(r.i64());
+  int hdr[8];  // splits, kt_per_split, reduce blocks, reduce threads, M, N, K, has_bias
+  for (int& h : hdr) h = static_cast<int>(r.i64());
+  const int M = hdr[4], N = hdr[5], K = hdr[6];
+  const bool has_bias = hdr[7] != 0;
   auto x = r.u16s(static_cast<size_t>(M) * K);
   auto values = r.u16s(static_cast<size_t>(N) * K / 2);
   auto meta = r.u16s(static_cast<size_t>(N) * K / 16);
   std::vector<u16> bias;
   if (has_bias) bias = r.u16s(N);
-  std::vector<float> y;
-  const int rc = cfg == 0 ? emulate_gemm<sp24::CfgSmall>(splits, M, N, K, x, values, meta, has_bias ? &bias : nullptr, y)
-                          : emulate_gemm<sp24::CfgLarge>(splits, M, N, K, x, values, meta, has_bias ? &bias : nullptr, y);
-  if (rc) return rc;
-  write_file(out, y.data(), y.size() * 4);
-  std::printf("OK gemm cfg=%d splits=%d M=%d N=%d K=%d\n", cfg, splits, M, N, K);
+  const Gemm p{hdr[0], hdr[1], hdr[2], hdr[3], M, N, K, x, values, meta, has_bias ? &bias : nullptr};
+  std::vector<u16> y;
+  if (cfg == 0) emulate_gemm<sp24::CfgSmall>(p, y);
+  else emulate_gemm<sp24::CfgLarge>(p, y);
+  write_file(out, y.data(), y.size() * 2);
+  std::printf("OK gemm cfg=%d splits=%d M=%d N=%d K=%d\n", cfg, p.splits, M, N, K);
+  return 0;
+}
+
+// ---- mode: round: the host float -> fp16 / bf16 conversion the emulated epilogue uses ----------
+// Input: bf16 flag, n, n float32. Output: n u16, for a bitwise comparison with torch's .to().
+static int run_round(const char* in, const char* out) {
+  Reader r(in);
+  g_bf16 = r.i64() != 0;
+  const size_t n = static_cast<size_t>(r.i64());
+  std::vector<float> f(n);
+  r.take(f.data(), 4 * n);
+  std::vector<u16> h(n);
+  for (size_t i = 0; i < n; ++i) h[i] = HostT::from_float(f[i]);
+  write_file(out, h.data(), 2 * n);
   return 0;
 }
 
@@ -343,6 +579,7 @@ int main(int argc, char** argv) {
   if (argc >= 3 && !std::strcmp(argv[1], "layout")) return run_layout(argv[2]);
   if (argc >= 4 && !std::strcmp(argv[1], "compress")) return run_compress(argv[2], argv[3]);
   if (argc >= 4 && !std::strcmp(argv[1], "gemm")) return run_gemm(argv[2], argv[3]);
-  std::fprintf(stderr, "usage: %s configs | layout IN | compress IN OUT | gemm IN OUT\n", argv[0]);
+  if (argc >= 4 && !std::strcmp(argv[1], "round")) return run_round(argv[2], argv[3]);
+  std::fprintf(stderr, "usage: %s configs | layout IN | compress IN OUT | gemm IN OUT | round IN OUT\n", argv[0]);
   return 2;
 }
