@@ -1,0 +1,403 @@
+"""nmkern.save / nmkern.load: the safetensors checkpoint format (docs/format.md).
+
+Round trips for every pattern and dtype (bit-identical outputs and buffers), a reader
+written from docs/format.md alone, and the refusals: truncation, flipped bytes, another
+version, shape mismatches, out-of-range indices (each leaves the model untouched);
+loading never calls pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import struct
+
+import pytest
+import torch
+import torch.nn as nn
+
+import nmkern
+from nmkern import serialization as ser
+
+SCHEMES = ["2:4", "1:4", "2:8", "1x4:0.5"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+class Net(nn.Module):
+    """Conv + linear layers to sparsify, and dense parts with buffers (BatchNorm) and a raw Parameter."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(8, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc1 = nn.Linear(width * 16, 32)
+        self.fc2 = nn.Linear(32, 8, bias=False)
+        self.head = nn.Linear(8, 4)
+        self.scale = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).flatten(1)
+        return self.head(self.fc2(torch.relu(self.fc1(h)))) * self.scale
+
+
+def _trained(scheme, dtype, seed=0, **kw) -> Net:
+    torch.manual_seed(seed)
+    net = Net(**kw)
+    with torch.no_grad():  # BatchNorm statistics that differ from a fresh module's
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    nmkern.sparsify(net, scheme, pack=True)
+    return net.to(dtype).eval()
+
+
+def _fresh(dtype, seed=1, **kw) -> Net:
+    torch.manual_seed(seed)
+    return Net(**kw).to(dtype).eval()
+
+
+def _x(dtype):
+    return torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(3)).to(dtype)
+
+
+def _snapshot(model: nn.Module):
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()})
+
+
+def _assert_untouched(model, snap):
+    types, state = _snapshot(model)
+    assert types == snap[0]
+    assert state.keys() == snap[1].keys()
+    for k, v in state.items():
+        assert torch.equal(v, snap[1][k]) if isinstance(v, torch.Tensor) else v == snap[1][k], k
+
+
+def _header(raw: bytes) -> tuple[int, dict, dict]:
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n])
+    return n, head, json.loads(head["__metadata__"]["nmkern"])
+
+
+@pytest.fixture
+def saved(tmp_path):
+    net = _trained("2:4", torch.float32)
+    path = tmp_path / "net.safetensors"
+    nmkern.save(net, path)
+    return net, path
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_round_trip_is_bit_identical(tmp_path, scheme, dtype):
+    net = _trained(scheme, dtype)
+    path = tmp_path / "m.safetensors"
+    nmkern.save(net, path)
+    fresh = _fresh(dtype)
+    assert not torch.equal(fresh(_x(dtype)), net(_x(dtype)))  # the load below is what makes them equal
+    assert nmkern.load(path, fresh) is fresh
+    assert torch.equal(fresh(_x(dtype)), net(_x(dtype)))
+    for name in ("conv", "fc1", "fc2", "head"):
+        a, b = getattr(net, name), getattr(fresh, name)
+        assert type(a) is type(b) and b.is_packed and b.spec == a.spec and b.dtype == dtype
+        assert a.state_dict().keys() == b.state_dict().keys()
+        for k, t in a.state_dict().items():
+            if isinstance(t, torch.Tensor):
+                assert t.dtype == b.state_dict()[k].dtype and torch.equal(t, b.state_dict()[k]), (name, k)
+        assert torch.equal(a.dense_weight(), b.dense_weight())
+    for k in ("bn.running_mean", "bn.running_var", "bn.num_batches_tracked", "scale"):
+        assert torch.equal(net.state_dict()[k], fresh.state_dict()[k])
+
+
+def test_only_the_layers_the_file_names_are_swapped(tmp_path):
+    torch.manual_seed(0)
+    net = Net()
+    nmkern.sparsify(net, {"fc1": "2:8", "conv": "1x4:0.25"}, pack=True)
+    nmkern.save(net, tmp_path / "m.safetensors")
+    fresh = _fresh(torch.float32)
+    nmkern.load(tmp_path / "m.safetensors", fresh)
+    assert type(fresh.fc1) is nmkern.SparseLinear and fresh.fc1.spec == nmkern.NMSpec(2, 8)
+    assert type(fresh.conv) is nmkern.SparseConv2d and fresh.conv.spec == nmkern.BlockSpec(4, 0.25)
+    assert type(fresh.fc2) is nn.Linear and type(fresh.head) is nn.Linear
+    assert torch.equal(fresh.fc2.weight, net.fc2.weight)
+    net.eval(), fresh.eval()
+    assert torch.equal(fresh(_x(torch.float32)), net(_x(torch.float32)))
+
+
+def test_shared_modules_and_tied_weights_are_stored_once(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        shared = nn.Linear(8, 8)
+        model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 8), nn.Linear(8, 8))
+        model[4].weight = model[3].weight  # tied dense weights
+        return model
+
+    net = build()
+    nmkern.sparsify(net, {"0": "2:4", "2": "2:4"}, pack=True)
+    nmkern.save(net, tmp_path / "m.safetensors")
+    _, head, doc = _header((tmp_path / "m.safetensors").read_bytes())
+    assert doc["aliases"] == {"2.packed_values": "0.packed_values", "2.packed_indices": "0.packed_indices",
+                              "2.bias": "0.bias", "4.weight": "3.weight"}
+    assert "2.packed_values" not in head and "4.weight" not in head
+    fresh = build()
+    nmkern.load(tmp_path / "m.safetensors", fresh)
+    assert fresh[0] is fresh[2] and type(fresh[0]) is nmkern.SparseLinear
+    assert fresh[4].weight is fresh[3].weight
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), net(x))
+
+
+def test_a_reader_following_docs_format_md_rebuilds_every_weight(tmp_path):
+    """Decode the file with json + struct + plain tensor ops, as docs/format.md describes (no nmkern)."""
+    from safetensors.torch import load_file
+
+    for scheme in SCHEMES:
+        net = _trained(scheme, torch.float32)
+        path = tmp_path / f"{scheme.replace(':', '_')}.safetensors"
+        nmkern.save(net, path)
+        _, head, doc = _header(path.read_bytes())
+        assert head["__metadata__"]["format"] == "pt" and doc["format"] == "nmkern" and doc["format_version"] == 1
+        assert doc["nmkern_version"] == nmkern.__version__
+        tensors = load_file(path)
+        for name, e in doc["layers"].items():
+            t = {role: tensors[key] for role, key in e["tensors"].items()}
+            dense = _decode(e, t)
+            assert torch.equal(dense, getattr(net, name).dense_weight()), (scheme, name)
+
+
+def _decode(e: dict, t: dict) -> torch.Tensor:
+    shape = e["dense_shape"]
+    if e["pattern"] == "nm":
+        n, m = e["n"], e["m"]
+        bits = max(1, (m - 1).bit_length())
+        per = 32 // bits
+        values = t["packed_values"]
+        rows, kept = values.shape
+        words = t["packed_indices"].to(torch.int64) & 0xFFFFFFFF
+        idx = torch.stack([(words[:, j // per] >> (bits * (j % per))) & ((1 << bits) - 1) for j in range(kept)], dim=1)
+        dense = torch.zeros(rows, kept // n * m, dtype=values.dtype)
+        group = torch.arange(kept) // n
+        dense[torch.arange(rows)[:, None], group * m + idx] = values
+        if len(shape) == 4:  # rows are NHWC: (O, kh, kw, I) -> (O, I, kh, kw)
+            o, i, kh, kw = shape
+            dense = dense.reshape(o, kh, kw, i).permute(0, 3, 1, 2)
+        return dense.reshape(shape)
+    block = e["block"]
+    crow, col, vals = t["bsr_crow"], t["bsr_col"], t["bsr_values"]
+    o = shape[0]
+    k = int(torch.tensor(shape[1:]).prod())
+    dense = torch.zeros(o, k, dtype=vals.dtype)
+    for r in range(o // block):
+        for b in range(int(crow[r]), int(crow[r + 1])):
+            dense[r * block:(r + 1) * block, int(col[b])] = vals[b]
+    return dense.reshape(shape)  # conv columns are (I, kh, kw) in PyTorch's own order
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _load_refused(path, model, *match):
+    snap = _snapshot(model)
+    with pytest.raises(ValueError) as info:
+        nmkern.load(path, model)
+    for text in match:
+        assert text in str(info.value), str(info.value)
+    _assert_untouched(model, snap)
+    return str(info.value)
+
+
+def test_truncation_at_random_offsets_is_refused(saved, tmp_path):
+    _, path = saved
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    offsets = {0, 1, 7, 8, 9, 8 + n - 1, 8 + n, 8 + n + 1, len(raw) - 1}
+    offsets |= set(random.Random(15).sample(range(len(raw)), 20))
+    bad = tmp_path / "bad.safetensors"
+    model = _fresh(torch.float32)
+    for cut in sorted(offsets):
+        bad.write_bytes(raw[:cut])
+        msg = _load_refused(bad, model)
+        assert "truncated" in msg or "corrupted" in msg, (cut, msg)
+
+
+def test_every_flipped_header_byte_is_refused_or_harmless(saved, tmp_path):
+    """A flipped bit anywhere in the header never loads different weights silently."""
+    net, path = saved
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    bad = tmp_path / "bad.safetensors"
+    want = net(_x(torch.float32))
+    refused = 0
+    for pos in range(0, 8 + n):
+        flipped = bytearray(raw)
+        flipped[pos] ^= 0x04
+        bad.write_bytes(bytes(flipped))
+        model = _fresh(torch.float32)
+        try:
+            nmkern.load(bad, model)
+        except ValueError:
+            refused += 1
+            continue
+        assert torch.equal(model(_x(torch.float32)), want), f"byte {pos} flipped loads different weights"
+    assert refused > (8 + n) * 0.8, (refused, 8 + n)
+
+
+def test_flipped_tensor_bytes_are_refused(saved, tmp_path):
+    _, path = saved
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    bad = tmp_path / "bad.safetensors"
+    for pos in random.Random(0).sample(range(8 + n, len(raw)), 10):
+        flipped = bytearray(raw)
+        flipped[pos] ^= 0x01
+        bad.write_bytes(bytes(flipped))
+        _load_refused(bad, _fresh(torch.float32), "data_sha256", "corrupted")
+
+
+def _rewrite(path, out, doc_fn=None, tensor_fn=None):
+    """Write ``out``: ``path`` with its header document and/or tensors changed (a valid data hash)."""
+    from safetensors.torch import load_file
+
+    _, _, doc = _header(path.read_bytes())
+    tensors = load_file(path)
+    doc_fn and doc_fn(doc)
+    tensor_fn and tensor_fn(tensors)
+    doc.pop("data_sha256")
+    out.write_bytes(ser._serialize(tensors, doc))
+    return out
+
+
+def test_rewrite_helper_without_changes_loads(saved, tmp_path):
+    net, path = saved
+    model = _fresh(torch.float32)
+    nmkern.load(_rewrite(path, tmp_path / "same.safetensors"), model)
+    assert torch.equal(model(_x(torch.float32)), net(_x(torch.float32)))
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None, True])
+def test_unknown_format_version_is_refused(saved, tmp_path, version):
+    _, path = saved
+    bad = _rewrite(path, tmp_path / "v.safetensors", lambda d: d.update(format_version=version))
+    _load_refused(bad, _fresh(torch.float32), f"format_version={version!r}", "reads version 1")
+
+
+def test_not_an_nmkern_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(_fresh(torch.float32).state_dict(), tmp_path / "plain.safetensors")
+    _load_refused(tmp_path / "plain.safetensors", _fresh(torch.float32), "no readable nmkern header")
+
+
+def test_a_model_of_another_shape_is_refused_naming_layer_and_shapes(saved):
+    _, path = saved
+    msg = _load_refused(path, _fresh(torch.float32, width=8), "'conv'")
+    assert "(8, 8, 3, 3)" in msg and "(16, 8, 3, 3)" in msg
+
+
+def test_a_model_of_another_dtype_is_refused(saved):
+    _, path = saved
+    _load_refused(path, _fresh(torch.float16), "layer 'conv'", "torch.float16", "torch.float32")
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d["layers"]["fc1"].update(dense_shape=[32, 128]), "(32, 128)"),
+    (lambda d: d["layers"]["fc1"].update(m=8), "packed_values has shape (32, 128); expected (32, 64)"),
+    (lambda d: d["layers"]["fc1"].update(pattern="1xn"), "a 1xn layer has"),
+    (lambda d: d["layers"]["fc1"].update(dtype="float16"), "the header says dtype=float16"),
+    (lambda d: d["layers"]["fc1"]["tensors"].update(packed_values="fc2.packed_values"), "packed_values has shape"),
+    (lambda d: d["layers"]["fc1"].update(n=5), "invalid N:M pattern"),
+    (lambda d: d["layers"].pop("fc1"), "missing from the file ['fc1.weight'], not in the model ['fc1.packed_indices'"),
+    (lambda d: d["aliases"].update(x="nowhere"), "alias 'x' -> 'nowhere'"),
+])
+def test_a_header_that_disagrees_with_its_tensors_is_refused(saved, tmp_path, change, match):
+    _, path = saved
+    bad = _rewrite(path, tmp_path / "h.safetensors", change)
+    _load_refused(bad, _fresh(torch.float32), match)
+
+
+@pytest.mark.parametrize("scheme, key", [("2:4", "fc1.packed_indices"), ("2:8", "conv.packed_indices"),
+                                         ("1x4:0.5", "fc1.bsr_col"), ("1x4:0.5", "conv.bsr_crow")])
+def test_minus_one_indices_are_refused(tmp_path, scheme, key):
+    net = _trained(scheme, torch.float32)
+    nmkern.save(net, tmp_path / "m.safetensors")
+
+    def poison(tensors):
+        tensors[key][..., -1] = -1
+
+    bad = _rewrite(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", tensor_fn=poison)
+    _load_refused(bad, _fresh(torch.float32), f"layer '{key.split('.')[0]}'", "corrupted")
+
+
+def test_strict_refuses_keys_only_one_side_has_and_non_strict_skips_them(saved, tmp_path):
+    net, path = saved
+
+    def extra(tensors):
+        tensors["extra.weight"] = torch.zeros(2)
+
+    bad = _rewrite(path, tmp_path / "x.safetensors", tensor_fn=extra)
+    _load_refused(bad, _fresh(torch.float32), "not in the model ['extra.weight']")
+    model = _fresh(torch.float32)
+    nmkern.load(bad, model, strict=False)
+    assert torch.equal(model(_x(torch.float32)), net(_x(torch.float32)))
+    bigger = _fresh(torch.float32)
+    bigger.more = nn.Linear(2, 2)
+    _load_refused(path, bigger, "missing from the file ['more.bias', 'more.weight']")
+    nmkern.load(path, bigger, strict=False)
+    assert torch.equal(bigger(_x(torch.float32)), net(_x(torch.float32)))
+
+
+def test_a_layer_the_model_lacks_is_refused_when_strict(saved):
+    _, path = saved
+    model = _fresh(torch.float32)
+    del model.fc2
+    _load_refused(path, model, "sparse layer 'fc2', which the model does not have")
+
+
+def test_loading_into_a_sparse_model_is_refused(saved):
+    _, path = saved
+    _load_refused(path, _trained("2:4", torch.float32), "the model has a SparseConv2d there")
+
+
+# --------------------------------------------------------------------------- save refusals, no pickle
+
+
+def test_save_refuses_a_training_form_layer(tmp_path):
+    torch.manual_seed(0)
+    net = Net()
+    nmkern.sparsify(net, "2:4")
+    with pytest.raises(ValueError, match=r"layer 'conv' \(SparseConv2d\) is in the training form.*\.pack\(\)"):
+        nmkern.save(net, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_save_refuses_non_tensor_extra_state(tmp_path):
+    class WithExtra(nn.Linear):
+        def get_extra_state(self):
+            return {"note": 1}
+
+    model = nn.Sequential(WithExtra(4, 4))
+    with pytest.raises(ValueError, match=r"'0._extra_state' is a dict, not a tensor"):
+        nmkern.save(model, tmp_path / "m.safetensors")
+
+
+def test_save_refuses_other_formats(tmp_path):
+    with pytest.raises(ValueError, match="format='onnx' is not supported"):
+        nmkern.save(_fresh(torch.float32), tmp_path / "m", format="onnx")
+
+
+def test_loading_never_unpickles(saved, monkeypatch):
+    net, path = saved
+
+    def boom(*a, **k):
+        raise AssertionError("nmkern.load called pickle")
+
+    for mod, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(mod, name, boom)
+    with pytest.raises(AssertionError, match="called pickle"):  # the patch is live
+        torch.load(path)
+    model = _fresh(torch.float32)
+    nmkern.load(path, model)
+    assert torch.equal(model(_x(torch.float32)), net(_x(torch.float32)))
