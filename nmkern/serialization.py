@@ -289,11 +289,16 @@ def _shell(op: str, name: str, module: nn.Module, entry: dict, cfg: dict) -> _Sp
     try:
         if sparse_cls is SparseLinear:
             return SparseLinear(module.in_features, module.out_features, bias, device="meta", dtype=dtype, **kw)
-        return SparseConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                            module.padding, module.dilation, module.groups, bias, device="meta", dtype=dtype,
-                            padding_mode=module.padding_mode, **kw)
+        shell = SparseConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                             module.padding, module.dilation, module.groups, bias, device="meta", dtype=dtype,
+                             padding_mode=module.padding_mode, **kw)
     except ValueError as e:
         raise FormatError(f"{op}: layer {name!r} cannot take the file's pattern: {e}") from None
+    have = {k: list(getattr(shell, k)) for k in ("stride", "padding", "dilation")}
+    if entry.get("conv", have) != have:
+        raise FormatError(f"{op}: layer {name!r}: the file's conv geometry is {entry['conv']}, the model's is "
+                          f"{have}; build the model as it was saved")
+    return shell
 
 
 def _check_layer(op: str, name: str, model: nn.Module, entry: dict, cfg: dict, tensors: dict) -> None:

@@ -311,6 +311,7 @@ def test_a_model_of_another_dtype_is_refused(saved):
     (lambda d: d["layers"]["fc1"].update(n=5), "invalid N:M pattern"),
     (lambda d: d["layers"].pop("fc1"), "missing from the file ['fc1.weight'], not in the model ['fc1.packed_indices'"),
     (lambda d: d["aliases"].update(x="nowhere"), "alias 'x' -> 'nowhere'"),
+    (lambda d: d["layers"]["conv"]["conv"].update(padding=[0, 0]), "the file's conv geometry is"),
 ])
 def test_a_header_that_disagrees_with_its_tensors_is_refused(saved, tmp_path, change, match):
     _, path = saved
@@ -401,3 +402,19 @@ def test_loading_never_unpickles(saved, monkeypatch):
     model = _fresh(torch.float32)
     nmkern.load(path, model)
     assert torch.equal(model(_x(torch.float32)), net(_x(torch.float32)))
+
+
+def test_conv_geometry_round_trips_and_must_match(tmp_path):
+    def build(padding, seed=0):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(8, 8, 3, padding=padding, stride=1), nn.ReLU())
+
+    net = build("same")
+    nmkern.sparsify(net, "2:4", pack=True)
+    nmkern.save(net, tmp_path / "m.safetensors")
+    fresh = build("same", seed=1)
+    nmkern.load(tmp_path / "m.safetensors", fresh)
+    x = _x(torch.float32)
+    assert fresh[0].padding == (1, 1) and torch.equal(fresh(x), net(x))
+    # the same weight shape with another padding: a different layer, refused
+    _load_refused(tmp_path / "m.safetensors", build(0), "layer '0'", "'padding': [1, 1]", "'padding': [0, 0]")
