@@ -70,6 +70,9 @@ def _assert_untouched(model, snap):
     assert types == snap[0]
     assert state.keys() == snap[1].keys()
     for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_meta:  # shapes only
+            assert snap[1][k].is_meta and v.shape == snap[1][k].shape, k
+            continue
         assert torch.equal(v, snap[1][k]) if isinstance(v, torch.Tensor) else v == snap[1][k], k
 
 
@@ -402,6 +405,8 @@ def test_loading_never_unpickles(saved, monkeypatch):
     model = _fresh(torch.float32)
     nmkern.load(path, model)
     assert torch.equal(model(_x(torch.float32)), net(_x(torch.float32)))
+    nmkern.save(model, path.with_name("again.safetensors"))  # writing never pickles either
+    assert path.with_name("again.safetensors").read_bytes() == path.read_bytes()
 
 
 def test_conv_geometry_round_trips_and_must_match(tmp_path):
@@ -418,3 +423,26 @@ def test_conv_geometry_round_trips_and_must_match(tmp_path):
     assert fresh[0].padding == (1, 1) and torch.equal(fresh(x), net(x))
     # the same weight shape with another padding: a different layer, refused
     _load_refused(tmp_path / "m.safetensors", build(0), "layer '0'", "'padding': [1, 1]", "'padding': [0, 0]")
+
+
+def test_a_1xn_layer_with_no_blocks_left_round_trips(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with torch.no_grad():
+        net[0].weight.zero_()
+    nmkern.sparsify(net, "1x4:0.5", pack=True)
+    assert net[0].bsr_col.numel() == 0 and net[0].bsr_values.shape == (0, 4)
+    nmkern.save(net, tmp_path / "m.safetensors")
+    torch.manual_seed(1)
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    nmkern.load(tmp_path / "m.safetensors", fresh)
+    assert fresh[0].bsr_values.shape == (0, 4) and fresh[0].bsr_crow.tolist() == [0, 0, 0]
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh(x), net(x))
+
+
+def test_a_meta_model_is_refused(saved):
+    _, path = saved
+    with torch.device("meta"):
+        model = Net()
+    _load_refused(path, model, "layer 'conv' is on the meta device", "to_empty")
