@@ -448,3 +448,16 @@ def test_a_meta_model_is_refused(saved):
     with torch.device("meta"):
         model = Net()
     _load_refused(path, model, "layer 'conv' is on the meta device", "to_empty")
+
+
+def test_a_2_4_fp16_file_is_at_most_0_57_of_the_dense_file(tmp_path):
+    """Values at half the bytes plus 2-bit indices: 0.5625 of the dense weights, plus biases and the header."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 1024)).half()
+    save_file(net.state_dict(), tmp_path / "dense.safetensors")
+    nmkern.sparsify(net, "2:4", pack=True)
+    nmkern.save(net, tmp_path / "sparse.safetensors")
+    ratio = (tmp_path / "sparse.safetensors").stat().st_size / (tmp_path / "dense.safetensors").stat().st_size
+    assert 0.5625 <= ratio <= 0.57, ratio
