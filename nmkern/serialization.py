@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -145,6 +146,29 @@ def save(model: nn.Module, path, *, format: str = "nmkern") -> None:
 # --------------------------------------------------------------------------- read and check the file
 
 
+def _parse_header(op: str, path, head: bytes, size: int) -> tuple[int, dict, dict]:
+    """(header length N, the checked nmkern document, the safetensors tensor index) of a file of ``size``
+    bytes whose first bytes are ``head`` (at least 8 + N of them when the file is whole)."""
+    n = int.from_bytes(head[:8], "little") if size >= 8 else -1
+    if n < 2 or n > _HEADER_LIMIT or 8 + n > size or 8 + n > len(head):
+        raise FormatError(f"{op}: {path} is not a complete safetensors file ({size} bytes, header length "
+                          f"{n}); it is truncated or corrupted: write it again with nmkern.save")
+    try:
+        index = json.loads(head[8:8 + n])
+        meta = index.pop("__metadata__", None) or {}
+        doc = json.loads(meta[META_KEY])
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{op}: {path} has no readable nmkern header ({type(e).__name__}: {e}); it is corrupted "
+                          "or was not written by nmkern.save") from None
+    _check_document(op, path, doc)
+    for name, entry in doc["layers"].items():
+        try:
+            _entry_config(f"{op}: {path}: layer {name!r}", entry)
+        except _state.StateError as e:
+            raise FormatError(str(e)) from None
+    return n, doc, index
+
+
 def _read(op: str, path) -> tuple[dict, dict]:
     """(the nmkern header document, the stored tensors) of ``path``; refuses a damaged file."""
     import safetensors.torch as st
@@ -153,17 +177,7 @@ def _read(op: str, path) -> tuple[dict, dict]:
     if not p.is_file():
         raise FormatError(f"{op}: no such file: {path}")
     raw = p.read_bytes()
-    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
-    if n < 2 or n > _HEADER_LIMIT or 8 + n > len(raw):
-        raise FormatError(f"{op}: {path} is not a complete safetensors file ({len(raw)} bytes, header length "
-                          f"{n}); it is truncated or corrupted: write it again with nmkern.save")
-    try:
-        meta = json.loads(raw[8:8 + n]).get("__metadata__") or {}
-        doc = json.loads(meta[META_KEY])
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{op}: {path} has no readable nmkern header ({type(e).__name__}: {e}); it is corrupted "
-                          "or was not written by nmkern.save") from None
-    _check_document(op, path, doc)
+    _, doc, _ = _parse_header(op, path, raw, len(raw))
     if hashlib.sha256(_data_region(raw)).hexdigest() != doc["data_sha256"]:
         raise FormatError(f"{op}: {path}: the tensor bytes do not match the header's data_sha256; the file is "
                           "truncated or corrupted: write it again with nmkern.save")
@@ -173,6 +187,42 @@ def _read(op: str, path) -> tuple[dict, dict]:
         raise FormatError(f"{op}: {path} is not a valid safetensors file ({type(e).__name__}: {e}); it is "
                           "truncated or corrupted") from None
     return doc, tensors
+
+
+def read_header(path) -> tuple[dict, dict]:
+    """(the nmkern document, the safetensors index ``{tensor: {dtype, shape, data_offsets}}``) of ``path``.
+
+    Reads the header alone, never the tensors (so it neither checks their bytes nor their
+    values: :func:`load` does); refuses a file that is not an nmkern checkpoint.
+    """
+    op = "nmkern.read_header"
+    p = Path(path)
+    if not p.is_file():
+        raise FormatError(f"{op}: no such file: {path}")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        head += f.read(min(max(n, 0), _HEADER_LIMIT))
+    _, doc, index = _parse_header(op, path, head, size)
+    return doc, index
+
+
+def layer_table(doc: dict, index: dict) -> list[dict]:
+    """One row per sparse layer of :func:`read_header`'s result: its config, and its weight's stored vs dense bytes."""
+    rows = []
+    for name, e in doc["layers"].items():
+        stored = 0
+        for role, key in e["tensors"].items():
+            if role == "bias":  # weights only: comparable with dense_bytes
+                continue
+            begin, end = (index.get(key) or {}).get("data_offsets", (0, 0))
+            stored += end - begin
+        dense = math.prod(e["dense_shape"]) * DTYPES[e["dtype"]].itemsize
+        pattern = f"{e['n']}:{e['m']}" if e["pattern"] == "nm" else f"1x{e['block']}"
+        rows.append({"name": name, "module": e["module"], "pattern": pattern, "dtype": e["dtype"],
+                     "dense_shape": e["dense_shape"], "stored_bytes": stored, "dense_bytes": dense})
+    return rows
 
 
 def _check_document(op: str, path, doc) -> None:

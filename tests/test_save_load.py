@@ -461,3 +461,28 @@ def test_a_2_4_fp16_file_is_at_most_0_57_of_the_dense_file(tmp_path):
     nmkern.save(net, tmp_path / "sparse.safetensors")
     ratio = (tmp_path / "sparse.safetensors").stat().st_size / (tmp_path / "dense.safetensors").stat().st_size
     assert 0.5625 <= ratio <= 0.57, ratio
+
+
+def test_inspect_prints_the_layer_table_from_the_header_alone(saved, tmp_path, capsys, monkeypatch):
+    from nmkern.cli import main
+
+    net, path = saved
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header_only = tmp_path / "header_only.safetensors"  # the tensors cut off: inspect never reads them
+    header_only.write_bytes(raw[:8 + n])
+    assert main(["inspect", str(header_only), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format_version"] == 1
+    rows = {r["name"]: r for r in out["layers"]}
+    assert sorted(rows) == ["conv", "fc1", "fc2", "head"]
+    assert rows["fc1"] == {"name": "fc1", "module": "Linear", "pattern": "2:4", "dtype": "float32",
+                           "dense_shape": [32, 256], "stored_bytes": (net.fc1.packed_nbytes()), "dense_bytes": 32 * 256 * 4}
+    assert main(["inspect", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "4 sparse layer(s)" in table and "conv" in table and "(16, 8, 3, 3)" in table
+    # a damaged header is refused with exit 2
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(raw[:8 + n // 2])
+    assert main(["inspect", str(bad)]) == 2
+    assert "truncated or corrupted" in capsys.readouterr().err
