@@ -90,7 +90,7 @@ def _dedupe(op: str, state: dict) -> tuple[dict, dict]:
         c = t.detach().to("cpu").contiguous()
         ptr = c.untyped_storage().data_ptr()
         if c.numel() and ptr in storages:
-            c = c.clone()  # another view of a storage already stored: safetensors refuses shared memory
+            c = c.clone()  # another view of a stored storage: safetensors refuses overlapping views
         storages.add(c.untyped_storage().data_ptr())
         stored[key] = c
     return stored, aliases

@@ -486,3 +486,23 @@ def test_inspect_prints_the_layer_table_from_the_header_alone(saved, tmp_path, c
     bad.write_bytes(raw[:8 + n // 2])
     assert main(["inspect", str(bad)]) == 2
     assert "truncated or corrupted" in capsys.readouterr().err
+
+
+def test_buffers_that_are_views_of_one_storage_round_trip(tmp_path):
+    def build(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 4))
+        big = torch.randn(10)
+        model.register_buffer("a", big[:3])  # overlapping views of one storage: safetensors refuses them
+        model.register_buffer("b", big[3:].view(7, 1)[::2])  # and a non-contiguous one
+        model.register_buffer("c", big[1:5])  # overlapping `a`
+        return model
+
+    net = build(0)
+    nmkern.sparsify(net, "2:4", pack=True)
+    nmkern.save(net, tmp_path / "m.safetensors")
+    fresh = build(1)
+    nmkern.load(tmp_path / "m.safetensors", fresh)
+    assert torch.equal(fresh.a, net.a) and torch.equal(fresh.b, net.b) and torch.equal(fresh.c, net.c)
+    x = torch.randn(2, 8)
+    assert torch.equal(fresh(x), net(x))
