@@ -506,3 +506,66 @@ def test_buffers_that_are_views_of_one_storage_round_trip(tmp_path):
     assert torch.equal(fresh.a, net.a) and torch.equal(fresh.b, net.b) and torch.equal(fresh.c, net.c)
     x = torch.randn(2, 8)
     assert torch.equal(fresh(x), net(x))
+
+
+# --------------------------------------------------------------------------- Hugging Face folders
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=100, max_position_embeddings=32)
+    return transformers, transformers.BertModel(cfg)
+
+
+def test_save_pretrained_and_from_pretrained_round_trip_a_tiny_bert(tmp_path):
+    transformers, model = _tiny_bert()
+    model = model.half().eval()
+    report = nmkern.sparsify(model, {"encoder.layer.*": "2:4", "pooler.dense": "1x4:0.5"}, pack=True)
+    assert len(report.swapped) == 13
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids).last_hidden_state
+    nmkern.save_pretrained(model, tmp_path / "bert")
+    assert json.loads((tmp_path / "bert" / "config.json").read_text())["architectures"] == ["BertModel"]
+    torch.manual_seed(1)
+    loaded = nmkern.from_pretrained(tmp_path / "bert")
+    assert type(loaded) is transformers.BertModel and loaded.dtype == torch.float16 and not loaded.training
+    assert type(loaded.pooler.dense) is nmkern.SparseLinear and loaded.pooler.dense.spec == nmkern.BlockSpec(4, 0.5)
+    assert torch.equal(loaded(input_ids=ids).last_hidden_state, want)
+
+
+def test_from_pretrained_keeps_tied_embeddings_of_a_causal_lm(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    nmkern.sparsify(model, {"model.layers.*.mlp.*": "2:4"}, pack=True)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids).logits
+    nmkern.save_pretrained(model, tmp_path / "llama")
+    loaded = nmkern.from_pretrained(tmp_path / "llama")
+    assert type(loaded) is transformers.LlamaForCausalLM
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert type(loaded.model.layers[0].mlp.up_proj) is nmkern.SparseLinear
+    assert torch.equal(loaded(input_ids=ids).logits, want)
+
+
+@pytest.mark.parametrize("arch", ["os.system", "NotAModelClass", "PretrainedConfig"])
+def test_from_pretrained_refuses_an_architecture_transformers_does_not_export(tmp_path, arch):
+    _, model = _tiny_bert()
+    nmkern.sparsify(model, "2:4", pack=True)
+    nmkern.save_pretrained(model, tmp_path / "bert")
+    cfg = json.loads((tmp_path / "bert" / "config.json").read_text())
+    cfg["architectures"] = [arch]
+    (tmp_path / "bert" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"names architecture '{arch}', which is not a model class"):
+        nmkern.from_pretrained(tmp_path / "bert")
+
+
+def test_from_pretrained_needs_both_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="has no model.safetensors; write the folder with nmkern.save_pretrained"):
+        nmkern.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="has no transformers config"):
+        nmkern.save_pretrained(_fresh(torch.float32), tmp_path / "x")
