@@ -298,15 +298,20 @@ def _resolve(op: str, path, doc: dict, tensors: dict) -> tuple[dict, dict]:
             raise FormatError(f"{op}: {path}: alias {key!r} -> {target!r} does not name a stored tensor (or shadows "
                               "one); the header is corrupted")
         state[key] = tensors[target]
+    return state, _checked_layers(op, path, doc["layers"], tensors)
+
+
+def _checked_layers(op: str, path, entries: dict, tensors: dict) -> dict:
+    """layer name -> (entry, config, tensors by role), each entry checked against the stored tensors."""
     layers = {}
-    for name, entry in doc["layers"].items():
+    for name, entry in entries.items():
         where = f"{op}: {path}: layer {name!r}"
         try:
             cfg = _entry_config(where, entry)
         except _state.StateError as e:
             raise FormatError(str(e)) from None
         layers[name] = (entry, cfg, _layer_tensors(where, entry, cfg, tensors))
-    return state, layers
+    return layers
 
 
 # --------------------------------------------------------------------------- check against the model
@@ -439,6 +444,9 @@ def _build(model: nn.Module, group: _Layer) -> _SparseLayer:
 def load(path, model: nn.Module, *, strict: bool = True) -> nn.Module:
     """Load an :func:`save` file into ``model``, a freshly built dense model of the saved class; returns it.
 
+    ``path`` may also be a compressed-tensors ``sparse-24-bitmask`` folder (:mod:`nmkern.ct_format`):
+    its 2:4 layers load straight into packed layers, the rest (``ignore``-d layers too) as dense.
+
     The layers the file stores as sparse are swapped for packed :class:`~nmkern.SparseLinear` /
     :class:`~nmkern.SparseConv2d` holding the file's buffers; the rest load as dense tensors.
     Everything is checked first: a truncated or corrupted file, another format version, a
@@ -450,8 +458,14 @@ def load(path, model: nn.Module, *, strict: bool = True) -> nn.Module:
     op = "nmkern.load"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be an nn.Module, got {type(model).__name__}")
-    doc, tensors = _read(op, path)
-    state, layers = _resolve(op, path, doc, tensors)
+    if Path(path).is_dir():  # a compressed-tensors sparse-24-bitmask folder
+        from .ct_format import read_folder
+
+        state, entries = read_folder(op, path)
+        layers = _checked_layers(op, path, entries, state)
+    else:
+        doc, tensors = _read(op, path)
+        state, layers = _resolve(op, path, doc, tensors)
     groups = _group_layers(op, model, layers, strict)
     dense = _check_dense(op, model, state, [n for g in groups for n in g.names] + list(layers), strict)
     built = [(group, _build(model, group)) for group in groups]  # off the model: it is unchanged so far

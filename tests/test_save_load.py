@@ -9,6 +9,7 @@ loading never calls pickle.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import pickle
 import random
 import struct
@@ -569,3 +570,82 @@ def test_from_pretrained_needs_both_files(tmp_path):
         nmkern.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="has no transformers config"):
         nmkern.save_pretrained(_fresh(torch.float32), tmp_path / "x")
+
+
+# --------------------------------------------------------------------------- compressed-tensors folders
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _ct_model(name):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.AutoConfig.from_pretrained(DATA / name)
+    dtype = torch.float16 if name.endswith("fp16") else torch.float32
+    torch.manual_seed(5)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.mark.parametrize("name", ["ct_llama_fp32", "ct_llama_fp16"])
+def test_compressed_tensors_fixtures_load_to_the_weights_compressed_tensors_decompresses(name):
+    from safetensors.torch import load_file
+
+    model = _ct_model(name)
+    nmkern.load(DATA / name, model)
+    expected = load_file(DATA / f"{name}.expected.safetensors")
+    sparse = {n for n, m in model.named_modules() if isinstance(m, nmkern.SparseLinear)}
+    assert len(sparse) == 12 and all(m.is_packed and m.spec == nmkern.NMSpec(2, 4)
+                                     for m in model.modules() if isinstance(m, nmkern.SparseLinear))
+    assert type(model.lm_head) is nn.Linear and type(model.model.layers[0].self_attn.o_proj) is nn.Linear
+    assert expected.keys() == model.state_dict().keys() - {k for k in model.state_dict() if k.rpartition(".")[0] in sparse} \
+        | {f"{n}.weight" for n in sparse} | {f"{n}.bias" for n in sparse if f"{n}.bias" in expected}
+    for key, want in expected.items():
+        owner, _, attr = key.rpartition(".")
+        got = model.get_submodule(owner).dense_weight() if owner in sparse and attr == "weight" else model.state_dict()[key]
+        assert got.dtype == want.dtype and torch.equal(got, want), key
+    # a group of four zeros keeps the two positions compressed-tensors chose (the bitmask's), not nmkern's own
+    up = model.model.layers[0].mlp.up_proj
+    assert torch.equal(up.dense_weight()[0, :8], torch.zeros(8, dtype=up.dtype))
+
+
+def _ct_copy(tmp_path, name="ct_llama_fp32"):
+    import shutil
+
+    return Path(shutil.copytree(DATA / name, tmp_path / name))
+
+
+def test_a_compressed_tensors_bitmask_that_is_not_2_4_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _ct_copy(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.bitmask"
+    byte = int(tensors[key][3, 0])
+    free = next(j for j in range(4) if not byte >> j & 1)
+    tensors[key][3, 0] = byte | 1 << free  # a third kept value in the first group of row 3
+    save_file(tensors, folder / "model.safetensors")
+    _load_refused(folder, _ct_model("ct_llama_fp32"), "layer 'model.layers.1.mlp.down_proj'",
+                  "without exactly 2 kept values")
+
+
+@pytest.mark.parametrize("fmt", ["sparse-bitmask", "evil_module:Compressor", None])
+def test_a_compressed_tensors_format_other_than_sparse_24_bitmask_is_refused(tmp_path, fmt, monkeypatch):
+    import importlib
+
+    folder = _ct_copy(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"]["sparsity_config"]["format"] = fmt
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model = _ct_model("ct_llama_fp32")
+
+    def no_import(name, *a, **k):
+        raise AssertionError(f"imported {name}")
+
+    monkeypatch.setattr(importlib, "import_module", no_import)
+    _load_refused(folder, model, f"sparsity format {fmt!r} is not supported")
+
+
+def test_a_truncated_compressed_tensors_shard_is_refused(tmp_path):
+    folder = _ct_copy(tmp_path, "ct_llama_fp16")
+    shard = folder / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    _load_refused(folder, _ct_model("ct_llama_fp16"), "model-00002-of-00002.safetensors is not a valid safetensors")
