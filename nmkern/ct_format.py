@@ -140,3 +140,53 @@ def read_folder(op: str, folder) -> tuple[dict, dict]:
                  "dtype": str(values.dtype).replace("torch.", ""), "dense_shape": dense_shape, "tensors": roles}
         layers[name] = entry
     return state, layers
+
+
+def _ct_config(model, names: list[str]) -> dict:
+    """config.json: the model's transformers config (if any) plus the sparse-24-bitmask quantization_config."""
+    config = getattr(model, "config", None)
+    out = json.loads(config.to_json_string()) if hasattr(config, "to_json_string") else {}
+    if config is not None and not out.get("architectures"):
+        out["architectures"] = [type(model).__name__]
+    out["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "version": "0.14.0.1",  # the compressed-tensors release whose format this is
+        "sparsity_config": {"format": FORMAT_24, "sparsity_structure": "2:4", "targets": sorted(names),
+                            "ignore": [], "global_sparsity": 0.0, "registry_requires_subclass": False},
+        "transform_config": {},
+    }
+    return out
+
+
+def write_folder(op: str, model, folder, layers: dict) -> None:
+    """Write ``model`` (``layers``: name -> packed 2:4 SparseLinear) as a sparse-24-bitmask folder, atomically."""
+    from safetensors.torch import save_file
+
+    from .checkpoint_io import atomic_write_all
+    from .nn import SparseLinear
+    from .spec import NMSpec
+
+    for name, mod in layers.items():
+        if not isinstance(mod, SparseLinear) or mod.spec != NMSpec(2, 4):
+            raise CTError(f"{op}: layer {name!r} is a {type(mod).__name__} with {mod.spec}; compressed-tensors' "
+                          f"{FORMAT_24} holds 2:4 Linear layers only: save with format='nmkern' instead")
+    out = {}
+    for key, t in model.state_dict().items():
+        owner, _, attr = key.rpartition(".")
+        if owner in layers and attr in ("packed_values", "packed_indices", "_extra_state"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise CTError(f"{op}: state entry {key!r} is a {type(t).__name__}, not a tensor; the format stores tensors")
+        out[key] = t.detach().to("cpu").contiguous().clone()  # own memory: safetensors refuses shared tensors
+    for name, mod in layers.items():
+        o, k = mod.weight_shape
+        values, indices = mod.packed_values.detach().cpu(), mod.packed_indices.detach().cpu()
+        out[f"{name}.compressed"] = values.clone()
+        out[f"{name}.bitmask"] = to_bitmask(values, indices, k)
+        out[f"{name}.shape"] = torch.tensor([[o], [k]], dtype=torch.int64)
+    config = _ct_config(model, list(layers))
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CTError(f"{op}: {folder} exists and is not a folder; format='compressed-tensors' writes a folder")
+    atomic_write_all([(folder / "model.safetensors", lambda p: save_file(out, str(p), metadata={"format": "pt"})),
+                      (folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))])

@@ -116,6 +116,9 @@ def _data_region(raw: bytes) -> memoryview:
 def save(model: nn.Module, path, *, format: str = "nmkern") -> None:
     """Write ``model`` to one ``.safetensors`` file at ``path`` (atomically; no pickle).
 
+    ``format="compressed-tensors"``: a folder in compressed-tensors' ``sparse-24-bitmask`` format
+    instead (``config.json`` + ``model.safetensors``; every sparse layer must be 2:4 Linear).
+
     Every packed sparse layer is stored as its packed buffers, everything else as dense
     tensors; the metadata describes the sparse layers (``docs/format.md``). Sparse layers
     must be packed (``.pack()`` or ``nmkern.sparsify(..., pack=True)``).
@@ -124,11 +127,16 @@ def save(model: nn.Module, path, *, format: str = "nmkern") -> None:
     from .checkpoint_io import atomic_write
 
     op = "nmkern.save"
-    if format != FORMAT:
-        raise ValueError(f"{op}: format={format!r} is not supported; this nmkern writes format='nmkern'")
+    if format not in (FORMAT, "compressed-tensors"):
+        raise ValueError(f"{op}: format={format!r} is not supported; choose 'nmkern' (one .safetensors file) or "
+                         "'compressed-tensors' (a sparse-24-bitmask folder)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be an nn.Module, got {type(model).__name__}")
     layers = _sparse_layers(op, model)
+    if format == "compressed-tensors":
+        from .ct_format import write_folder
+
+        return write_folder(op, model, path, layers)
     state = model.state_dict()
     for name in layers:  # the config rides in the header, not as a pickled extra state
         state.pop(f"{name}.{_state.EXTRA}", None)

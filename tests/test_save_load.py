@@ -389,7 +389,7 @@ def test_save_refuses_non_tensor_extra_state(tmp_path):
 
 
 def test_save_refuses_other_formats(tmp_path):
-    with pytest.raises(ValueError, match="format='onnx' is not supported"):
+    with pytest.raises(ValueError, match="format='onnx' is not supported; choose 'nmkern'"):
         nmkern.save(_fresh(torch.float32), tmp_path / "m", format="onnx")
 
 
@@ -649,3 +649,49 @@ def test_a_truncated_compressed_tensors_shard_is_refused(tmp_path):
     shard = folder / "model-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     _load_refused(folder, _ct_model("ct_llama_fp16"), "model-00002-of-00002.safetensors is not a valid safetensors")
+
+
+@pytest.mark.parametrize("name", ["ct_llama_fp32", "ct_llama_fp16"])
+def test_compressed_tensors_export_then_import_is_bit_identical(tmp_path, name):
+    from safetensors.torch import load_file
+
+    model = _ct_model(name)
+    nmkern.load(DATA / name, model)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    want = model(input_ids=ids).logits
+    nmkern.save(model, tmp_path / "out", format="compressed-tensors")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    original = {}
+    for shard in sorted((DATA / name).glob("*.safetensors")):
+        original.update(load_file(shard))
+    assert written.keys() == original.keys()
+    for key, t in original.items():  # the same bytes compressed-tensors wrote: bitmask, values, shape, the rest
+        assert written[key].dtype == t.dtype and torch.equal(written[key], t), key
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["sparsity_config"]["format"] == "sparse-24-bitmask"
+    again = _ct_model(name)
+    nmkern.load(tmp_path / "out", again)
+    assert torch.equal(again(input_ids=ids).logits, want)
+
+
+def test_compressed_tensors_export_refuses_patterns_it_cannot_hold(tmp_path):
+    net = _trained("2:8", torch.float32)
+    with pytest.raises(ValueError, match="layer 'conv' is a SparseConv2d with 2:8; compressed-tensors"):
+        nmkern.save(net, tmp_path / "out", format="compressed-tensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bitmask_layout_is_numpy_packbits_little(tmp_path):
+    """The writer's bitmask is numpy.packbits(mask, axis=-1, bitorder='little'), padding bits zero (K=12: 2 bytes)."""
+    import numpy as np
+
+    from nmkern.ct_format import to_bitmask, to_packed
+
+    torch.manual_seed(0)
+    layer = nmkern.SparseLinear.from_dense(nn.Linear(12, 5)).pack()
+    mask = (layer.dense_weight() != 0).numpy()
+    bitmask = to_bitmask(layer.packed_values, layer.packed_indices, 12)
+    assert bitmask.dtype == torch.uint8 and torch.equal(bitmask, torch.from_numpy(np.packbits(mask, axis=-1,
+                                                                                                bitorder="little")))
+    values, indices, shape = to_packed("t", torch.tensor([[5], [12]]), layer.packed_values, bitmask)
+    assert shape == [5, 12] and torch.equal(values, layer.packed_values) and torch.equal(indices, layer.packed_indices)

@@ -12,6 +12,12 @@ quantization_config, and the compressed state dict (ct_llama_fp16 in two shards 
 index). expected.safetensors beside it holds, for every compressed layer, the dense weight
 compressed-tensors itself decompresses (the truth the tests compare nmkern against), and
 every other tensor of the model unchanged.
+
+    python tests/data/make_ct_fixtures.py --check FOLDER EXPECTED.safetensors
+
+reads FOLDER (e.g. one nmkern.save(model, FOLDER, format="compressed-tensors") wrote) with
+compressed-tensors' own decompress and checks every tensor equals EXPECTED's: the check that
+compressed-tensors reads nmkern's export back to exactly the same dense weights.
 """
 
 from __future__ import annotations
@@ -75,7 +81,24 @@ def write(name: str, dtype: torch.dtype, shards: int) -> None:
     print(f"{out}: {sum(k.endswith('.compressed') for k in keys)} compressed layers, {len(keys)} tensors")
 
 
+def check(folder: str, expected_path: str) -> int:
+    from safetensors.torch import load_file
+
+    config = LlamaConfig.from_pretrained(folder)
+    model = LlamaForCausalLM(config).eval()
+    expected = load_file(expected_path)
+    model.to(next(iter(expected.values())).dtype)
+    compressor = ModelCompressor.from_compression_config(config.quantization_config)
+    compressor.decompress(folder, model)
+    state = model.state_dict()
+    bad = [k for k, v in expected.items() if not torch.equal(state[k], v)]
+    print(f"{folder}: {len(expected)} tensors compared, {len(bad)} differ {bad[:4]}")
+    return 1 if bad else 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--check"]:
+        return check(sys.argv[2], sys.argv[3])
     write("ct_llama_fp32", torch.float32, shards=1)
     write("ct_llama_fp16", torch.float16, shards=2)
     return 0
