@@ -39,6 +39,8 @@ from .autograd import srste_weight  # noqa: E402
 from .scheme import Scheme  # noqa: E402
 from .methods.domino import Budget, Policy, domino_search  # noqa: E402
 from .flops import count_flops  # noqa: E402
+from .serialization import FormatError, load, save  # noqa: E402
+from .pretrained import from_pretrained, save_pretrained  # noqa: E402
 from .methods.srste import apply_srste, remove_srste, set_lambda_w  # noqa: E402
 
 __version__ = "0.1.0"
@@ -86,6 +88,11 @@ __all__ = [
     "Policy",
     "domino_search",
     "count_flops",
+    "FormatError",
+    "load",
+    "save",
+    "from_pretrained",
+    "save_pretrained",
     "apply_srste",
     "remove_srste",
     "set_lambda_w",
