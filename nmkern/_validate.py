@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from .reference.nm_pack import index_bits, indices_per_word
+from .reference.nm_pack import index_bits, indices_per_word, unpack_words
 
 MAX_M = 16
 
@@ -145,12 +145,17 @@ def nm_rows_geometry(shape, dim: int, m: int) -> tuple[int, int]:
     return moved[0], math.prod(moved[1:])
 
 
-def _nm_fields(indices: torch.Tensor, n: int, m: int, kept: int) -> torch.Tensor:
-    """In-group indices ``(rows, kept // n, n)`` int32 decoded from the packed words."""
-    bits, per = index_bits(m), indices_per_word(m)
-    shifts = torch.arange(per, device=indices.device, dtype=torch.int32) * bits
-    fields = (indices.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # arithmetic shift: low bits stay right
-    return fields.reshape(indices.shape[0], indices.shape[1] * per)[:, :kept].reshape(indices.shape[0], kept // n, n)
+def nm_group_fault(indices: torch.Tensor, n: int, m: int, kept: int) -> tuple[int, int, list[int]] | None:
+    """The first ``(row, group, in-group indices)`` whose n indices are not distinct, increasing and ``< m``
+    (the order :func:`nmkern.pack_nm` writes), or None. One host sync; the op entry and load-time checks share it."""
+    fields = unpack_words(indices, m, kept).reshape(indices.shape[0], kept // n, n)
+    bad = fields >= m
+    if n > 1:
+        bad[..., 1:] |= fields[..., 1:] <= fields[..., :-1]
+    if not bool(bad.any()):
+        return None
+    row, group = (int(i) for i in bad.any(-1).nonzero()[0])
+    return row, group, fields[row, group].tolist()
 
 
 def check_nm_packed(op: str, packed, dtypes: Iterable[torch.dtype]) -> None:
@@ -177,14 +182,11 @@ def check_nm_packed(op: str, packed, dtypes: Iterable[torch.dtype]) -> None:
                          "truncated or belong to another tensor; re-pack the weight with nmkern.pack_nm")
     if not rows * kept or not data_checkable(packed.values, packed.indices):
         return
-    fields = _nm_fields(packed.indices, n, m, kept)
-    bad = fields >= m
-    if n > 1:
-        bad[..., 1:] |= fields[..., 1:] <= fields[..., :-1]
-    if bool(bad.any()):  # one host sync
-        row, group = (int(i) for i in bad.any(-1).nonzero()[0])
+    fault = nm_group_fault(packed.indices, n, m, kept)
+    if fault is not None:
+        row, group, held = fault
         raise ValueError(f"{op}: packed.indices are corrupted: row {row}, group {group} holds in-group indices "
-                         f"{fields[row, group].tolist()}; each group's n={n} indices must be distinct, increasing "
+                         f"{held}; each group's n={n} indices must be distinct, increasing "
                          f"and < m={m} - re-pack the weight with nmkern.pack_nm")
 
 
@@ -202,10 +204,9 @@ def check_meta_24(op: str, meta: torch.Tensor) -> None:
                          "(idx0 | idx1 << 2) - pass the metadata nmkern.compress_24 returned")
 
 
-def check_bsr_buffers(op: str, crow: torch.Tensor, col: torch.Tensor, nnzb: int, k: int) -> None:
-    """BSR pointers: ``crow[0] == 0``, non-decreasing, ``crow[-1] == nnzb``; ``0 <= col < k`` increasing per row."""
-    if not data_checkable(crow, col):
-        return
+def bsr_buffers_ok(crow: torch.Tensor, col: torch.Tensor, nnzb: int, k: int) -> bool:
+    """``crow[0] == 0``, non-decreasing, ``crow[-1] == nnzb``; ``0 <= col < k`` strictly increasing per block
+    row. One host sync; the op entry and load-time checks share it."""
     c = crow.to(torch.int64)
     bad = (c[0] != 0) | (c[-1] != nnzb) | (c[1:] < c[:-1]).any()
     if nnzb:
@@ -214,7 +215,13 @@ def check_bsr_buffers(op: str, crow: torch.Tensor, col: torch.Tensor, nnzb: int,
         starts = torch.zeros(nnzb + 1, dtype=torch.bool, device=col.device)
         starts[c.clamp(0, nnzb)] = True  # positions where a block row begins
         bad = bad | ((cl[1:] <= cl[:-1]) & ~starts[1:nnzb]).any()
-    if bool(bad):  # one host sync
+    return not bool(bad)
+
+
+def check_bsr_buffers(op: str, crow: torch.Tensor, col: torch.Tensor, nnzb: int, k: int) -> None:
+    """BSR pointers: ``crow[0] == 0``, non-decreasing, ``crow[-1] == nnzb``; ``0 <= col < k`` increasing per row."""
+    if data_checkable(crow, col) and not bsr_buffers_ok(crow, col, nnzb, k):
+        c = crow.to(torch.int64)
         raise ValueError(f"{op}: BSR buffers are corrupted: need crow[0] == 0, crow non-decreasing with "
                          f"crow[-1] == {nnzb} (one col per block), and col in [0, {k}) strictly increasing within "
                          f"each block row; got crow {_head(c)}, col {_head(col)} - rebuild them with "

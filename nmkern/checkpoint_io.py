@@ -108,7 +108,7 @@ def save_model(model, path: Path, *, atomic: bool = True) -> None:
 
 def describe_load_error(e: BaseException) -> str:
     """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words (never torch's advice to
-    retry with ``weights_only=False``, which would run whatever code a planted pickle holds)."""
+    retry with the unsafe loader, which would run whatever code a planted pickle holds)."""
     text = str(e)
     if "Weights only load failed" in text:
         return ("it holds Python objects other than tensors and plain containers, which nmkern does not load "

@@ -106,12 +106,10 @@ def check_nm_packed(op: str, cfg: dict, weight_shape: torch.Size, values, indice
            f"{kept} indices of {index_bits(m)} bits, {indices_per_word(m)} per int32 word")
     if indices.is_meta or indices.numel() == 0:
         return
-    idx = unpack_words(indices, m, kept)
-    groups = idx.reshape(o, kept // n, n)
-    if bool((groups >= m).any()) or bool((groups[..., 1:] <= groups[..., :-1]).any()):
+    if v.nm_group_fault(indices, n, m, kept) is not None:
         raise StateError(f"{op}: packed_indices hold in-group positions that are out of range or not strictly "
                          f"increasing (each group keeps {n} distinct positions in [0, {m})); the state is corrupted")
-    if not torch.equal(pack_words(idx, m), indices):
+    if not torch.equal(pack_words(unpack_words(indices, m, kept), m), indices):
         raise StateError(f"{op}: packed_indices have non-zero padding bits; the state is corrupted")
 
 
@@ -130,16 +128,10 @@ def check_bsr_packed(op: str, cfg: dict, weight_shape: torch.Size, crow, col, va
            f"{nnzb} kept blocks (bsr_col) of {block} values")
     if crow.is_meta or col.is_meta:
         return
-    steps = crow[1:] - crow[:-1]
-    if int(crow[0]) != 0 or int(crow[-1]) != nnzb or bool((steps < 0).any()):
-        raise StateError(f"{op}: bsr_crow must rise from 0 to {nnzb} (the number of kept blocks); "
-                         "the state is corrupted")
-    if nnzb and (bool((col < 0).any()) or bool((col >= k).any())):
-        raise StateError(f"{op}: bsr_col holds columns outside [0, {k}); the state is corrupted")
-    row = torch.repeat_interleave(torch.arange(o // block, device=col.device), steps.long())
-    same_row = row[1:] == row[:-1]
-    if bool((same_row & (col[1:] <= col[:-1])).any()):
-        raise StateError(f"{op}: bsr_col is not strictly increasing within a block row; the state is corrupted")
+    if not v.bsr_buffers_ok(crow, col, nnzb, k):
+        raise StateError(f"{op}: the BSR buffers are corrupted: bsr_crow must rise from 0 to {nnzb} (the number of "
+                         f"kept blocks), and no bsr_col may lie outside [0, {k}) or be not strictly increasing "
+                         "within a block row")
 
 
 def _check_dense(op: str, state: dict, prefix: str, key: str, want, what: str) -> None:
