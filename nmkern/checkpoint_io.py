@@ -129,8 +129,11 @@ def load_torchscript(path: Path):
         return None
 
 
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint: a state_dict, a dict holding one, a pickled module or TorchScript."""
+def load_state_dict(path: str, *, extra_state: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint: a state_dict, a dict holding one, a pickled module or TorchScript.
+
+    ``extra_state=True`` also keeps the modules' ``<name>._extra_state`` dicts (an nmkern sparse
+    layer's config rides there)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"no such file: {path}")
@@ -152,6 +155,8 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
                 break
         tensors = {k: t for k, t in obj.items() if isinstance(t, torch.Tensor)}
         if tensors:
+            if extra_state:
+                tensors.update({k: e for k, e in obj.items() if k.endswith("._extra_state") and isinstance(e, dict)})
             return tensors
     raise CheckpointError(f"{path} holds no tensors (got {type(obj).__name__}); pass a state_dict checkpoint")
 
@@ -174,8 +179,9 @@ def import_factory(spec: str) -> Callable:
     return obj
 
 
-def build_from_factory(spec: str, state_dict: dict) -> torch.nn.Module:
-    """``module:callable()`` with ``state_dict`` loaded into it (every key must fit)."""
+def build_from_factory(spec: str, state_dict: dict, *, sparse: bool = False) -> torch.nn.Module:
+    """``module:callable()`` with ``state_dict`` loaded into it (every key must fit); ``sparse=True`` first swaps
+    the layers the state saved as nmkern sparse layers (:func:`swap_saved_sparse_layers`)."""
     factory = import_factory(spec)
     try:
         model = factory()
@@ -183,6 +189,8 @@ def build_from_factory(spec: str, state_dict: dict) -> torch.nn.Module:
         raise CheckpointError(f"--factory {spec}: calling it with no arguments failed ({type(e).__name__}: {e})") from None
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"--factory {spec}: returned {type(model).__name__}, not a torch.nn.Module")
+    if sparse:
+        swap_saved_sparse_layers(model, state_dict)
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shape mismatches raise even with strict=False
@@ -196,6 +204,39 @@ def build_from_factory(spec: str, state_dict: dict) -> torch.nn.Module:
             f"{'...' if len(missing) > 6 else ''}, unexpected keys {unexpected[:6]}"
             f"{'...' if len(unexpected) > 6 else ''}; pass the factory the checkpoint was saved from")
     return model
+
+
+def swap_saved_sparse_layers(model: torch.nn.Module, state_dict: Mapping) -> list[str]:
+    """Swap each ``nn.Linear`` / ``nn.Conv2d`` of ``model`` that ``state_dict`` saved as an nmkern sparse layer
+    (its ``<name>._extra_state`` holds a pattern) for a :class:`~nmkern.SparseLinear` / :class:`~nmkern.SparseConv2d`
+    of that pattern, so the state loads into it; returns the swapped names. Refuses before changing anything."""
+    from .nn import SparseConv2d, SparseLinear
+
+    plan = []
+    for key, extra in state_dict.items():
+        if not key.endswith("._extra_state") or not isinstance(extra, dict) or "pattern" not in extra:
+            continue
+        name = key[: -len("._extra_state")]
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"the checkpoint holds a sparse layer {name!r} that the model has not; build the "
+                                  "model the checkpoint was saved from") from None
+        if isinstance(mod, (SparseLinear, SparseConv2d)):
+            continue
+        if type(mod) not in (torch.nn.Linear, torch.nn.Conv2d):
+            raise CheckpointError(f"the checkpoint holds a sparse layer at {name!r}, where the model has a "
+                                  f"{type(mod).__name__}, not an nn.Linear / nn.Conv2d")
+        kw = {k: extra[k] for k in ("pattern", "n", "m", "block", "sparsity") if k in extra}
+        cls = SparseLinear if type(mod) is torch.nn.Linear else SparseConv2d
+        try:
+            plan.append((name, cls.from_dense(mod, **kw)))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"the checkpoint's sparse layer {name!r} does not fit the model's: {e}") from None
+    for name, new in plan:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return [name for name, _ in plan]
 
 
 def load_into(model: torch.nn.Module, path: str, what: str, fix: str) -> None:
@@ -319,4 +360,4 @@ def set_weights(model, weights: Mapping[str, torch.Tensor]) -> None:
 
 __all__ = ["CheckpointError", "atomic_write", "atomic_write_all", "build_from_factory", "describe_load_error",
            "import_factory", "load_into", "load_model", "load_state_dict", "load_torchscript", "prune", "prune_module",
-           "prune_torchscript", "save_model", "set_weights", "submodule", "write_json"]
+           "prune_torchscript", "save_model", "set_weights", "submodule", "swap_saved_sparse_layers", "write_json"]

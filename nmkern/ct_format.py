@@ -11,8 +11,15 @@ compressed ``nn.Linear`` ``<m>`` of weight ``(out, in)``:
 * every other tensor is stored unchanged; ``config.json``'s ``quantization_config`` has
   ``quant_method: "compressed-tensors"`` and ``sparsity_config.format: "sparse-24-bitmask"``.
 
+The plain ``sparse-bitmask`` format (any sparsity) differs in three tensors: ``<m>.shape`` is int64
+``(2,)``, ``<m>.compressed`` is flat ``(nnz,)`` (the kept values, row-major) and ``<m>.row_offsets``
+(int64 ``(out,)``) is where each row's values start. Its ``sparsity_config.sparsity_structure`` says
+``"2:4"`` or ``"unstructured"``.
+
 :func:`read_folder` turns such a folder into the same (state, layers) that an nmkern file gives
-:func:`nmkern.load`, the 2:4 layers straight into nmkern's packed buffers (no dense detour).
+:func:`nmkern.load`: sparse-24-bitmask layers straight into nmkern's packed 2:4 buffers (no dense
+detour); sparse-bitmask layers into packed 2:4 layers when the config says ``"2:4"`` (and every
+group of 4 keeps at most 2), otherwise into dense weights.
 Nothing named by the checkpoint is imported or executed: the format string is compared, never looked up.
 """
 
@@ -26,7 +33,8 @@ import torch
 from .reference.nm_pack import pack_words, unpack_words
 
 FORMAT_24 = "sparse-24-bitmask"
-_PARTS = ("shape", "compressed", "bitmask")
+FORMAT_BITMASK = "sparse-bitmask"
+_PARTS = {FORMAT_24: ("shape", "compressed", "bitmask"), FORMAT_BITMASK: ("shape", "compressed", "bitmask", "row_offsets")}
 
 
 class CTError(ValueError):
@@ -43,9 +51,9 @@ def _config(op: str, folder: Path) -> dict:
         raise CTError(f"{op}: {folder} is not a compressed-tensors checkpoint (config.json has no quantization_config "
                       "with quant_method 'compressed-tensors'); an nmkern checkpoint is one .safetensors file")
     sparsity = q.get("sparsity_config") or {}
-    if sparsity.get("format") != FORMAT_24:
+    if sparsity.get("format") not in _PARTS:
         raise CTError(f"{op}: {folder}: sparsity format {sparsity.get('format')!r} is not supported; nmkern reads "
-                      f"{FORMAT_24!r} (2:4) checkpoints")
+                      f"{FORMAT_24!r} (2:4) and {FORMAT_BITMASK!r} checkpoints")
     if q.get("config_groups"):
         raise CTError(f"{op}: {folder}: the checkpoint is also quantized (config_groups); nmkern reads sparse-only "
                       "2:4 checkpoints")
@@ -85,27 +93,80 @@ def _load_tensors(op: str, folder: Path) -> dict:
     return tensors
 
 
+def _mask_bits(op: str, bitmask: torch.Tensor, o: int, k: int) -> torch.Tensor:
+    """The ``(o, k)`` 0/1 int64 mask of a packbits(bitorder="little") ``bitmask``, checked."""
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (o, -(-k // 8)):
+        raise CTError(f"{op}: bitmask is {bitmask.dtype} {tuple(bitmask.shape)}; expected uint8 ({o}, {-(-k // 8)})")
+    bits = ((bitmask.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1).reshape(o, -1)
+    if bool(bits[:, k:].any()):
+        raise CTError(f"{op}: bitmask has bits set past column {k}; the checkpoint is corrupted")
+    return bits[:, :k]
+
+
+def _positions_24(groups: torch.Tensor) -> torch.Tensor:
+    """The 2 kept in-group indices (ascending) of ``(o, k/4, 4)`` 0/1 groups with at most 2 ones each:
+    the set bits, then (for fewer than 2) the lowest unset ones, as nmkern's packing fills groups."""
+    return torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :2].sort(-1).values
+
+
+def _shape(op: str, shape: torch.Tensor) -> tuple[int, int]:
+    if shape.dtype != torch.int64 or shape.numel() != 2:
+        raise CTError(f"{op}: shape is {shape.dtype} {tuple(shape.shape)}; expected int64 [out, in]")
+    o, k = (int(d) for d in shape.flatten())
+    if o < 1 or k < 1:
+        raise CTError(f"{op}: shape [{o}, {k}] is not a weight shape")
+    return o, k
+
+
+def folder_dtype(op: str, folder) -> torch.dtype:
+    """The dtype of a compressed-tensors folder's weights (its compressed values'), from the shard headers alone."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    _config(op, folder)
+    found = set()
+    for shard in _shards(op, folder):
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                found |= {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(".compressed")}
+        except Exception as e:  # SafetensorError is not a ValueError
+            raise CTError(f"{op}: {shard} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    if len(found) != 1 or next(iter(found)) not in dtypes:
+        raise CTError(f"{op}: {folder}: the compressed weights have dtypes {sorted(found)}; expected one float dtype")
+    return dtypes[found.pop()]
+
+
 def to_packed(op: str, shape: torch.Tensor, compressed: torch.Tensor, bitmask: torch.Tensor) -> tuple:
     """(packed_values, packed_indices, [out, in]) of one sparse-24-bitmask weight, checked."""
-    if shape.dtype != torch.int64 or shape.numel() != 2:
-        raise CTError(f"{op}: shape is {shape.dtype} {tuple(shape.shape)}; expected int64 [[out], [in]]")
-    o, k = (int(d) for d in shape.flatten())
-    if o < 1 or k < 4 or k % 4:
+    o, k = _shape(op, shape)
+    if k < 4 or k % 4:
         raise CTError(f"{op}: shape [{o}, {k}] is not a 2:4 weight (in must be a positive multiple of 4)")
     if compressed.dim() != 2 or tuple(compressed.shape) != (o, k // 2) or not compressed.is_floating_point():
         raise CTError(f"{op}: compressed is {compressed.dtype} {tuple(compressed.shape)}; expected floats ({o}, {k // 2})")
-    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (o, -(-k // 8)):
-        raise CTError(f"{op}: bitmask is {bitmask.dtype} {tuple(bitmask.shape)}; expected uint8 ({o}, {-(-k // 8)})")
-    bits = (bitmask.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1
-    bits = bits.reshape(o, -1)
-    if bool(bits[:, k:].any()):
-        raise CTError(f"{op}: bitmask has bits set past column {k}; the checkpoint is corrupted")
-    groups = bits[:, :k].reshape(o, k // 4, 4)
+    groups = _mask_bits(op, bitmask, o, k).reshape(o, k // 4, 4)
     if not bool((groups.sum(-1) == 2).all()):
         raise CTError(f"{op}: bitmask has a group of 4 without exactly 2 kept values; not a 2:4 weight")
-    pos = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :2].sort(-1).values
-    indices = pack_words(pos.reshape(o, k // 2), 4)
+    indices = pack_words(_positions_24(groups).reshape(o, k // 2), 4)
     return compressed.contiguous(), indices, [o, k]
+
+
+def bitmask_dense(op: str, shape: torch.Tensor, compressed: torch.Tensor, bitmask: torch.Tensor,
+                  row_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense weight, its 0/1 mask) of one plain sparse-bitmask weight, checked."""
+    o, k = _shape(op, shape)
+    bits = _mask_bits(op, bitmask, o, k)
+    counts = bits.sum(1)
+    if compressed.dim() != 1 or compressed.shape[0] != int(counts.sum()) or not compressed.is_floating_point():
+        raise CTError(f"{op}: compressed is {compressed.dtype} {tuple(compressed.shape)}; expected floats "
+                      f"({int(counts.sum())},), one per set bit of the bitmask")
+    if row_offsets.dtype != torch.int64 or tuple(row_offsets.shape) != (o,) \
+            or not torch.equal(row_offsets, counts.cumsum(0) - counts):
+        raise CTError(f"{op}: row_offsets ({row_offsets.dtype} {tuple(row_offsets.shape)}) do not match the bitmask's "
+                      "row counts; the checkpoint is corrupted")
+    dense = torch.zeros(o, k, dtype=compressed.dtype)
+    dense[bits.bool()] = compressed  # row-major, as compressed-tensors wrote them
+    return dense, bits
 
 
 def to_bitmask(values: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
@@ -118,27 +179,42 @@ def to_bitmask(values: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Ten
     return (mask.reshape(o, -1, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
 
 
+def _entry_24(values: torch.Tensor, dense_shape: list, roles: dict) -> dict:
+    return {"module": "Linear", "pattern": "nm", "n": 2, "m": 4, "block": 4, "sparsity": 0.5,
+            "dtype": str(values.dtype).replace("torch.", ""), "dense_shape": dense_shape, "tensors": roles}
+
+
 def read_folder(op: str, folder) -> tuple[dict, dict]:
-    """(state: key -> tensor, layers: name -> (entry, tensors by role)) of a sparse-24-bitmask folder."""
+    """(state: key -> tensor, layers: name -> header entry) of a sparse-24-bitmask or sparse-bitmask folder."""
     folder = Path(folder)
-    _config(op, folder)
+    sparsity = _config(op, folder)["quantization_config"]["sparsity_config"]
+    fmt, parts = sparsity["format"], _PARTS[sparsity["format"]]
     tensors = _load_tensors(op, folder)
     names = {key[: -len(".compressed")] for key in tensors if key.endswith(".compressed")}
-    state = {k: t for k, t in tensors.items() if not any(k == f"{n}.{p}" for n in names for p in _PARTS)}
+    state = {k: t for k, t in tensors.items() if not any(k == f"{n}.{p}" for n in names for p in parts)}
     layers = {}
     for name in sorted(names):
-        missing = [p for p in _PARTS if f"{name}.{p}" not in tensors]
+        missing = [p for p in parts if f"{name}.{p}" not in tensors]
         if missing:
             raise CTError(f"{op}: {folder}: layer {name!r} has a compressed weight but no {missing}")
-        values, indices, dense_shape = to_packed(f"{op}: {folder}: layer {name!r}",
-                                                 *(tensors[f"{name}.{p}"] for p in _PARTS))
+        where, stored = f"{op}: {folder}: layer {name!r}", [tensors[f"{name}.{p}"] for p in parts]
+        if fmt == FORMAT_24:
+            values, indices, dense_shape = to_packed(where, *stored)
+        else:
+            dense, bits = bitmask_dense(where, *stored)
+            o, k = dense.shape
+            groups = bits.reshape(o, k // 4, 4) if k % 4 == 0 else None
+            if sparsity.get("sparsity_structure") != "2:4" or groups is None or bool((groups.sum(-1) > 2).any()):
+                state[f"{name}.weight"] = dense  # unstructured: a dense layer
+                continue
+            pos = _positions_24(groups)
+            values = dense.reshape(o, k // 4, 4).gather(-1, pos).reshape(o, k // 2)
+            indices, dense_shape = pack_words(pos.reshape(o, k // 2), 4), [o, k]
         roles = {"packed_values": f"{name}.packed_values", "packed_indices": f"{name}.packed_indices"}
         state[roles["packed_values"]], state[roles["packed_indices"]] = values, indices
         if f"{name}.bias" in tensors:
             roles["bias"] = f"{name}.bias"
-        entry = {"module": "Linear", "pattern": "nm", "n": 2, "m": 4, "block": 4, "sparsity": 0.5,
-                 "dtype": str(values.dtype).replace("torch.", ""), "dense_shape": dense_shape, "tensors": roles}
-        layers[name] = entry
+        layers[name] = _entry_24(values, dense_shape, roles)
     return state, layers
 
 

@@ -71,6 +71,20 @@ def _file_dtype(index: dict, doc: dict) -> torch.dtype:
     return floats.pop() if len(floats) == 1 else torch.float32
 
 
+def build_from_config(op: str, directory, dtype: torch.dtype, model_class=None) -> nn.Module:
+    """A freshly built (random weights, eval mode) ``transformers`` model of ``directory/config.json``, in ``dtype``."""
+    d = Path(directory)
+    transformers = _transformers(op)
+    try:
+        json.loads((d / CONFIG_NAME).read_text())
+        config = transformers.AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as e:
+        raise FormatError(f"{op}: {d / CONFIG_NAME} is not a transformers config ({type(e).__name__}: {e})") from None
+    cls = model_class or _model_class(op, transformers, config)
+    model = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    return model.to(dtype).eval()
+
+
 def from_pretrained(directory, *, model_class=None, dtype: torch.dtype | None = None, strict: bool = True):
     """Rebuild a ``transformers`` model from ``directory/config.json`` and load ``model.safetensors`` into it.
 
@@ -83,14 +97,6 @@ def from_pretrained(directory, *, model_class=None, dtype: torch.dtype | None = 
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (d / name).is_file():
             raise FormatError(f"{op}: {directory} has no {name}; write the folder with nmkern.save_pretrained")
-    transformers = _transformers(op)
-    try:
-        json.loads((d / CONFIG_NAME).read_text())
-        config = transformers.AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as e:
-        raise FormatError(f"{op}: {d / CONFIG_NAME} is not a transformers config ({type(e).__name__}: {e})") from None
     doc, index = read_header(d / WEIGHTS_NAME)
-    cls = model_class or _model_class(op, transformers, config)
-    model = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
-    model = model.to(dtype or _file_dtype(index, doc)).eval()
+    model = build_from_config(op, d, dtype or _file_dtype(index, doc), model_class)
     return load(d / WEIGHTS_NAME, model, strict=strict)

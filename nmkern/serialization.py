@@ -452,8 +452,9 @@ def _build(model: nn.Module, group: _Layer) -> _SparseLayer:
 def load(path, model: nn.Module, *, strict: bool = True) -> nn.Module:
     """Load an :func:`save` file into ``model``, a freshly built dense model of the saved class; returns it.
 
-    ``path`` may also be a compressed-tensors ``sparse-24-bitmask`` folder (:mod:`nmkern.ct_format`):
-    its 2:4 layers load straight into packed layers, the rest (``ignore``-d layers too) as dense.
+    ``path`` may also be a compressed-tensors ``sparse-24-bitmask`` or ``sparse-bitmask`` folder
+    (:mod:`nmkern.ct_format`): its 2:4 layers load straight into packed layers, the rest (``ignore``-d
+    and unstructured layers too) as dense.
 
     The layers the file stores as sparse are swapped for packed :class:`~nmkern.SparseLinear` /
     :class:`~nmkern.SparseConv2d` holding the file's buffers; the rest load as dense tensors.

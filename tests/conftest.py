@@ -40,3 +40,16 @@ def interpret():
 def device():
     """cuda when a GPU is present, else cpu (Triton then runs under the interpreter)."""
     return "cuda" if has_cuda() else "cpu"
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """A dense MNIST1DNet state_dict saved with torch.save (seed 0): the input of the CLI's file tests."""
+    import torch
+
+    from nmkern.models import MNIST1DNet
+
+    torch.manual_seed(0)
+    path = tmp_path / "model.pt"
+    torch.save(MNIST1DNet().state_dict(), path)
+    return path

@@ -44,14 +44,6 @@ def usage_error(capsys, argv, root: pathlib.Path, *needles) -> str:
     return err
 
 
-@pytest.fixture
-def model_file(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "model.pt"
-    torch.save(MNIST1DNet().state_dict(), path)
-    return path
-
-
 # --------------------------------------------------------------------------- 1. train --resume loads safely
 
 

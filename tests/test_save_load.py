@@ -627,8 +627,8 @@ def test_a_compressed_tensors_bitmask_that_is_not_2_4_is_refused(tmp_path):
                   "without exactly 2 kept values")
 
 
-@pytest.mark.parametrize("fmt", ["sparse-bitmask", "evil_module:Compressor", None])
-def test_a_compressed_tensors_format_other_than_sparse_24_bitmask_is_refused(tmp_path, fmt, monkeypatch):
+@pytest.mark.parametrize("fmt", ["sparse-24-bytemask", "evil_module:Compressor", None])
+def test_a_compressed_tensors_format_nmkern_does_not_read_is_refused(tmp_path, fmt, monkeypatch):
     import importlib
 
     folder = _ct_copy(tmp_path)

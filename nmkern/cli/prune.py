@@ -17,8 +17,10 @@ def register(sub) -> None:
     p.add_argument("--method", default="magnitude", help="'magnitude' (N:M by |w|) or '1xn:<block>:<sparsity>'")
     p.add_argument("--factory", default=None, help="module:callable building the model of a state_dict checkpoint")
     p.add_argument("-o", "--output", required=True,
-                   help="pruned model (same format as the input); report beside it as .json (both refused if "
-                        "they exist, unless --force)")
+                   help="pruned model: a .safetensors path writes the nmkern format (packed sparse layers, "
+                        "docs/format.md; needs a state_dict + --factory input), any other path the input's format "
+                        "with the pruned weights dense; report beside it as .json (both refused if they exist, "
+                        "unless --force)")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of a table")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing -o file and its .json report (never an input file)")
@@ -52,13 +54,30 @@ def _check_paths(args) -> tuple[Path, Path, Path]:
     if not src.is_file():
         raise UsageError(f"no such file: {args.model}")
     if out.suffix == ".json":
-        raise UsageError(f"-o {args.output}: the pruned model is a torch file; the report goes beside it as .json")
+        raise UsageError(f"-o {args.output}: the pruned model is a torch or .safetensors file; the report goes beside "
+                         "it as .json")
     if out.exists() and out.is_dir():
         raise UsageError(f"-o {args.output} is a directory; give a file path such as pruned.pt")
     report = out.with_suffix(".json")
     inputs = [src] + ([Path(args.scheme)] if args.scheme and Path(args.scheme).exists() else [])
     check_output_files([("-o", out), ("report of -o:", report)], inputs=inputs, force=args.force)
     return src, out, report
+
+
+def _model_writer(model, fmt: str, scheme, out: Path):
+    """(write(path), output format): ``.safetensors`` -> the pruned layers packed, in the nmkern format;
+    otherwise the input's format with the pruned weights dense."""
+    if out.suffix != ".safetensors":
+        return (lambda p: checkpoint_io.save_model(model, p, atomic=False)), fmt
+    if fmt == "torchscript":
+        raise UsageError(f"-o {out}: a TorchScript model cannot be rebuilt with sparse layers; prune its state_dict "
+                         "with --factory module:callable to write .safetensors, or choose a .pt output")
+    from ..serialization import save
+    from ..sparsify import sparsify
+
+    # the weights already carry the masks prune chose: packing keeps exactly their non-zeros
+    sparsify(model, scheme, pack=True)
+    return (lambda p: save(model, p)), "nmkern safetensors"
 
 
 def run(args) -> int:
@@ -71,11 +90,12 @@ def run(args) -> int:
         reasons = "; ".join(f"{r['layer']}: {r['detail']}" for r in rows) or "the model has no Linear/Conv2d layer"
         raise UsageError(f"nothing to prune in {args.model} with this scheme - every layer was skipped ({reasons})")
     checkpoint_io.set_weights(model, masked)
-    report = {"input": str(src), "output": str(out), "format": fmt, "scheme": args.scheme,
+    write_model, out_fmt = _model_writer(model, fmt, scheme, out)
+    report = {"input": str(src), "output": str(out), "format": fmt, "output_format": out_fmt, "scheme": args.scheme,
               "method": args.method, "layers": rows,
               "sparsified": sum(r["action"] == "sparsified" for r in rows),
               "skipped": sum(r["action"] == "skipped" for r in rows)}
-    checkpoint_io.atomic_write_all([(out, lambda p: checkpoint_io.save_model(model, p, atomic=False)),
+    checkpoint_io.atomic_write_all([(out, write_model),
                                     (report_path, lambda p: p.write_text(json.dumps(report, indent=1) + "\n"))])
     if args.json:
         print(json.dumps(report, indent=1))
@@ -83,6 +103,6 @@ def run(args) -> int:
         width = max(len(r["layer"]) for r in rows)
         for r in rows:
             print(f"{r['action']:<10} {r['layer']:<{width}}  {r['detail']}")
-        print(f"wrote {out} ({fmt}, {report['sparsified']} layer(s) pruned, {report['skipped']} skipped) "
+        print(f"wrote {out} ({out_fmt}, {report['sparsified']} layer(s) pruned, {report['skipped']} skipped) "
               f"and {report_path}")
     return EXIT_OK

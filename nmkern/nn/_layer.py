@@ -47,7 +47,8 @@ from ..backend import Backend, parse_backend
 from ..dispatch import Call, LayerInfo, LayerOp
 from ..formats import NMPacked
 from ..functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
-from ..reference.linear import bsr_dense_ref, nm_dense_rows_ref
+from ..reference.graph_decode import bsr_dense_graph, nm_dense_rows_graph
+from ..reference.linear import bsr_dense_ref, conv_weight_from_rows, nm_dense_rows_ref
 from ..reference.semi24 import COL_ALIGN, ROW_ALIGN
 from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern, pattern_in
 from . import _state
@@ -520,7 +521,17 @@ class _SparseLayer(nn.Module):
         self._check_input(x)
         if not self._packed:
             return self._dense_op(x, self._train_weight())
+        if torch.onnx.is_in_onnx_export():  # ONNX has no nmkern ops: the dense op on the weight decoded in-graph
+            return self._dense_op(x, self._graph_weight())
         return self._decide(x, self._gemm_rows(x))[1](self, x)
+
+    def _graph_weight(self) -> torch.Tensor:
+        """The dense weight decoded from the packed buffers in ops ONNX translates (reference.graph_decode)."""
+        if self.pattern is Pattern.NM:
+            rows = nm_dense_rows_graph(self.packed_values, self.packed_indices, self.n, self.m)
+            return conv_weight_from_rows(rows, self.weight_shape) if len(self.weight_shape) == 4 else rows
+        dense = bsr_dense_graph(self.bsr_crow, self.bsr_col, self.bsr_values, self.weight_shape[0], self._gemm_k())
+        return dense.reshape(self.weight_shape)
 
     def _check_device_dtype(self, op: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

@@ -7,6 +7,11 @@ transformers<5: run this in its own virtual environment, not nmkern's:
     pip install torch 'compressed-tensors==0.14.0.1' 'transformers<5' psutil
     python tests/data/make_ct_fixtures.py
 
+ct_llama_bitmask_* are the plain ``sparse-bitmask`` format (flat ``compressed`` values, a 1-D
+``shape`` and ``row_offsets``; its bitmask marks the non-zeros): ct_llama_bitmask_fp32 labelled
+sparsity_structure "2:4", from weights pruned to 2:4 first (the 2 largest |w| of every 4, as a
+2:4 pruning run leaves them), ct_llama_bitmask_bf16 unstructured, from weights with 60% zeroed at random.
+
 Each folder is what llm-compressor writes for a 2:4 model: config.json with the
 quantization_config, and the compressed state dict (ct_llama_fp16 in two shards with an
 index). expected.safetensors beside it holds, for every compressed layer, the dense weight
@@ -29,7 +34,8 @@ from pathlib import Path
 import torch
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import sparse24_bitmask_decompress
-from compressed_tensors.config import Sparse24BitMaskConfig
+from compressed_tensors.compressors.sparse_compressors.sparse_bitmask import bitmask_decompress
+from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,11 +53,24 @@ def build(dtype: torch.dtype) -> LlamaForCausalLM:
     return model
 
 
-def write(name: str, dtype: torch.dtype, shards: int) -> None:
+def write(name: str, dtype: torch.dtype, shards: int, config=None, zero_fraction: float = 0.0,
+          prune_24: bool = False) -> None:
     out = HERE / name
     out.mkdir(exist_ok=True)
     model = build(dtype)
-    config = Sparse24BitMaskConfig(targets=["Linear"], ignore=["lm_head", "re:.*self_attn.o_proj"])
+    if prune_24:  # what a 2:4 pruning run leaves: the 2 smallest |w| of every group of 4 zeroed
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    groups = mod.weight.view(-1, 4)
+                    groups.scatter_(1, groups.abs().topk(2, dim=1, largest=False).indices, 0)
+    if zero_fraction:  # unstructured sparsity for the plain bitmask format: zero a random fraction
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight[torch.rand(mod.weight.shape, generator=gen) < zero_fraction] = 0
+    config = config or Sparse24BitMaskConfig(targets=["Linear"], ignore=["lm_head", "re:.*self_attn.o_proj"])
     compressor = ModelCompressor(sparsity_config=config)
     compressed = {k: v.contiguous() for k, v in compressor.compress(model).items()}
     keys = sorted(compressed)
@@ -73,9 +92,9 @@ def write(name: str, dtype: torch.dtype, shards: int) -> None:
         if key.endswith(".compressed"):
             layer = key[: -len(".compressed")]
             shape = compressed[f"{layer}.shape"].flatten().tolist()
-            expected[f"{layer}.weight"] = sparse24_bitmask_decompress(compressed[key], compressed[f"{layer}.bitmask"],
-                                                                      shape)
-        elif not key.endswith((".shape", ".bitmask")):
+            decompress = bitmask_decompress if f"{layer}.row_offsets" in compressed else sparse24_bitmask_decompress
+            expected[f"{layer}.weight"] = decompress(compressed[key], compressed[f"{layer}.bitmask"], shape)
+        elif not key.endswith((".shape", ".bitmask", ".row_offsets")):
             expected[key] = compressed[key]
     save_file(expected, HERE / f"{name}.expected.safetensors")
     print(f"{out}: {sum(k.endswith('.compressed') for k in keys)} compressed layers, {len(keys)} tensors")
@@ -101,6 +120,11 @@ def main() -> int:
         return check(sys.argv[2], sys.argv[3])
     write("ct_llama_fp32", torch.float32, shards=1)
     write("ct_llama_fp16", torch.float16, shards=2)
+    ignore = ["lm_head", "re:.*self_attn.o_proj"]
+    write("ct_llama_bitmask_fp32", torch.float32, shards=1, prune_24=True,
+          config=BitmaskConfig(targets=["Linear"], ignore=ignore, sparsity_structure="2:4"))
+    write("ct_llama_bitmask_bf16", torch.bfloat16, shards=1, zero_fraction=0.6,
+          config=BitmaskConfig(targets=["Linear"], ignore=ignore, sparsity_structure="unstructured"))
     return 0
 
 

@@ -1,0 +1,164 @@
+"""``nmkern convert IN OUT``: move a sparse model between a torch state_dict, an nmkern ``.safetensors``
+file and a compressed-tensors folder (docs/format.md, :mod:`nmkern.ct_format`).
+
+The input is read into a model (built by ``--factory``, or from the input folder's transformers
+``config.json``) with every check of :func:`nmkern.load` / the state_dict loader, then written in
+the output's format; the output's kind follows from its path.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import checkpoint_io
+from ._common import EXIT_OK, UsageError, check_output_files
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+class Kind(str, enum.Enum):
+    """The three forms a model converts between."""
+
+    STATE_DICT = "torch state_dict"
+    NMKERN = "nmkern safetensors"
+    COMPRESSED_TENSORS = "compressed-tensors folder"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert a sparse model: torch state_dict <-> nmkern .safetensors <-> "
+                                       "compressed-tensors folder")
+    p.add_argument("input", help="a torch state_dict (.pt/.pth/.bin) or an nmkern .safetensors file (both with "
+                                 "--factory), or a folder: compressed-tensors (sparse-24-bitmask / sparse-bitmask) or "
+                                 "one nmkern.save_pretrained wrote (the model comes from its config.json)")
+    p.add_argument("output", help="X.safetensors: the nmkern format; X.pt/.pth/.bin: a torch state_dict; a folder "
+                                  "(a path without suffix or ending in /): compressed-tensors sparse-24-bitmask "
+                                  "(2:4 Linear layers only)")
+    p.add_argument("--factory", default=None, help="module:callable building the dense model (needed unless the "
+                                                   "input folder has a transformers config.json)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
+    p.set_defaults(func=run)
+
+
+def output_kind(path: str) -> Kind:
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return Kind.NMKERN
+    if p.suffix in STATE_DICT_SUFFIXES:
+        return Kind.STATE_DICT
+    if p.is_dir() or path.endswith(("/", "\\")) or not p.suffix:
+        return Kind.COMPRESSED_TENSORS
+    raise UsageError(f"output {path}: cannot tell its format from the name; use X.safetensors (nmkern), "
+                     f"X.pt / .pth / .bin (torch state_dict) or a folder path (compressed-tensors)")
+
+
+def _factory_model(args, what: str) -> nn.Module:
+    """The dense model ``--factory`` builds (``what``: the input, for the message when it is missing)."""
+    if not args.factory:
+        raise UsageError(f"{args.input} is {what}: pass --factory module:callable that builds the model it belongs to "
+                         "(e.g. --factory nmkern.models:MNIST1DNet)")
+    factory = checkpoint_io.import_factory(args.factory)
+    try:
+        model = factory()
+    except Exception as e:
+        raise UsageError(f"--factory {args.factory}: calling it with no arguments failed ({type(e).__name__}: {e})") \
+            from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--factory {args.factory}: returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _read_folder(args, src: Path) -> tuple[nn.Module, list[Path]]:
+    from ..ct_format import folder_dtype
+    from ..pretrained import CONFIG_NAME, WEIGHTS_NAME, build_from_config, from_pretrained
+    from ..serialization import load
+
+    files = sorted(p for p in src.iterdir() if p.is_file())
+    if (src / WEIGHTS_NAME).is_file() and not _is_compressed_tensors(src / CONFIG_NAME):
+        if args.factory:
+            return load(src / WEIGHTS_NAME, _factory_model(args, "a folder")), files
+        return from_pretrained(src), files
+    op = "nmkern convert"
+    if args.factory:
+        model = _factory_model(args, "a folder")
+    elif (src / CONFIG_NAME).is_file():
+        model = build_from_config(op, src, folder_dtype(op, src))
+    else:
+        raise UsageError(f"{src} has no config.json: pass --factory module:callable that builds its model")
+    return load(src, model), files
+
+
+def _is_compressed_tensors(config: Path) -> bool:
+    import json
+
+    try:
+        q = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(q, dict) and q.get("quant_method") == "compressed-tensors"
+
+
+def read_model(args) -> tuple[nn.Module, Kind, list[Path]]:
+    """(the model, the input's kind, the input files) of ``args.input``."""
+    from ..serialization import load
+
+    src = Path(args.input)
+    if src.is_dir():
+        model, files = _read_folder(args, src)
+        return model, Kind.COMPRESSED_TENSORS, files
+    if not src.is_file():
+        raise UsageError(f"no such file or folder: {args.input}")
+    if src.suffix == ".safetensors":
+        return load(src, _factory_model(args, "an nmkern .safetensors file")), Kind.NMKERN, [src]
+    if not args.factory:
+        _factory_model(args, "a torch state_dict")
+    state = checkpoint_io.load_state_dict(str(src), extra_state=True)
+    return checkpoint_io.build_from_factory(args.factory, state, sparse=True), Kind.STATE_DICT, [src]
+
+
+def _pack_all(model: nn.Module) -> list[str]:
+    """Pack every sparse layer still in the training form (nmkern.save stores packed layers); their names."""
+    from ..nn._layer import _SparseLayer
+
+    packed = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, _SparseLayer) and not mod.is_packed:
+            mod.pack()
+            packed.append(name)
+    return packed
+
+
+def run(args) -> int:
+    from ..nn._layer import _SparseLayer
+    from ..serialization import save
+
+    kind = output_kind(args.output)
+    out = Path(args.output)
+    src = Path(args.input)
+    inputs = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else [src]
+    if kind is Kind.COMPRESSED_TENSORS:
+        from ..pretrained import CONFIG_NAME, WEIGHTS_NAME
+
+        outputs = [("output", out / WEIGHTS_NAME), ("output", out / CONFIG_NAME)]
+    else:
+        outputs = [("output", out)]
+    check_output_files(outputs, inputs=inputs, force=args.force)
+    model, in_kind, _ = read_model(args)
+    if kind is not Kind.STATE_DICT:  # both safetensors formats store packed layers
+        _pack_all(model)
+    if kind is Kind.NMKERN:
+        save(model, out)
+    elif kind is Kind.COMPRESSED_TENSORS:
+        save(model, out, format="compressed-tensors")
+    else:
+        checkpoint_io.save_model(model, out)
+    layers = {}
+    for mod in model.modules():
+        if isinstance(mod, _SparseLayer):
+            layers[str(mod.spec)] = layers.get(str(mod.spec), 0) + 1
+    summary = ", ".join(f"{count} x {spec}" for spec, count in sorted(layers.items())) or "no sparse layers"
+    print(f"wrote {out} ({kind.value}, from a {in_kind.value}; sparse layers: {summary})")
+    return EXIT_OK
