@@ -35,6 +35,7 @@ from .selftest import SelftestReport, selftest  # noqa: E402
 from .methods.masking import Distribution  # noqa: E402
 from .methods.gap import GaPMethod, GaPResult, PGaP, SGaP, gap_train, make_partitions  # noqa: E402
 from .methods.blockprune import BlockPruneResult, prune_1xn  # noqa: E402
+from .methods.oneshot import OneShotMethod, OneShotReport, prune_oneshot  # noqa: E402
 from .autograd import srste_weight  # noqa: E402
 from .scheme import Scheme  # noqa: E402
 from .methods.domino import Budget, Policy, domino_search  # noqa: E402
@@ -82,6 +83,9 @@ __all__ = [
     "make_partitions",
     "BlockPruneResult",
     "prune_1xn",
+    "OneShotMethod",
+    "OneShotReport",
+    "prune_oneshot",
     "srste_weight",
     "Scheme",
     "Budget",

@@ -4,6 +4,8 @@
 * :mod:`.domino` - DominoSearch, a layer-wise N:M scheme under a parameter / FLOPs budget;
 * :mod:`.gap` - Gradual Pruning with partitions (S-GaP, P-GaP on torch.distributed);
 * :mod:`.blockprune` - 1xN block pruning with filter rearrangement;
+* :mod:`.oneshot` - one-shot pruning from calibration inputs (magnitude, Wanda, SparseGPT), on
+  :mod:`.sparsegpt`'s per-layer math;
 * :mod:`.masking` - keep-mask bookkeeping the methods share;
 * :mod:`.loop` - the one training / evaluation loop the methods and the CLI share.
 

@@ -1,0 +1,350 @@
+"""One-shot N:M / 1xN pruning of a pretrained model from calibration inputs: magnitude, Wanda, SparseGPT.
+
+:func:`prune_oneshot` prunes the selected ``nn.Linear`` / ``nn.Conv2d`` layers in place (they
+keep their module type; ``swap=True`` then packs them as nmkern sparse layers). The per-layer
+math is :mod:`.sparsegpt`; this module gathers each layer's input statistics with forward
+hooks and runs the layers in forward order.
+
+* Statistics are accumulated per layer, never stored as activations: ``H = 2 X^T X / rows``
+  (SparseGPT) or the column sums of squares (Wanda), from ``torch.addmm`` over each batch.
+  Layers that receive the same input tensor (q/k/v of attention, gate/up of an MLP) form one
+  group and share one pass (and, for Linear layers, one ``H``): at most one group's statistics
+  are alive at a time.
+* ``sequential=True``: group by group in forward order, each from the inputs the already pruned
+  groups produce (the reference code's block-by-block order, generalised). A pass stops the
+  forward once the group's layers have seen their inputs, so group g costs the forward up to it.
+  ``sequential=False``: every group from the dense model's inputs, applied at the end.
+* Every failure (bad calibration input, NaN/Inf activations, a singular Hessian, Ctrl-C) restores
+  every weight already changed: the model is left bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..spec import BlockSpec, NMSpec, Pattern, SpecResolver
+from .sparsegpt import select_mask, sparsegpt_prune, wanda_score
+
+_OP = "prune_oneshot"
+
+
+class OneShotMethod(str, enum.Enum):
+    """How :func:`prune_oneshot` chooses and corrects the kept weights."""
+
+    MAGNITUDE = "magnitude"  # the n largest |w| of every m inputs; no calibration statistics
+    WANDA = "wanda"  # |w| * ||X_j||_2 (Sun et al. 2023)
+    SPARSEGPT = "sparsegpt"  # OBS masks and weight updates (Frantar & Alistarh 2023)
+
+
+@dataclasses.dataclass
+class OneShotReport:
+    """What :func:`prune_oneshot` did: per pruned layer (name, shape, pattern, kept fraction, seconds)."""
+
+    method: OneShotMethod
+    layers: list[dict] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    unmatched_keys: list[str] = dataclasses.field(default_factory=list)
+    calibration_batches: int = 0
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f"nmkern.prune_oneshot ({self.method.value}): {len(self.layers)} layer(s) pruned, "
+                 f"{len(self.skipped)} skipped, {self.calibration_batches} calibration batch(es), {self.seconds:.1f} s"]
+        width = max([len(r["name"]) for r in self.layers] + [len(n) for n, _ in self.skipped] + [4])
+        lines += [f"  pruned   {r['name']:<{width}}  {r['pattern']}  kept {r['density']:.3f}" for r in self.layers]
+        lines += [f"  skipped  {n:<{width}}  {why}" for n, why in self.skipped]
+        return "\n".join(lines)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the group being calibrated has seen this batch: the rest of the forward is not needed."""
+
+
+class _BadActivation(Exception):
+    def __init__(self, name: str, what: str):
+        super().__init__(name, what)
+        self.name, self.what = name, what
+
+
+@dataclasses.dataclass
+class _Target:
+    module: nn.Module
+    names: list[str]
+    spec: object
+    calls: int = 0  # calls per forward of a calibration batch (the recording pass counts them)
+
+
+def _call(model: nn.Module, batch):
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(**batch)
+
+
+def _batches(calib) -> list:
+    """The calibration batches, read once and checked for their kind."""
+    if calib is None or isinstance(calib, (str, bytes)):
+        raise TypeError(f"{_OP}: calib must be an iterable of model inputs, got {type(calib).__name__}")
+    batches = [calib] if isinstance(calib, torch.Tensor) and calib.dim() == 0 else list(calib)
+    if not batches:
+        raise ValueError(f"{_OP}: calib is empty; give an iterable of model inputs (e.g. a list of 8-128 batches)")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (torch.Tensor, tuple, list, dict)):
+            raise TypeError(f"{_OP}: calibration batch {i} is a {type(batch).__name__}; a batch must be a tensor "
+                            "(model(x)), a tuple/list (model(*b)) or a dict (model(**b))")
+    return batches
+
+
+def _plan(model: nn.Module, scheme, layers) -> tuple[list[_Target], OneShotReport, SpecResolver]:
+    """The layers to prune; refuses (ValueError) a matched layer the pattern cannot fit."""
+    from ..sparsify import SparsifyReport
+    from ..sparsify import _plan as sparsify_plan
+
+    resolver = SpecResolver(scheme, op=_OP, allowed=(Pattern.NM, Pattern.BLOCK))
+    sreport = SparsifyReport()
+    plan = sparsify_plan(model, resolver, sreport)
+    skipped = []
+    for name, reason in sreport.skipped:
+        spec = resolver.lookup(name)
+        if isinstance(spec, (NMSpec, BlockSpec)) and "MultiheadAttention" not in reason:
+            raise ValueError(f"{_OP}: layer {name!r} cannot take {spec}: {reason}; keep it dense with a mapping "
+                             f"scheme ({{{name!r}: None, ...}}) or choose a pattern it fits")
+        skipped.append((name, reason))
+    wanted = None if layers is None else set(layers)
+    targets = []
+    for module, names, spec in plan:
+        if wanted is not None and not wanted & set(names):
+            skipped += [(n, "not in layers=") for n in names]
+            continue
+        if module.weight.is_meta or not module.weight.is_floating_point():
+            raise ValueError(f"{_OP}: layer {names[0]!r} has no float weight values ({module.weight.dtype} on "
+                             f"{module.weight.device}); materialise the model first")
+        targets.append(_Target(module, list(names), spec))
+    if wanted is not None:
+        known = {n for t in targets for n in t.names} | {n for n, _ in skipped}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise ValueError(f"{_OP}: layers={unknown} name no Linear/Conv2d of the model")
+    report = OneShotReport(OneShotMethod.MAGNITUDE, skipped=skipped)
+    report.unmatched_keys = resolver.unused_keys() if resolver.is_mapping else []
+    return targets, report, resolver
+
+
+def _input_key(x: torch.Tensor) -> tuple:
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+
+
+def _record(model: nn.Module, targets: list[_Target], batch) -> list[list[_Target]]:
+    """Run one batch; count each target's calls; group targets called in a row on the same input tensor."""
+    order: list[tuple[_Target, tuple]] = []
+    by_id = {id(t.module): t for t in targets}
+
+    def hook(module, args):
+        target = by_id[id(module)]
+        target.calls += 1
+        if target.calls == 1:
+            order.append((target, _input_key(args[0])))
+
+    handles = [t.module.register_forward_pre_hook(hook) for t in targets]
+    try:
+        with torch.no_grad():
+            _call(model, batch)
+    except Exception as e:
+        raise ValueError(f"{_OP}: the model rejects calibration batch 0 ({type(e).__name__}: {e}); give batches "
+                         "the model takes: a tensor (model(x)), a tuple (model(*b)) or a dict (model(**b))") from None
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[_Target]] = []
+    last = None
+    for target, key in order:
+        if groups and key == last:
+            groups[-1].append(target)
+        else:
+            groups.append([target])
+        last = key
+    return groups
+
+
+def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's GEMM input rows ``(rows, K)`` in fp32 (a conv's im2col columns in PyTorch's order)."""
+    if isinstance(module, nn.Conv2d):
+        x4 = x if x.dim() == 4 else x.unsqueeze(0)
+        cols = F.unfold(x4.float(), module.kernel_size, module.dilation, module.padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class _Stats:
+    """Per-layer accumulators for one group: ``2 X^T X`` (SparseGPT) or column sums of squares (Wanda)."""
+
+    def __init__(self, group: list[_Target], method: OneShotMethod):
+        self.method, self.group = method, group
+        self.sums: dict[int, torch.Tensor] = {}
+        self.rows: dict[int, int] = {}
+        self.seen: dict[int, int] = {}
+
+    def hook(self, module, args):
+        key = id(module)
+        name = next(t.names[0] for t in self.group if t.module is module)
+        x = _rows(module, args[0].detach())
+        if not bool(torch.isfinite(x).all()):
+            raise _BadActivation(name, "NaN/Inf")
+        if key not in self.sums:
+            k = x.shape[1]
+            self.sums[key] = torch.zeros((k, k) if self.method is OneShotMethod.SPARSEGPT else (k,))
+            self.rows[key] = 0
+        if self.method is OneShotMethod.SPARSEGPT:
+            self.sums[key].addmm_(x.t(), x, alpha=2.0)
+        else:
+            self.sums[key].add_((x * x).sum(0))
+        self.rows[key] += x.shape[0]
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if all(self.seen.get(id(t.module), 0) >= t.calls for t in self.group):
+            raise _StopForward
+
+    def result(self, target: _Target) -> torch.Tensor:
+        key = id(target.module)
+        if key not in self.sums:
+            raise ValueError(f"{_OP}: layer {target.names[0]!r} saw no calibration input")
+        return self.sums[key] / max(self.rows[key], 1)
+
+
+def _gather(model: nn.Module, group: list[_Target], batches: list, method: OneShotMethod) -> _Stats:
+    stats = _Stats(group, method)
+    handles = [t.module.register_forward_pre_hook(stats.hook) for t in group]
+    try:
+        for i, batch in enumerate(batches):
+            stats.seen.clear()
+            try:
+                with torch.no_grad():
+                    _call(model, batch)
+            except _StopForward:
+                pass
+            except _BadActivation:
+                raise
+            except Exception as e:
+                raise ValueError(f"{_OP}: the model rejects calibration batch {i} ({type(e).__name__}: {e})") from None
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _new_weight(target: _Target, method: OneShotMethod, stats: _Stats | None, blocksize: int,
+                damp: float) -> torch.Tensor:
+    w = target.module.weight.detach()
+    w2 = w.reshape(w.shape[0], -1)
+    if method is OneShotMethod.SPARSEGPT:
+        where = f"{_OP}: layer {target.names[0]!r}"
+        return sparsegpt_prune(where, w2, stats.result(target), target.spec, tuple(w.shape), blocksize=blocksize,
+                               damp=damp).reshape(w.shape)
+    if method is OneShotMethod.WANDA:
+        score = wanda_score(w2, stats.result(target).sqrt())
+    else:
+        score = w2.abs().float()
+    keep = select_mask(score, target.spec, tuple(w.shape))
+    return torch.where(keep, w2, torch.zeros((), dtype=w.dtype, device=w.device)).reshape(w.shape)
+
+
+def _check_args(method, blocksize, damp, permute) -> OneShotMethod:
+    try:
+        method = OneShotMethod(method)
+    except ValueError:
+        raise ValueError(f"{_OP}: unknown method {method!r}; choose one of "
+                         f"{[m.value for m in OneShotMethod]}") from None
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"{_OP}: blocksize must be a positive int, got {blocksize!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 10:
+        raise ValueError(f"{_OP}: damp must be a number in [0, 10), got {damp!r} (the usual value is 0.01)")
+    if permute:
+        raise NotImplementedError(f"{_OP}: permute=True (channel permutation) is not implemented yet; "
+                                  "prune with permute=False")
+    return method
+
+
+def prune_oneshot(model: nn.Module, calib, scheme, method="sparsegpt", *, layers=None, blocksize: int = 128,
+                  damp: float = 0.01, sequential: bool = True, permute: bool = False, swap: bool = False,
+                  progress: bool = True) -> OneShotReport:
+    """Prune ``model``'s Linear / Conv2d layers to ``scheme`` in one shot, in place; returns a :class:`OneShotReport`.
+
+    ``calib``: an iterable of model inputs (a tensor: ``model(x)``; a tuple/list: ``model(*b)``; a
+    dict: ``model(**b)``), read once and kept for the passes. ``scheme``: what
+    :func:`nmkern.sparsify` takes (``"n:m"``, ``"1x4:0.5"``, a name/glob mapping with ``None``
+    for dense, a DominoSearch ``Scheme``). ``method``: ``"magnitude"``, ``"wanda"`` or
+    ``"sparsegpt"`` (:class:`OneShotMethod`). ``layers``: restrict to these module names.
+    ``blocksize`` / ``damp``: SparseGPT's column block and dampening (``H += damp * mean(diag H) I``).
+    ``sequential``: calibrate each group of layers on the already pruned earlier ones.
+    ``swap=True``: then swap the pruned layers for packed nmkern sparse layers (same function).
+
+    The pruned weights are exactly pattern-sparse (SparseGPT also updates the kept ones), so
+    ``nmkern.sparsify(model, scheme, pack=True)`` afterwards computes the same function. Bad input
+    raises ``ValueError`` naming the layer and the fix, and leaves the model bit-identical.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{_OP}: model must be an nn.Module, got {type(model).__name__}")
+    method = _check_args(method, blocksize, damp, permute)
+    start = time.perf_counter()
+    targets, report, _ = _plan(model, scheme, layers)
+    report.method = method
+    batches = _batches(calib)
+    report.calibration_batches = len(batches)
+    if not targets:
+        raise ValueError(f"{_OP}: no layer of the model matches the scheme; nothing to prune")
+    groups = _record(model, targets, batches[0])
+    reached = {id(t.module) for g in groups for t in g}
+    report.skipped += [(t.names[0], "not reached by the calibration inputs") for t in targets
+                       if id(t.module) not in reached]
+    backup: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    pending = []
+    try:
+        for group in tqdm(groups, desc=f"prune_oneshot ({method.value})", disable=not progress, leave=False):
+            stats = None if method is OneShotMethod.MAGNITUDE else _gather(model, group, batches, method)
+            for target in group:
+                t0 = time.perf_counter()
+                new = _new_weight(target, method, stats, blocksize, damp)
+                pending.append((target, new, time.perf_counter() - t0))
+            del stats
+            if sequential:
+                _apply(pending, backup, report)
+        _apply(pending, backup, report)
+    except BaseException as e:
+        _restore(backup)
+        if isinstance(e, _BadActivation):
+            raise ValueError(f"{_OP}: layer {e.name!r} receives {e.what} activations from the calibration inputs; "
+                             "check the model and its inputs (nothing was changed)") from None
+        raise
+    if swap:
+        from ..sparsify import sparsify
+
+        pruned = {r["name"] for r in report.layers}
+        sparsify(model, {n: t.spec for t in targets if t.names[0] in pruned for n in t.names}, pack=True)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _apply(pending: list, backup: dict, report: OneShotReport) -> None:
+    with torch.no_grad():
+        for target, new, seconds in pending:
+            w = target.module.weight
+            backup.setdefault(id(target.module), (target.module, w.detach().clone()))
+            w.copy_(new)
+            report.layers.append({"name": target.names[0], "shape": list(w.shape), "pattern": str(target.spec),
+                                  "density": round(float((new != 0).float().mean()), 6),
+                                  "seconds": round(seconds, 4)})
+    pending.clear()
+
+
+def _restore(backup: dict) -> None:
+    with torch.no_grad():
+        for module, weight in backup.values():
+            module.weight.copy_(weight)
