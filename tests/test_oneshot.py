@@ -277,3 +277,26 @@ def test_cli_prune_with_calibration_writes_the_pruned_model(tmp_path, capsys, mo
     capsys.readouterr()
     bad = argv[:6] + ["--scheme", "2:4", "-o", str(tmp_path / "x.pt")]  # no --calib
     assert main(bad) == 2 and "needs --scheme (e.g. 2:4) and --calib FILE" in capsys.readouterr().err
+
+
+def test_layers_fed_one_tensor_share_one_pass_and_one_hessian(monkeypatch):
+    from nmkern.methods import oneshot
+
+    class Attention(nn.Module):  # q/k/v read the same tensor: one group, one H
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            att = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4, -1)
+            return self.o(att @ self.v(x))
+
+    calls = []
+    accumulate = oneshot._Stats._accumulate
+    monkeypatch.setattr(oneshot._Stats, "_accumulate", lambda self, module, key, inp: (
+        calls.append(type(module).__name__), accumulate(self, module, key, inp))[1])
+    model = Attention().eval()
+    x = [torch.randn(2, 6, 16) for _ in range(3)]
+    report = nmkern.prune_oneshot(model, x, "2:4", method="sparsegpt", progress=False)
+    assert sorted(r["name"] for r in report.layers) == ["k", "o", "q", "v"]
+    assert len(calls) == 3 * 2  # per batch: one accumulation for q/k/v, one for o

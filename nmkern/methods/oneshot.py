@@ -182,21 +182,38 @@ def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float()
 
 
+def _stat_key(module: nn.Module):
+    """Linear layers of one group see one input tensor: they share one accumulator (one ``H``)."""
+    return ("linear", module.in_features) if isinstance(module, nn.Linear) else id(module)
+
+
 class _Stats:
-    """Per-layer accumulators for one group: ``2 X^T X`` (SparseGPT) or column sums of squares (Wanda)."""
+    """Accumulators for one group: ``2 X^T X`` (SparseGPT) or column sums of squares (Wanda)."""
 
     def __init__(self, group: list[_Target], method: OneShotMethod):
         self.method, self.group = method, group
-        self.sums: dict[int, torch.Tensor] = {}
-        self.rows: dict[int, int] = {}
-        self.seen: dict[int, int] = {}
+        self.sums: dict = {}
+        self.rows: dict = {}
+        self.seen: dict[int, int] = {}  # calls per module in this batch
+        self.last: dict = {}  # the input an accumulator last took in this batch
+
+    def new_batch(self) -> None:
+        self.seen.clear()
+        self.last.clear()
 
     def hook(self, module, args):
-        key = id(module)
-        name = next(t.names[0] for t in self.group if t.module is module)
-        x = _rows(module, args[0].detach())
+        key, inp = _stat_key(module), _input_key(args[0])
+        if self.last.get(key) != inp:  # not the tensor a group sibling already accumulated
+            self._accumulate(module, key, args[0])
+            self.last[key] = inp
+        self.seen[id(module)] = self.seen.get(id(module), 0) + 1
+        if all(self.seen.get(id(t.module), 0) >= t.calls for t in self.group):
+            raise _StopForward
+
+    def _accumulate(self, module, key, inp: torch.Tensor) -> None:
+        x = _rows(module, inp.detach())
         if not bool(torch.isfinite(x).all()):
-            raise _BadActivation(name, "NaN/Inf")
+            raise _BadActivation(next(t.names[0] for t in self.group if t.module is module), "NaN/Inf")
         if key not in self.sums:
             k = x.shape[1]
             self.sums[key] = torch.zeros((k, k) if self.method is OneShotMethod.SPARSEGPT else (k,))
@@ -206,12 +223,9 @@ class _Stats:
         else:
             self.sums[key].add_((x * x).sum(0))
         self.rows[key] += x.shape[0]
-        self.seen[key] = self.seen.get(key, 0) + 1
-        if all(self.seen.get(id(t.module), 0) >= t.calls for t in self.group):
-            raise _StopForward
 
     def result(self, target: _Target) -> torch.Tensor:
-        key = id(target.module)
+        key = _stat_key(target.module)
         if key not in self.sums:
             raise ValueError(f"{_OP}: layer {target.names[0]!r} saw no calibration input")
         return self.sums[key] / max(self.rows[key], 1)
@@ -222,7 +236,7 @@ def _gather(model: nn.Module, group: list[_Target], batches: list, method: OneSh
     handles = [t.module.register_forward_pre_hook(stats.hook) for t in group]
     try:
         for i, batch in enumerate(batches):
-            stats.seen.clear()
+            stats.new_batch()
             try:
                 with torch.no_grad():
                     _call(model, batch)
