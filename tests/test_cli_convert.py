@@ -80,7 +80,7 @@ def test_state_dict_to_safetensors_to_state_dict_keeps_the_function(tmp_path, ca
         want = model(X)
     st, back = tmp_path / "model.safetensors", tmp_path / "back.pt"
     assert main(["convert", str(src), str(st), "--factory", FACTORY]) == 0
-    assert "nmkern safetensors, from a torch state_dict" in capsys.readouterr().out
+    assert "nmkern safetensors; input: torch state_dict" in capsys.readouterr().out
     with torch.no_grad():
         assert torch.equal(_loaded(st)(X), want)
     assert main(["convert", str(st), str(back), "--factory", FACTORY]) == 0
@@ -112,7 +112,7 @@ def test_compressed_tensors_folder_converts_to_nmkern_and_back_to_the_same_bytes
     st, back = tmp_path / "model.safetensors", tmp_path / "back"
     assert main(["convert", str(src), str(st)]) == 0  # the model comes from the folder's config.json
     assert main(["convert", str(src), str(back)]) == 0
-    assert "compressed-tensors folder, from a compressed-tensors folder; sparse layers: 12 x 2:4" in \
+    assert "compressed-tensors folder; input: compressed-tensors folder; sparse layers: 12 x 2:4" in \
         capsys.readouterr().out
     original = {}
     for shard in sorted(src.glob("*.safetensors")):
@@ -122,6 +122,23 @@ def test_compressed_tensors_folder_converts_to_nmkern_and_back_to_the_same_bytes
     assert all(torch.equal(written[k], t) and written[k].dtype == t.dtype for k, t in original.items())
     doc, _ = nmkern.serialization.read_header(st)
     assert len(doc["layers"]) == 12 and {e["dtype"] for e in doc["layers"].values()} == {"float16"}
+
+
+def test_a_save_pretrained_folder_converts_to_compressed_tensors(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    nmkern.sparsify(model, {"model.layers.*": "2:4"}, pack=True)
+    nmkern.save_pretrained(model, tmp_path / "sp")
+    assert main(["convert", str(tmp_path / "sp"), str(tmp_path / "ct")]) == 0
+    assert "input: nmkern safetensors; sparse layers: 7 x 2:4" in capsys.readouterr().out
+    again = transformers.LlamaForCausalLM(cfg).eval()
+    nmkern.load(tmp_path / "ct", again)
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -71,16 +71,15 @@ def _factory_model(args, what: str) -> nn.Module:
     return model
 
 
-def _read_folder(args, src: Path) -> tuple[nn.Module, list[Path]]:
+def _read_folder(args, src: Path) -> tuple[nn.Module, Kind]:
     from ..ct_format import folder_dtype
     from ..pretrained import CONFIG_NAME, WEIGHTS_NAME, build_from_config, from_pretrained
     from ..serialization import load
 
-    files = sorted(p for p in src.iterdir() if p.is_file())
-    if (src / WEIGHTS_NAME).is_file() and not _is_compressed_tensors(src / CONFIG_NAME):
+    if (src / WEIGHTS_NAME).is_file() and not _is_compressed_tensors(src / CONFIG_NAME):  # nmkern.save_pretrained
         if args.factory:
-            return load(src / WEIGHTS_NAME, _factory_model(args, "a folder")), files
-        return from_pretrained(src), files
+            return load(src / WEIGHTS_NAME, _factory_model(args, "a folder")), Kind.NMKERN
+        return from_pretrained(src), Kind.NMKERN
     op = "nmkern convert"
     if args.factory:
         model = _factory_model(args, "a folder")
@@ -88,7 +87,7 @@ def _read_folder(args, src: Path) -> tuple[nn.Module, list[Path]]:
         model = build_from_config(op, src, folder_dtype(op, src))
     else:
         raise UsageError(f"{src} has no config.json: pass --factory module:callable that builds its model")
-    return load(src, model), files
+    return load(src, model), Kind.COMPRESSED_TENSORS
 
 
 def _is_compressed_tensors(config: Path) -> bool:
@@ -107,8 +106,8 @@ def read_model(args) -> tuple[nn.Module, Kind, list[Path]]:
 
     src = Path(args.input)
     if src.is_dir():
-        model, files = _read_folder(args, src)
-        return model, Kind.COMPRESSED_TENSORS, files
+        model, kind = _read_folder(args, src)
+        return model, kind, sorted(p for p in src.iterdir() if p.is_file())
     if not src.is_file():
         raise UsageError(f"no such file or folder: {args.input}")
     if src.suffix == ".safetensors":
@@ -160,5 +159,5 @@ def run(args) -> int:
         if isinstance(mod, _SparseLayer):
             layers[str(mod.spec)] = layers.get(str(mod.spec), 0) + 1
     summary = ", ".join(f"{count} x {spec}" for spec, count in sorted(layers.items())) or "no sparse layers"
-    print(f"wrote {out} ({kind.value}, from a {in_kind.value}; sparse layers: {summary})")
+    print(f"wrote {out} ({kind.value}; input: {in_kind.value}; sparse layers: {summary})")
     return EXIT_OK
