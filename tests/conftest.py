@@ -53,3 +53,18 @@ def model_file(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(MNIST1DNet().state_dict(), path)
     return path
+
+
+@pytest.fixture
+def tiny_llama():
+    """``build(layers=1, heads=2)``: a tiny ``LlamaForCausalLM`` from a config (no download), seed 0, eval mode."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    def build(layers: int = 1, heads: int = 2):
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                       num_attention_heads=heads, num_key_value_heads=2, vocab_size=64)
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    return build

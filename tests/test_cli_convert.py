@@ -124,17 +124,13 @@ def test_compressed_tensors_folder_converts_to_nmkern_and_back_to_the_same_bytes
     assert len(doc["layers"]) == 12 and {e["dtype"] for e in doc["layers"].values()} == {"float16"}
 
 
-def test_a_save_pretrained_folder_converts_to_compressed_tensors(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+def test_a_save_pretrained_folder_converts_to_compressed_tensors(tmp_path, capsys, tiny_llama):
+    model = tiny_llama()
     nmkern.sparsify(model, {"model.layers.*": "2:4"}, pack=True)
     nmkern.save_pretrained(model, tmp_path / "sp")
     assert main(["convert", str(tmp_path / "sp"), str(tmp_path / "ct")]) == 0
     assert "input: nmkern safetensors; sparse layers: 7 x 2:4" in capsys.readouterr().out
-    again = transformers.LlamaForCausalLM(cfg).eval()
+    again = tiny_llama()
     nmkern.load(tmp_path / "ct", again)
     ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

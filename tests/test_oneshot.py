@@ -8,6 +8,8 @@ correlated inputs, where SparseGPT < Wanda < magnitude.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -300,3 +302,30 @@ def test_layers_fed_one_tensor_share_one_pass_and_one_hessian(monkeypatch):
     report = nmkern.prune_oneshot(model, x, "2:4", method="sparsegpt", progress=False)
     assert sorted(r["name"] for r in report.layers) == ["k", "o", "q", "v"]
     assert len(calls) == 3 * 2  # per batch: one accumulation for q/k/v, one for o
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_block_by_block_equals_the_whole_model_path_on_a_llama(monkeypatch, method, tiny_llama):
+    from nmkern.methods import oneshot
+
+    base = tiny_llama(layers=3, heads=4)
+    gen = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 64, (2, 12), generator=gen)} for _ in range(3)]
+    scheme = {"model.layers.*": "2:4"}
+    blocked = copy.deepcopy(base)
+    report = nmkern.prune_oneshot(blocked, calib, scheme, method=method, progress=False)
+    assert report.blocks == "model.layers (3 blocks)" and len(report.layers) == 21
+    whole = copy.deepcopy(base)
+    monkeypatch.setattr(oneshot, "_find_blocks", lambda model, targets: None)
+    report = nmkern.prune_oneshot(whole, calib, scheme, method=method, progress=False)
+    assert report.blocks == "" and len(report.layers) == 21
+    for (name, a), b in zip(blocked.named_parameters(), whole.parameters()):
+        assert torch.equal(a == 0, b == 0), name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(blocked.model.layers[2].mlp.down_proj.weight, base.model.layers[2].mlp.down_proj.weight)
+    # the groups: layers fed one tensor, never two tensors that happened to reuse one address (o_proj's input
+    # is freed right before the MLP's input is allocated with the same shape)
+    targets, _, _ = oneshot._plan(base, scheme, None)
+    groups = oneshot._record(base, targets, calib[0])
+    short = [[t.names[0].rpartition(".")[2] for t in g] for g in groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * 3

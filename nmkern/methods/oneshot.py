@@ -14,6 +14,12 @@ hooks and runs the layers in forward order.
   groups produce (the reference code's block-by-block order, generalised). A pass stops the
   forward once the group's layers have seen their inputs, so group g costs the forward up to it.
   ``sequential=False``: every group from the dense model's inputs, applied at the end.
+* A model whose targets all sit in one ``nn.ModuleList`` of repeated blocks (a transformer's layers)
+  runs sequentially block by block instead, as the reference code does: the first block's inputs
+  are cached for every batch, each block is calibrated on them group by group, pruned, and run
+  once more to give the next block its inputs. Each block then runs about twice per batch, instead
+  of the model up to every group (quadratic in depth); the price is one hidden-state tensor per
+  calibration batch held in memory. A KV-cache object handed to a block is dropped.
 * Every failure (bad calibration input, NaN/Inf activations, a singular Hessian, Ctrl-C) restores
   every weight already changed: the model is left bit-identical.
 """
@@ -52,6 +58,7 @@ class OneShotReport:
     unmatched_keys: list[str] = dataclasses.field(default_factory=list)
     calibration_batches: int = 0
     seconds: float = 0.0
+    blocks: str = ""  # the repeated blocks calibrated one by one from cached inputs, if any
 
     def __str__(self) -> str:
         lines = [f"nmkern.prune_oneshot ({self.method.value}): {len(self.layers)} layer(s) pruned, "
@@ -80,7 +87,17 @@ class _Target:
     calls: int = 0  # calls per forward of a calibration batch (the recording pass counts them)
 
 
+@dataclasses.dataclass
+class _BlockInput:
+    """One calibration batch's call of a repeated block (a transformer layer): its args and kwargs."""
+
+    args: tuple
+    kwargs: dict
+
+
 def _call(model: nn.Module, batch):
+    if isinstance(batch, _BlockInput):
+        return model(*batch.args, **batch.kwargs)
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):
@@ -145,12 +162,14 @@ def _record(model: nn.Module, targets: list[_Target], batch) -> list[list[_Targe
     """Run one batch; count each target's calls; group targets called in a row on the same input tensor."""
     order: list[tuple[_Target, tuple]] = []
     by_id = {id(t.module): t for t in targets}
+    last: list = [None]  # the previous call's input, held so that its memory cannot be reused by the next one
 
     def hook(module, args):
         target = by_id[id(module)]
         target.calls += 1
         if target.calls == 1:
             order.append((target, _input_key(args[0])))
+        last[0] = args[0]
 
     handles = [t.module.register_forward_pre_hook(hook) for t in targets]
     try:
@@ -163,13 +182,13 @@ def _record(model: nn.Module, targets: list[_Target], batch) -> list[list[_Targe
         for h in handles:
             h.remove()
     groups: list[list[_Target]] = []
-    last = None
+    prev = None
     for target, key in order:
-        if groups and key == last:
+        if groups and key == prev:
             groups[-1].append(target)
         else:
             groups.append([target])
-        last = key
+        prev = key
     return groups
 
 
@@ -203,9 +222,10 @@ class _Stats:
 
     def hook(self, module, args):
         key, inp = _stat_key(module), _input_key(args[0])
-        if self.last.get(key) != inp:  # not the tensor a group sibling already accumulated
+        held = self.last.get(key)
+        if held is None or held[0] != inp:  # not the tensor a group sibling already accumulated
             self._accumulate(module, key, args[0])
-            self.last[key] = inp
+            self.last[key] = (inp, args[0])  # held: its memory cannot be reused by another input meanwhile
         self.seen[id(module)] = self.seen.get(id(module), 0) + 1
         if all(self.seen.get(id(t.module), 0) >= t.calls for t in self.group):
             raise _StopForward
@@ -268,6 +288,99 @@ def _new_weight(target: _Target, method: OneShotMethod, stats: _Stats | None, bl
     return torch.where(keep, w2, torch.zeros((), dtype=w.dtype, device=w.device)).reshape(w.shape)
 
 
+def _find_blocks(model: nn.Module, targets: list[_Target]) -> tuple[str, nn.ModuleList, list] | None:
+    """The ``nn.ModuleList`` of repeated blocks (transformer layers) holding every target, with the targets of
+    each block in order; None when no such list exists (the targets then run on the whole model)."""
+    for name, mods in model.named_modules():
+        if not isinstance(mods, nn.ModuleList) or len(mods) < 2:
+            continue
+        owner = {id(m): i for i, block in enumerate(mods) for m in block.modules()}
+        if all(id(t.module) in owner for t in targets):
+            per_block = [[t for t in targets if owner[id(t.module)] == i] for i in range(len(mods))]
+            return name, mods, per_block
+    return None
+
+
+def _block_inputs(model: nn.Module, first: nn.Module, batches: list) -> list[_BlockInput]:
+    """The first block's args/kwargs for every batch (the forward stops there). A KV cache object handed to
+    the block is dropped: running the block again on a cache would grow it."""
+    cached: list[_BlockInput] = []
+
+    def hook(module, args, kwargs):
+        kwargs = {k: (None if type(v).__name__.endswith("Cache") else v) for k, v in kwargs.items()}
+        cached.append(_BlockInput(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i, batch in enumerate(batches):
+            try:
+                with torch.no_grad():
+                    _call(model, batch)
+            except _StopForward:
+                pass
+            except Exception as e:
+                raise ValueError(f"{_OP}: the model rejects calibration batch {i} ({type(e).__name__}: {e})") from None
+    finally:
+        handle.remove()
+    if len(cached) != len(batches) or not all(c.args and isinstance(c.args[0], torch.Tensor) for c in cached):
+        return []  # the block is not called once per batch with its hidden state first: use the whole model
+    return cached
+
+
+def _next_inputs(block: nn.Module, cached: list[_BlockInput]) -> list[_BlockInput]:
+    """The next block's inputs: this (pruned) block's output in place of the hidden state."""
+    out = []
+    with torch.no_grad():
+        for c in cached:
+            y = block(*c.args, **c.kwargs)
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            if not isinstance(y, torch.Tensor) or y.shape != c.args[0].shape:
+                raise ValueError(f"{_OP}: a block returned {type(y).__name__} {getattr(y, 'shape', '')}, not its "
+                                 "input's shape; prune with sequential=False")
+            out.append(_BlockInput((y,) + c.args[1:], c.kwargs))
+    return out
+
+
+def _run_groups(runner: nn.Module, groups: list, batches: list, ctx: dict) -> None:
+    """Calibrate, prune and (sequential) apply each group on ``runner`` (the model, or one block)."""
+    method = ctx["method"]
+    for group in groups:
+        stats = None if method is OneShotMethod.MAGNITUDE else _gather(runner, group, batches, method)
+        for target in group:
+            t0 = time.perf_counter()
+            new = _new_weight(target, method, stats, ctx["blocksize"], ctx["damp"])
+            ctx["pending"].append((target, new, time.perf_counter() - t0))
+        del stats
+        if ctx["sequential"]:
+            _apply(ctx["pending"], ctx["backup"], ctx["report"])
+        ctx["bar"].update(len(group))
+
+
+def _by_blocks(model: nn.Module, targets: list[_Target], batches: list, ctx: dict) -> bool:
+    """Sequential pruning block by block from cached block inputs (each block runs twice per batch, instead of
+    the model up to each group); False when the model has no such blocks (nothing was changed then)."""
+    found = _find_blocks(model, targets)
+    if found is None:
+        return False
+    name, blocks, per_block = found
+    cached = _block_inputs(model, blocks[0], batches)
+    if not cached:
+        return False
+    ctx["report"].blocks = f"{name} ({len(blocks)} blocks)"
+    ctx["bar"].reset(total=len(targets))
+    for i, block in enumerate(blocks):
+        if per_block[i]:
+            groups = _record(block, per_block[i], cached[0])
+            reached = {id(t.module) for g in groups for t in g}
+            ctx["report"].skipped += [(t.names[0], "not reached by the calibration inputs") for t in per_block[i]
+                                      if id(t.module) not in reached]
+            _run_groups(block, groups, cached, ctx)
+        if i + 1 < len(blocks):
+            cached = _next_inputs(block, cached)
+    return True
+
+
 def _check_args(method, blocksize, damp, permute) -> OneShotMethod:
     try:
         method = OneShotMethod(method)
@@ -314,29 +427,26 @@ def prune_oneshot(model: nn.Module, calib, scheme, method="sparsegpt", *, layers
     report.calibration_batches = len(batches)
     if not targets:
         raise ValueError(f"{_OP}: no layer of the model matches the scheme; nothing to prune")
-    groups = _record(model, targets, batches[0])
-    reached = {id(t.module) for g in groups for t in g}
-    report.skipped += [(t.names[0], "not reached by the calibration inputs") for t in targets
-                       if id(t.module) not in reached]
     backup: dict[int, tuple[nn.Module, torch.Tensor]] = {}
-    pending = []
+    bar = tqdm(total=len(targets), desc=f"prune_oneshot ({method.value})", disable=not progress, leave=False)
+    ctx = {"method": method, "blocksize": blocksize, "damp": damp, "sequential": sequential, "pending": [],
+           "backup": backup, "report": report, "bar": bar}
     try:
-        for group in tqdm(groups, desc=f"prune_oneshot ({method.value})", disable=not progress, leave=False):
-            stats = None if method is OneShotMethod.MAGNITUDE else _gather(model, group, batches, method)
-            for target in group:
-                t0 = time.perf_counter()
-                new = _new_weight(target, method, stats, blocksize, damp)
-                pending.append((target, new, time.perf_counter() - t0))
-            del stats
-            if sequential:
-                _apply(pending, backup, report)
-        _apply(pending, backup, report)
+        if not (sequential and method is not OneShotMethod.MAGNITUDE and _by_blocks(model, targets, batches, ctx)):
+            groups = _record(model, targets, batches[0])
+            reached = {id(t.module) for g in groups for t in g}
+            report.skipped += [(t.names[0], "not reached by the calibration inputs") for t in targets
+                               if id(t.module) not in reached]
+            _run_groups(model, groups, batches, ctx)
+        _apply(ctx["pending"], backup, report)
     except BaseException as e:
         _restore(backup)
         if isinstance(e, _BadActivation):
             raise ValueError(f"{_OP}: layer {e.name!r} receives {e.what} activations from the calibration inputs; "
                              "check the model and its inputs (nothing was changed)") from None
         raise
+    finally:
+        bar.close()
     if swap:
         from ..sparsify import sparsify
 
