@@ -179,9 +179,8 @@ def import_factory(spec: str) -> Callable:
     return obj
 
 
-def build_from_factory(spec: str, state_dict: dict, *, sparse: bool = False) -> torch.nn.Module:
-    """``module:callable()`` with ``state_dict`` loaded into it (every key must fit); ``sparse=True`` first swaps
-    the layers the state saved as nmkern sparse layers (:func:`swap_saved_sparse_layers`)."""
+def model_from_factory(spec: str) -> torch.nn.Module:
+    """The module ``module:callable()`` builds (called with no arguments)."""
     factory = import_factory(spec)
     try:
         model = factory()
@@ -189,6 +188,13 @@ def build_from_factory(spec: str, state_dict: dict, *, sparse: bool = False) -> 
         raise CheckpointError(f"--factory {spec}: calling it with no arguments failed ({type(e).__name__}: {e})") from None
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"--factory {spec}: returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_from_factory(spec: str, state_dict: dict, *, sparse: bool = False) -> torch.nn.Module:
+    """``module:callable()`` with ``state_dict`` loaded into it (every key must fit); ``sparse=True`` first swaps
+    the layers the state saved as nmkern sparse layers (:func:`swap_saved_sparse_layers`)."""
+    model = model_from_factory(spec)
     if sparse:
         swap_saved_sparse_layers(model, state_dict)
     try:
@@ -359,5 +365,6 @@ def set_weights(model, weights: Mapping[str, torch.Tensor]) -> None:
 
 
 __all__ = ["CheckpointError", "atomic_write", "atomic_write_all", "build_from_factory", "describe_load_error",
-           "import_factory", "load_into", "load_model", "load_state_dict", "load_torchscript", "prune", "prune_module",
+           "import_factory", "load_into", "load_model", "load_state_dict", "load_torchscript", "model_from_factory", "prune",
+           "prune_module",
            "prune_torchscript", "save_model", "set_weights", "submodule", "swap_saved_sparse_layers", "write_json"]

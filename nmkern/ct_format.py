@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .reference.nm_pack import pack_words, unpack_words
+from .reference.nm_pack import pack_nm_ref, pack_words, unpack_words
 
 FORMAT_24 = "sparse-24-bitmask"
 FORMAT_BITMASK = "sparse-bitmask"
@@ -41,15 +41,21 @@ class CTError(ValueError):
     """A compressed-tensors folder nmkern refuses."""
 
 
+def is_compressed_tensors(config: dict) -> bool:
+    """Whether a parsed ``config.json`` is a compressed-tensors checkpoint's."""
+    q = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(q, dict) and q.get("quant_method") == "compressed-tensors"
+
+
 def _config(op: str, folder: Path) -> dict:
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CTError(f"{op}: {folder / 'config.json'} is missing or not JSON ({type(e).__name__}: {e})") from None
-    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors":
+    if not is_compressed_tensors(cfg):
         raise CTError(f"{op}: {folder} is not a compressed-tensors checkpoint (config.json has no quantization_config "
                       "with quant_method 'compressed-tensors'); an nmkern checkpoint is one .safetensors file")
+    q = cfg["quantization_config"]
     sparsity = q.get("sparsity_config") or {}
     if sparsity.get("format") not in _PARTS:
         raise CTError(f"{op}: {folder}: sparsity format {sparsity.get('format')!r} is not supported; nmkern reads "
@@ -122,6 +128,8 @@ def folder_dtype(op: str, folder) -> torch.dtype:
     """The dtype of a compressed-tensors folder's weights (its compressed values'), from the shard headers alone."""
     from safetensors import safe_open
 
+    from .serialization import ST_DTYPES
+
     folder = Path(folder)
     _config(op, folder)
     found = set()
@@ -131,10 +139,9 @@ def folder_dtype(op: str, folder) -> torch.dtype:
                 found |= {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(".compressed")}
         except Exception as e:  # SafetensorError is not a ValueError
             raise CTError(f"{op}: {shard} is not a valid safetensors file ({type(e).__name__}: {e})") from None
-    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-    if len(found) != 1 or next(iter(found)) not in dtypes:
+    if len(found) != 1 or next(iter(found)) not in ST_DTYPES:
         raise CTError(f"{op}: {folder}: the compressed weights have dtypes {sorted(found)}; expected one float dtype")
-    return dtypes[found.pop()]
+    return ST_DTYPES[found.pop()]
 
 
 def to_packed(op: str, shape: torch.Tensor, compressed: torch.Tensor, bitmask: torch.Tensor) -> tuple:
@@ -207,9 +214,8 @@ def read_folder(op: str, folder) -> tuple[dict, dict]:
             if sparsity.get("sparsity_structure") != "2:4" or groups is None or bool((groups.sum(-1) > 2).any()):
                 state[f"{name}.weight"] = dense  # unstructured: a dense layer
                 continue
-            pos = _positions_24(groups)
-            values = dense.reshape(o, k // 4, 4).gather(-1, pos).reshape(o, k // 2)
-            indices, dense_shape = pack_words(pos.reshape(o, k // 2), 4), [o, k]
+            values, indices = pack_nm_ref(dense, 2, 4)  # at most 2 non-zeros per group: exactly 2:4
+            dense_shape = [o, k]
         roles = {"packed_values": f"{name}.packed_values", "packed_indices": f"{name}.packed_indices"}
         state[roles["packed_values"]], state[roles["packed_indices"]] = values, indices
         if f"{name}.bias" in tensors:

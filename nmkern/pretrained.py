@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .serialization import FormatError, load, read_header, save
+from .serialization import ST_DTYPES, FormatError, load, read_header, save
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def _transformers(op: str):
@@ -67,7 +66,7 @@ def _file_dtype(index: dict, doc: dict) -> torch.dtype:
     layer_dtypes = {e["dtype"] for e in doc["layers"].values()}
     if len(layer_dtypes) == 1:
         return getattr(torch, layer_dtypes.pop())
-    floats = {_ST_DTYPES[t["dtype"]] for t in index.values() if isinstance(t, dict) and t.get("dtype") in _ST_DTYPES}
+    floats = {ST_DTYPES[t["dtype"]] for t in index.values() if isinstance(t, dict) and t.get("dtype") in ST_DTYPES}
     return floats.pop() if len(floats) == 1 else torch.float32
 
 

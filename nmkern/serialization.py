@@ -34,6 +34,7 @@ META_KEY = "nmkern"
 _ST_FORMAT = "pt"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}  # safetensors' names
 _MODULES = {"Linear": (nn.Linear, SparseLinear), "Conv2d": (nn.Conv2d, SparseConv2d)}
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 

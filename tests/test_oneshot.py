@@ -325,7 +325,7 @@ def test_block_by_block_equals_the_whole_model_path_on_a_llama(monkeypatch, meth
     assert not torch.equal(blocked.model.layers[2].mlp.down_proj.weight, base.model.layers[2].mlp.down_proj.weight)
     # the groups: layers fed one tensor, never two tensors that happened to reuse one address (o_proj's input
     # is freed right before the MLP's input is allocated with the same shape)
-    targets, _, _ = oneshot._plan(base, scheme, None)
+    targets, _ = oneshot._plan(base, scheme, None)
     groups = oneshot._record(base, targets, calib[0])
     short = [[t.names[0].rpartition(".")[2] for t in g] for g in groups]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * 3

@@ -9,9 +9,9 @@ the output's format; the output's kind follows from its path.
 from __future__ import annotations
 
 import enum
+import json
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from .. import checkpoint_io
@@ -60,23 +60,15 @@ def _factory_model(args, what: str) -> nn.Module:
     if not args.factory:
         raise UsageError(f"{args.input} is {what}: pass --factory module:callable that builds the model it belongs to "
                          "(e.g. --factory nmkern.models:MNIST1DNet)")
-    factory = checkpoint_io.import_factory(args.factory)
-    try:
-        model = factory()
-    except Exception as e:
-        raise UsageError(f"--factory {args.factory}: calling it with no arguments failed ({type(e).__name__}: {e})") \
-            from None
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"--factory {args.factory}: returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    return checkpoint_io.model_from_factory(args.factory)
 
 
 def _read_folder(args, src: Path) -> tuple[nn.Module, Kind]:
-    from ..ct_format import folder_dtype
+    from ..ct_format import folder_dtype, is_compressed_tensors
     from ..pretrained import CONFIG_NAME, WEIGHTS_NAME, build_from_config, from_pretrained
     from ..serialization import load
 
-    if (src / WEIGHTS_NAME).is_file() and not _is_compressed_tensors(src / CONFIG_NAME):  # nmkern.save_pretrained
+    if (src / WEIGHTS_NAME).is_file() and not is_compressed_tensors(_json(src / CONFIG_NAME)):  # save_pretrained
         if args.factory:
             return load(src / WEIGHTS_NAME, _factory_model(args, "a folder")), Kind.NMKERN
         return from_pretrained(src), Kind.NMKERN
@@ -90,32 +82,29 @@ def _read_folder(args, src: Path) -> tuple[nn.Module, Kind]:
     return load(src, model), Kind.COMPRESSED_TENSORS
 
 
-def _is_compressed_tensors(config: Path) -> bool:
-    import json
-
+def _json(path: Path):
+    """A JSON file's contents, or None when it is missing or not JSON."""
     try:
-        q = json.loads(config.read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(q, dict) and q.get("quant_method") == "compressed-tensors"
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def read_model(args) -> tuple[nn.Module, Kind, list[Path]]:
-    """(the model, the input's kind, the input files) of ``args.input``."""
+def read_model(args) -> tuple[nn.Module, Kind]:
+    """(the model, the input's kind) of ``args.input``."""
     from ..serialization import load
 
     src = Path(args.input)
     if src.is_dir():
-        model, kind = _read_folder(args, src)
-        return model, kind, sorted(p for p in src.iterdir() if p.is_file())
+        return _read_folder(args, src)
     if not src.is_file():
         raise UsageError(f"no such file or folder: {args.input}")
     if src.suffix == ".safetensors":
-        return load(src, _factory_model(args, "an nmkern .safetensors file")), Kind.NMKERN, [src]
+        return load(src, _factory_model(args, "an nmkern .safetensors file")), Kind.NMKERN
     if not args.factory:
         _factory_model(args, "a torch state_dict")
     state = checkpoint_io.load_state_dict(str(src), extra_state=True)
-    return checkpoint_io.build_from_factory(args.factory, state, sparse=True), Kind.STATE_DICT, [src]
+    return checkpoint_io.build_from_factory(args.factory, state, sparse=True), Kind.STATE_DICT
 
 
 def _pack_all(model: nn.Module) -> list[str]:
@@ -145,7 +134,7 @@ def run(args) -> int:
     else:
         outputs = [("output", out)]
     check_output_files(outputs, inputs=inputs, force=args.force)
-    model, in_kind, _ = read_model(args)
+    model, in_kind = read_model(args)
     if kind is not Kind.STATE_DICT:  # both safetensors formats store packed layers
         _pack_all(model)
     if kind is Kind.NMKERN:

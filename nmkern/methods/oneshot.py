@@ -119,7 +119,7 @@ def _batches(calib) -> list:
     return batches
 
 
-def _plan(model: nn.Module, scheme, layers) -> tuple[list[_Target], OneShotReport, SpecResolver]:
+def _plan(model: nn.Module, scheme, layers) -> tuple[list[_Target], OneShotReport]:
     """The layers to prune; refuses (ValueError) a matched layer the pattern cannot fit."""
     from ..sparsify import SparsifyReport
     from ..sparsify import _plan as sparsify_plan
@@ -151,7 +151,7 @@ def _plan(model: nn.Module, scheme, layers) -> tuple[list[_Target], OneShotRepor
             raise ValueError(f"{_OP}: layers={unknown} name no Linear/Conv2d of the model")
     report = OneShotReport(OneShotMethod.MAGNITUDE, skipped=skipped)
     report.unmatched_keys = resolver.unused_keys() if resolver.is_mapping else []
-    return targets, report, resolver
+    return targets, report
 
 
 def _input_key(x: torch.Tensor) -> tuple:
@@ -162,6 +162,8 @@ def _record(model: nn.Module, targets: list[_Target], batch) -> list[list[_Targe
     """Run one batch; count each target's calls; group targets called in a row on the same input tensor."""
     order: list[tuple[_Target, tuple]] = []
     by_id = {id(t.module): t for t in targets}
+    for t in targets:
+        t.calls = 0
     last: list = [None]  # the previous call's input, held so that its memory cannot be reused by the next one
 
     def hook(module, args):
@@ -421,7 +423,7 @@ def prune_oneshot(model: nn.Module, calib, scheme, method="sparsegpt", *, layers
         raise TypeError(f"{_OP}: model must be an nn.Module, got {type(model).__name__}")
     method = _check_args(method, blocksize, damp, permute)
     start = time.perf_counter()
-    targets, report, _ = _plan(model, scheme, layers)
+    targets, report = _plan(model, scheme, layers)
     report.method = method
     batches = _batches(calib)
     report.calibration_batches = len(batches)

@@ -54,6 +54,11 @@ from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern, pattern_in
 from . import _state
 
 
+def _onnx_forward(layer: "_SparseLayer", x: torch.Tensor) -> torch.Tensor:
+    """A packed layer under ``torch.onnx.export(dynamo=True)`` (a trace, so never on the eager path)."""
+    return layer._dense_op(x, layer._graph_weight())
+
+
 def parse_pattern(op: str, pattern) -> Pattern:
     """The pattern of a sparse module: N:M (``"nm"``) or 1xN blocks (``"1xn"``)."""
     p = pattern_in(pattern, (Pattern.NM, Pattern.BLOCK))
@@ -462,6 +467,8 @@ class _SparseLayer(nn.Module):
     def _decide(self, x: torch.Tensor, rows: int) -> tuple[Backend, object]:
         """(path, the table's callable for it), remembered per (backend, device, GEMM rows)."""
         if torch.compiler.is_compiling():  # decided once at trace time, from the plan made in eager mode
+            if torch.onnx.is_in_onnx_export():  # ONNX has no nmkern ops: the dense op on the weight decoded in-graph
+                return Backend.DENSE, _onnx_forward
             path = self._traced_path(x, rows)
             return path, dispatch.callable_for(path, self._op)
         # Environment variables (NMKERN_BACKEND, TRITON_INTERPRET) are read on a memo miss only:
@@ -521,8 +528,6 @@ class _SparseLayer(nn.Module):
         self._check_input(x)
         if not self._packed:
             return self._dense_op(x, self._train_weight())
-        if torch.onnx.is_in_onnx_export():  # ONNX has no nmkern ops: the dense op on the weight decoded in-graph
-            return self._dense_op(x, self._graph_weight())
         return self._decide(x, self._gemm_rows(x))[1](self, x)
 
     def _graph_weight(self) -> torch.Tensor:
