@@ -1,5 +1,5 @@
-"""One-shot 2:4 of the pretrained MiniLM-L6 encoder: magnitude vs Wanda vs SparseGPT (nmkern.prune_oneshot),
-then 60 SR-STE distillation steps starting from the SparseGPT weights.
+"""One-shot 2:4 of the pretrained MiniLM-L6 encoder: magnitude vs Wanda vs SparseGPT, without and with channel
+permutation (nmkern.prune_oneshot), then 60 SR-STE distillation steps starting from the permuted SparseGPT weights.
 
 The same data, probe and distillation as examples/minilm.py (its functions are reused): 1000 +
 500 labelled tweets for the sentiment probe and the comparison with the dense embeddings, 960
@@ -55,23 +55,24 @@ def main(argv=None) -> int:
     dense_test = embed(dense, *probe_test)
     rows = [evaluate("dense", dense, probe_train, probe_test, dense_test, y_train, y_test)]
     pruned = {}
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    for method, permute in (("magnitude", False), ("wanda", False), ("sparsegpt", False), ("sparsegpt", True)):
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        report = nmkern.prune_oneshot(model, calib, "2:4", method=method)
+        report = nmkern.prune_oneshot(model, calib, "2:4", method=method, permute=permute)
         seconds = time.perf_counter() - t0
-        rows.append(evaluate(f"one-shot 2:4, {method}", model, probe_train, probe_test, dense_test, y_train, y_test))
+        name = method + (" + permutation" if permute else "")
+        rows.append(evaluate(f"one-shot 2:4, {name}", model, probe_train, probe_test, dense_test, y_train, y_test))
         rows[-1].update(linear_sparsity=linear_sparsity(model), prune_seconds=round(seconds, 1),
-                        layers=len(report.layers))
-        pruned[method] = model
-    student = pruned["sparsegpt"]
+                        layers=len(report.layers), permuted=len(report.permuted))
+        pruned[name] = model
+    student = pruned["sparsegpt + permutation"]  # the best one-shot start
     for p in student.parameters():
         p.requires_grad_(True)
     nmkern.sparsify(student, "2:4")  # SR-STE masks recomputed every step, from the SparseGPT weights
     teacher = [(x, embed(dense, [x])) for x in calib]
     t0 = time.perf_counter()
-    losses = distill(student, teacher, args.steps, 1e-4, "SR-STE from SparseGPT")
-    rows.append(evaluate(f"SparseGPT + SR-STE ({args.steps} steps)", student, probe_train, probe_test, dense_test,
+    losses = distill(student, teacher, args.steps, 1e-4, "SR-STE from SparseGPT + permutation")
+    rows.append(evaluate(f"SparseGPT + permutation + SR-STE ({args.steps} steps)", student, probe_train, probe_test, dense_test,
                          y_train, y_test))
     rows[-1].update(linear_sparsity=linear_sparsity(student), distill_loss_first=losses[0],
                     distill_loss_last=statistics.mean(losses[-10:]), seconds=round(time.perf_counter() - t0, 1))

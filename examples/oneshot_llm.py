@@ -25,12 +25,15 @@ from pathlib import Path
 
 import torch
 
-ROWS = {  # name -> (method, scheme)
-    "dense": (None, None),
-    "magnitude 2:4": ("magnitude", "2:4"),
-    "wanda 2:4": ("wanda", "2:4"),
-    "sparsegpt 2:4": ("sparsegpt", "2:4"),
-    "sparsegpt 4:8": ("sparsegpt", "4:8"),
+ROWS = {  # name -> (method, scheme, permute)
+    "dense": (None, None, False),
+    "magnitude 2:4": ("magnitude", "2:4", False),
+    "wanda 2:4": ("wanda", "2:4", False),
+    "sparsegpt 2:4": ("sparsegpt", "2:4", False),
+    "sparsegpt 4:8": ("sparsegpt", "4:8", False),
+    "sparsegpt 2:4 + permutation": ("sparsegpt", "2:4", True),
+    "wanda 2:4 + permutation": ("wanda", "2:4", True),
+    "sparsegpt OWL 3:8/4:8/5:8": ("sparsegpt", "owl 4:8", False),  # nmkern.owl_scheme at the 4:8 budget
 }
 SEQ = 256
 
@@ -85,13 +88,17 @@ def run_row(name: str, nsamples: int) -> dict:
     calib_all = windows(tok, play("twelfth-night"))
     pick = torch.randperm(len(calib_all), generator=torch.Generator().manual_seed(0))[:nsamples]
     calib = [{"input_ids": calib_all[i].reshape(1, -1), "use_cache": False} for i in pick.tolist()]
-    method, scheme = ROWS[name]
+    method, scheme, permute = ROWS[name]
     seconds = 0.0
     if method is not None:
         t0 = time.perf_counter()
-        report = nmkern.prune_oneshot(model, calib, {"model.layers.*": scheme}, method=method)
+        layers = {"model.layers.*": scheme}
+        if scheme.startswith("owl "):  # OWL-style per-block n:m from one dense pass of the calibration windows
+            layers = nmkern.owl_scheme(model, calib, {"model.layers.*": scheme[4:]}).scheme
+        report = nmkern.prune_oneshot(model, calib, layers, method=method, permute=permute)
         seconds = time.perf_counter() - t0
-        print(f"{name}: {len(report.layers)} layers, {report.blocks or 'whole model'}, {seconds:.0f} s", flush=True)
+        print(f"{name}: {len(report.layers)} layers, {report.blocks or 'whole model'}, {seconds:.0f} s, "
+              f"{len(report.permuted)} permuted", file=sys.stderr, flush=True)
     ppl = perplexity(model, evals)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"row": name, "perplexity": round(ppl, 2), "prune_seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb),

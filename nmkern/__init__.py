@@ -36,6 +36,7 @@ from .methods.masking import Distribution  # noqa: E402
 from .methods.gap import GaPMethod, GaPResult, PGaP, SGaP, gap_train, make_partitions  # noqa: E402
 from .methods.blockprune import BlockPruneResult, prune_1xn  # noqa: E402
 from .methods.oneshot import OneShotMethod, OneShotReport, prune_oneshot  # noqa: E402
+from .methods.owl import OutlierScheme, owl_scheme  # noqa: E402
 from .autograd import srste_weight  # noqa: E402
 from .scheme import Scheme  # noqa: E402
 from .methods.domino import Budget, Policy, domino_search  # noqa: E402
@@ -86,6 +87,8 @@ __all__ = [
     "OneShotMethod",
     "OneShotReport",
     "prune_oneshot",
+    "OutlierScheme",
+    "owl_scheme",
     "srste_weight",
     "Scheme",
     "Budget",

@@ -215,8 +215,6 @@ def test_bad_input_is_refused_and_the_model_is_left_bit_identical():
     _refused(model, [x, "text"], "2:4", "calibration batch 1 is a str")
     _refused(nn.Sequential(nn.Linear(6, 8)), [torch.randn(4, 6)], "2:4", r"layer '0' cannot take 2:4.*not divisible")
     _refused(model, [x], "2:4", "unknown method", method="obs")
-    with pytest.raises(NotImplementedError, match="permute=True .* is not implemented yet"):
-        nmkern.prune_oneshot(model, [x], "2:4", permute=True, progress=False)
     # NaN reaching the second layer only: the first one was already pruned (sequential) and is restored
     class Overflow(nn.Module):
         def forward(self, h):
@@ -329,3 +327,56 @@ def test_block_by_block_equals_the_whole_model_path_on_a_llama(monkeypatch, meth
     groups = oneshot._record(base, targets, calib[0])
     short = [[t.names[0].rpartition(".")[2] for t in g] for g in groups]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * 3
+
+
+# --------------------------------------------------------------------------- unstructured fractions
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_an_unstructured_fraction_prunes_exactly_that_fraction(method):
+    x = _correlated_inputs(256, 64)
+    model = nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    report = nmkern.prune_oneshot(model, _batches(x), {"0": "unstructured:0.6", "2": "2:4"}, method=method,
+                                  blocksize=16, swap=True, progress=False)
+    assert [r["pattern"] for r in report.layers] == ["unstructured:0.6", "2:4"]
+    w = model[0].weight.detach()
+    assert type(model[0]) is nn.Linear and type(model[2]).__name__ == "SparseLinear"  # only N:M packs
+    if method == "magnitude":  # the floor(0.6 * numel) lowest |w| of the layer
+        assert int((w == 0).sum()) == int(0.6 * w.numel())
+    elif method == "wanda":  # of each row (Wanda's comparison group)
+        assert ((w == 0).sum(1) == int(0.6 * 64)).all()
+    else:  # of each 16-column block
+        assert all(int((w[:, c:c + 16] == 0).sum()) == int(0.6 * 24 * 16) for c in range(0, 64, 16))
+
+
+def test_unstructured_reconstruction_error_sparsegpt_below_wanda_below_magnitude():
+    x = _correlated_inputs(512, 64)
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = _linear(k=64, out=16)
+        dense = copy.deepcopy(model)
+        nmkern.prune_oneshot(model, _batches(x, 64), "unstructured:0.5", method=method, progress=False)
+        with torch.no_grad():
+            errors[method] = float((model(x) - dense(x)).norm())
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+def test_layers_sharing_one_hessian_are_pruned_as_one_stacked_matrix_with_the_same_result():
+    from nmkern.methods import oneshot
+    from nmkern.spec import NMSpec
+
+    x = _correlated_inputs(128, 32)
+    torch.manual_seed(0)
+    shared = nn.ModuleDict({"q": nn.Linear(32, 16), "k": nn.Linear(32, 8), "v": nn.Linear(32, 8)})
+    dense = {n: m.weight.detach().clone() for n, m in shared.items()}
+    targets = [oneshot._Target(m, [n], NMSpec(2, 4)) for n, m in shared.items()]
+    assert oneshot._shared_rows(targets, oneshot.OneShotMethod.SPARSEGPT) == [targets]
+    stats = oneshot._Stats(targets, oneshot.OneShotMethod.SPARSEGPT)
+    for batch in x.split(32):  # one accumulator for the three: they share one input
+        stats._accumulate(shared["q"], oneshot._stat_key(shared["q"]), batch)
+    news = oneshot._new_weights(targets, oneshot.OneShotMethod.SPARSEGPT, stats, 16, 0.01)
+    h = 2 * x.t() @ x / x.shape[0]
+    for (name, w), new in zip(dense.items(), news):
+        alone = sparsegpt_prune("t", w, h, NMSpec(2, 4), tuple(w.shape), blocksize=16)
+        assert torch.equal(alone == 0, new == 0), name
+        torch.testing.assert_close(new, alone, rtol=1e-5, atol=1e-5, msg=name)

@@ -20,6 +20,8 @@ hooks and runs the layers in forward order.
   once more to give the next block its inputs. Each block then runs about twice per batch, instead
   of the model up to every group (quadratic in depth); the price is one hidden-state tensor per
   calibration batch held in memory. A KV-cache object handed to a block is dropped.
+* ``permute=True``: each N:M layer with a producer to fold into gets its input channels permuted first
+  (:mod:`.permute`), its statistics permuted with them.
 * Every failure (bad calibration input, NaN/Inf activations, a singular Hessian, Ctrl-C) restores
   every weight already changed: the model is left bit-identical.
 """
@@ -34,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..spec import BlockSpec, NMSpec, Pattern, SpecResolver
+from ..spec import DENSE, BlockSpec, NMSpec, Pattern, SpecResolver, UnstructuredSpec
+from .permute import apply_fold, find_folds, kept_score, search_permutation
 from .sparsegpt import select_mask, sparsegpt_prune, wanda_score
 
 _OP = "prune_oneshot"
@@ -59,6 +62,9 @@ class OneShotReport:
     calibration_batches: int = 0
     seconds: float = 0.0
     blocks: str = ""  # the repeated blocks calibrated one by one from cached inputs, if any
+    # permute=True: per consumer layer its producers, kept score before/after, and the permutation of the producers' rows
+    permuted: list[dict] = dataclasses.field(default_factory=list)
+    unpermuted: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # permute=True: name, why not
 
     def __str__(self) -> str:
         lines = [f"nmkern.prune_oneshot ({self.method.value}): {len(self.layers)} layer(s) pruned, "
@@ -66,6 +72,9 @@ class OneShotReport:
         width = max([len(r["name"]) for r in self.layers] + [len(n) for n, _ in self.skipped] + [4])
         lines += [f"  pruned   {r['name']:<{width}}  {r['pattern']}  kept {r['density']:.3f}" for r in self.layers]
         lines += [f"  skipped  {n:<{width}}  {why}" for n, why in self.skipped]
+        lines += [f"  permuted {r['name']:<{width}}  into {', '.join(r['producers'])}: kept score "
+                  f"{r['kept_before']:.4g} -> {r['kept_after']:.4g}" for r in self.permuted]
+        lines += [f"  unpermuted {n:<{width}}  {why}" for n, why in self.unpermuted]
         return "\n".join(lines)
 
 
@@ -124,12 +133,22 @@ def _plan(model: nn.Module, scheme, layers) -> tuple[list[_Target], OneShotRepor
     from ..sparsify import SparsifyReport
     from ..sparsify import _plan as sparsify_plan
 
-    resolver = SpecResolver(scheme, op=_OP, allowed=(Pattern.NM, Pattern.BLOCK))
+    resolver = SpecResolver(scheme, op=_OP, allowed=(Pattern.NM, Pattern.BLOCK, Pattern.UNSTRUCTURED))
     sreport = SparsifyReport()
-    plan = sparsify_plan(model, resolver, sreport)
+    plan = sparsify_plan(model, _UnstructuredAsDense(resolver), sreport)
     skipped = []
     for name, reason in sreport.skipped:
         spec = resolver.lookup(name)
+        if isinstance(spec, UnstructuredSpec):  # any plain Linear / Conv2d takes it (no packed form needed)
+            module, parent = model.get_submodule(name), model.get_submodule(name.rpartition(".")[0])
+            if type(module) in (nn.Linear, nn.Conv2d) and not isinstance(parent, nn.MultiheadAttention):
+                entry = next((e for e in plan if e[0] is module), None)
+                if entry is None:
+                    plan.append((module, [name], spec))
+                else:
+                    entry[1].append(name)
+                continue
+            reason = f"{type(module).__name__} inside {type(parent).__name__}: only plain Linear / Conv2d are pruned"
         if isinstance(spec, (NMSpec, BlockSpec)) and "MultiheadAttention" not in reason:
             raise ValueError(f"{_OP}: layer {name!r} cannot take {spec}: {reason}; keep it dense with a mapping "
                              f"scheme ({{{name!r}: None, ...}}) or choose a pattern it fits")
@@ -152,6 +171,21 @@ def _plan(model: nn.Module, scheme, layers) -> tuple[list[_Target], OneShotRepor
     report = OneShotReport(OneShotMethod.MAGNITUDE, skipped=skipped)
     report.unmatched_keys = resolver.unused_keys() if resolver.is_mapping else []
     return targets, report
+
+
+class _UnstructuredAsDense:
+    """The scheme as sparsify's planner sees it: unstructured layers dense (it plans packed forms only);
+    :func:`_plan` takes them back."""
+
+    def __init__(self, resolver: SpecResolver):
+        self.resolver = resolver
+
+    def lookup(self, name: str):
+        spec = self.resolver.lookup(name)
+        return DENSE if isinstance(spec, UnstructuredSpec) else spec
+
+    def __getattr__(self, attr):
+        return getattr(self.resolver, attr)
 
 
 def _input_key(x: torch.Tensor) -> tuple:
@@ -238,7 +272,7 @@ class _Stats:
             raise _BadActivation(next(t.names[0] for t in self.group if t.module is module), "NaN/Inf")
         if key not in self.sums:
             k = x.shape[1]
-            self.sums[key] = torch.zeros((k, k) if self.method is OneShotMethod.SPARSEGPT else (k,))
+            self.sums[key] = torch.zeros((k, k) if self.method is OneShotMethod.SPARSEGPT else (k,), device=x.device)
             self.rows[key] = 0
         if self.method is OneShotMethod.SPARSEGPT:
             self.sums[key].addmm_(x.t(), x, alpha=2.0)
@@ -274,20 +308,36 @@ def _gather(model: nn.Module, group: list[_Target], batches: list, method: OneSh
     return stats
 
 
-def _new_weight(target: _Target, method: OneShotMethod, stats: _Stats | None, blocksize: int,
-                damp: float) -> torch.Tensor:
-    w = target.module.weight.detach()
-    w2 = w.reshape(w.shape[0], -1)
+def _shared_rows(group: list[_Target], method: OneShotMethod) -> list[list[_Target]]:
+    """SparseGPT: Linear layers of a group with one ``H`` and one pattern are pruned as one matrix (their rows
+    stacked: q/k/v, gate/up), since OBS treats every row alone under a shared ``H``; one column loop instead of
+    three. Everything else alone (a 1xN mask is chosen per layer, over all its blocks)."""
+    if method is not OneShotMethod.SPARSEGPT:
+        return [[t] for t in group]
+    runs: dict = {}
+    for t in group:
+        key = (_stat_key(t.module), str(t.spec), t.module.weight.dtype) \
+            if isinstance(t.module, nn.Linear) and isinstance(t.spec, NMSpec) else id(t)
+        runs.setdefault(key, []).append(t)
+    return list(runs.values())
+
+
+def _new_weights(targets: list[_Target], method: OneShotMethod, stats: _Stats | None, blocksize: int,
+                 damp: float) -> list[torch.Tensor]:
+    """The pruned weights of ``targets`` (several only for :func:`_shared_rows`' stacked Linear layers)."""
+    ws = [t.module.weight.detach() for t in targets]
     if method is OneShotMethod.SPARSEGPT:
-        where = f"{_OP}: layer {target.names[0]!r}"
-        return sparsegpt_prune(where, w2, stats.result(target), target.spec, tuple(w.shape), blocksize=blocksize,
-                               damp=damp).reshape(w.shape)
-    if method is OneShotMethod.WANDA:
-        score = wanda_score(w2, stats.result(target).sqrt())
-    else:
-        score = w2.abs().float()
-    keep = select_mask(score, target.spec, tuple(w.shape))
-    return torch.where(keep, w2, torch.zeros((), dtype=w.dtype, device=w.device)).reshape(w.shape)
+        first = targets[0]
+        w2 = torch.cat([w.reshape(w.shape[0], -1) for w in ws]) if len(ws) > 1 else ws[0].reshape(ws[0].shape[0], -1)
+        names = ", ".join(repr(t.names[0]) for t in targets)
+        new = sparsegpt_prune(f"{_OP}: layer {names}", w2, stats.result(first), first.spec,
+                              (w2.shape[0],) + tuple(ws[0].shape[1:]), blocksize=blocksize, damp=damp)
+        return [part.reshape(w.shape) for part, w in zip(new.split([w.shape[0] for w in ws]), ws)]
+    (target,), (w,) = targets, ws
+    w2 = w.reshape(w.shape[0], -1)
+    score = wanda_score(w2, stats.result(target).sqrt()) if method is OneShotMethod.WANDA else w2.abs().float()
+    keep = select_mask(score, target.spec, tuple(w.shape), per_row=method is OneShotMethod.WANDA)
+    return [torch.where(keep, w2, torch.zeros((), dtype=w.dtype, device=w.device)).reshape(w.shape)]
 
 
 def _find_blocks(model: nn.Module, targets: list[_Target]) -> tuple[str, nn.ModuleList, list] | None:
@@ -349,10 +399,14 @@ def _run_groups(runner: nn.Module, groups: list, batches: list, ctx: dict) -> No
     method = ctx["method"]
     for group in groups:
         stats = None if method is OneShotMethod.MAGNITUDE else _gather(runner, group, batches, method)
-        for target in group:
+        if ctx["folds"] is not None:
+            for target in group:
+                _permute(target, group, stats, ctx)
+        for targets in _shared_rows(group, method):
             t0 = time.perf_counter()
-            new = _new_weight(target, method, stats, ctx["blocksize"], ctx["damp"])
-            ctx["pending"].append((target, new, time.perf_counter() - t0))
+            news = _new_weights(targets, method, stats, ctx["blocksize"], ctx["damp"])
+            seconds = (time.perf_counter() - t0) / len(targets)
+            ctx["pending"] += [(t, new, seconds) for t, new in zip(targets, news)]
         del stats
         if ctx["sequential"]:
             _apply(ctx["pending"], ctx["backup"], ctx["report"])
@@ -393,9 +447,6 @@ def _check_args(method, blocksize, damp, permute) -> OneShotMethod:
         raise ValueError(f"{_OP}: blocksize must be a positive int, got {blocksize!r}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 10:
         raise ValueError(f"{_OP}: damp must be a number in [0, 10), got {damp!r} (the usual value is 0.01)")
-    if permute:
-        raise NotImplementedError(f"{_OP}: permute=True (channel permutation) is not implemented yet; "
-                                  "prune with permute=False")
     return method
 
 
@@ -411,6 +462,11 @@ def prune_oneshot(model: nn.Module, calib, scheme, method="sparsegpt", *, layers
     ``"sparsegpt"`` (:class:`OneShotMethod`). ``layers``: restrict to these module names.
     ``blocksize`` / ``damp``: SparseGPT's column block and dampening (``H += damp * mean(diag H) I``).
     ``sequential``: calibrate each group of layers on the already pruned earlier ones.
+    ``permute=True``: before each N:M layer is pruned, search an input-channel permutation that keeps
+    more of its score (|w|; Wanda / SparseGPT: |w| * ||X_j||) and fold it into the layer's producers
+    (:mod:`.permute`: gated MLP gate/up -> down, MLP through an elementwise activation, attention value
+    -> output inside each head), so the model computes the same function at no runtime cost; layers
+    without a foldable producer are listed in ``report.unpermuted``.
     ``swap=True``: then swap the pruned layers for packed nmkern sparse layers (same function).
 
     The pruned weights are exactly pattern-sparse (SparseGPT also updates the kept ones), so
@@ -429,10 +485,11 @@ def prune_oneshot(model: nn.Module, calib, scheme, method="sparsegpt", *, layers
     report.calibration_batches = len(batches)
     if not targets:
         raise ValueError(f"{_OP}: no layer of the model matches the scheme; nothing to prune")
-    backup: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    backup: dict[int, tuple] = {}  # id(module) -> (module, weight, bias) as they were
     bar = tqdm(total=len(targets), desc=f"prune_oneshot ({method.value})", disable=not progress, leave=False)
     ctx = {"method": method, "blocksize": blocksize, "damp": damp, "sequential": sequential, "pending": [],
-           "backup": backup, "report": report, "bar": bar}
+           "backup": backup, "report": report, "bar": bar, "folds": find_folds(model) if permute else None,
+           "names": {id(mod): name for name, mod in model.named_modules()}}
     try:
         if not (sequential and method is not OneShotMethod.MAGNITUDE and _by_blocks(model, targets, batches, ctx)):
             groups = _record(model, targets, batches[0])
@@ -453,16 +510,25 @@ def prune_oneshot(model: nn.Module, calib, scheme, method="sparsegpt", *, layers
         from ..sparsify import sparsify
 
         pruned = {r["name"] for r in report.layers}
-        sparsify(model, {n: t.spec for t in targets if t.names[0] in pruned for n in t.names}, pack=True)
+        packable = {n: t.spec for t in targets if t.names[0] in pruned and not isinstance(t.spec, UnstructuredSpec)
+                    for n in t.names}  # unstructured layers have no packed form: they stay plain
+        if packable:
+            sparsify(model, packable, pack=True)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _backup(backup: dict, module: nn.Module) -> None:
+    bias = getattr(module, "bias", None)
+    backup.setdefault(id(module), (module, module.weight.detach().clone(),
+                                   None if bias is None else bias.detach().clone()))
 
 
 def _apply(pending: list, backup: dict, report: OneShotReport) -> None:
     with torch.no_grad():
         for target, new, seconds in pending:
             w = target.module.weight
-            backup.setdefault(id(target.module), (target.module, w.detach().clone()))
+            _backup(backup, target.module)
             w.copy_(new)
             report.layers.append({"name": target.names[0], "shape": list(w.shape), "pattern": str(target.spec),
                                   "density": round(float((new != 0).float().mean()), 6),
@@ -472,5 +538,46 @@ def _apply(pending: list, backup: dict, report: OneShotReport) -> None:
 
 def _restore(backup: dict) -> None:
     with torch.no_grad():
-        for module, weight in backup.values():
+        for module, weight, bias in backup.values():
             module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+
+
+def _permute(target: _Target, group: list[_Target], stats: _Stats | None, ctx: dict) -> None:
+    """permute=True: search ``target``'s input-channel permutation and fold it into its producers (their output
+    rows and biases, and any pruned weights still pending); the statistics follow the columns."""
+    name, report, module = target.names[0], ctx["report"], target.module
+    fold = ctx["folds"].get(id(module))
+    key = _stat_key(module)
+    why = ("its pattern is not N:M" if not isinstance(target.spec, NMSpec) else
+           "no producer to fold a permutation into (a gated MLP, an MLP through an elementwise activation, "
+           "or attention's value projection)" if fold is None else
+           "it shares its input statistics with another layer" if any(
+               t is not target and _stat_key(t.module) == key for t in group) else
+           f"its heads ({fold.head_dim} channels) are not a multiple of m={target.spec.m}"
+           if fold.head_dim % target.spec.m else "")
+    if why:
+        report.unpermuted.append((name, why))
+        return
+    w = module.weight.detach()
+    score = w.abs().double()
+    if stats is not None:
+        diag = stats.result(target)
+        score = score * (diag.diagonal() if diag.dim() == 2 else diag).double().sqrt().reshape(1, -1)
+    folded = fold.fold_score(score)
+    perm = search_permutation(folded, target.spec.n, target.spec.m, segment=fold.head_dim or None)
+    before, after = kept_score(folded, target.spec.n, target.spec.m), kept_score(folded[:, perm], target.spec.n,
+                                                                                   target.spec.m)
+    report.permuted.append({"name": name, "producers": [ctx["names"].get(id(p), "?") for p in fold.producers],
+                            "kept_before": before, "kept_after": after, "perm": perm.tolist()})
+    if torch.equal(perm, torch.arange(perm.numel())):
+        return
+    for mod in fold.producers + [module]:
+        _backup(ctx["backup"], mod)
+    apply_fold(fold, perm)
+    ctx["pending"][:] = [(t, new[perm] if t.module in fold.producers else new, sec) for t, new, sec in ctx["pending"]]
+    if stats is not None:
+        cols = fold.consumer_order(perm)
+        held = stats.sums[key]
+        stats.sums[key] = held[cols][:, cols] if held.dim() == 2 else held[cols]

@@ -8,6 +8,9 @@ m consecutive columns; a Linear needs no reordering.
 
 * Wanda (Sun et al. 2023): score ``|W_ij| * ||X_j||_2``, keep the top n of every m inputs of a row
   (1xN: the blocks with the largest summed score).
+* Unstructured: magnitude drops the lowest fraction of the layer; Wanda of each output row (the
+  paper's comparison group); SparseGPT of each column block, chosen at the block's start (the paper's
+  adaptive mask selection).
 * SparseGPT (Frantar & Alistarh 2023): with ``H = 2 X^T X`` (dampened by ``damp * mean(diag H)``;
   dead inputs zeroed), the upper Cholesky factor ``U`` of ``H^-1``; columns in blocks of
   ``blocksize``; every m columns the n:m mask keeps the largest ``w^2 / U_jj^2``; each pruned
@@ -24,8 +27,9 @@ from __future__ import annotations
 import torch
 
 from ..functional import block_mask_1xn
+from ..reference.block_1xn import drop_lowest_fraction
 from ..reference.nm_mask import nm_mask_ref
-from ..spec import BlockSpec, NMSpec
+from ..spec import BlockSpec, NMSpec, UnstructuredSpec
 
 
 class SingularHessianError(ValueError):
@@ -41,8 +45,10 @@ def nm_column_order(weight_shape, m: int) -> torch.Tensor | None:
     return (torch.arange(c).reshape(c, 1) * taps + torch.arange(taps).reshape(1, taps)).t().reshape(-1)
 
 
-def select_mask(score: torch.Tensor, spec, weight_shape) -> torch.Tensor:
-    """Keep-mask ``(out, K)`` of a non-negative ``score`` (GEMM rows, PyTorch column order) under ``spec``."""
+def select_mask(score: torch.Tensor, spec, weight_shape, *, per_row: bool = False) -> torch.Tensor:
+    """Keep-mask ``(out, K)`` of a non-negative ``score`` (GEMM rows, PyTorch column order) under ``spec``.
+
+    Unstructured: the lowest ``sparsity`` fraction of the layer, or of each row with ``per_row`` (Wanda)."""
     if isinstance(spec, NMSpec):
         order = nm_column_order(weight_shape, spec.m)
         if order is None:
@@ -53,7 +59,15 @@ def select_mask(score: torch.Tensor, spec, weight_shape) -> torch.Tensor:
     if isinstance(spec, BlockSpec):  # the blocks with the largest summed score (L1 of a non-negative score)
         shaped = score.reshape(weight_shape)
         return block_mask_1xn(shaped, spec.block, spec.sparsity, backend="reference").reshape(score.shape)
-    raise TypeError(f"prune_oneshot: pattern {spec} is not N:M or 1xN")
+    if isinstance(spec, UnstructuredSpec):
+        if not per_row:  # the floor(sparsity * numel) lowest of the layer, ties to the lower index
+            return drop_lowest_fraction(score, spec.sparsity)
+        keep = torch.ones_like(score, dtype=torch.bool)  # Wanda's comparison group: each output row alone
+        k = int(spec.sparsity * score.shape[1])
+        rows = torch.arange(score.shape[0], device=score.device).reshape(-1, 1)
+        keep[rows, torch.sort(score, dim=1, stable=True).indices[:, :k]] = False
+        return keep
+    raise TypeError(f"prune_oneshot: pattern {spec} is not N:M, 1xN or unstructured")
 
 
 def wanda_score(w2: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
@@ -95,28 +109,43 @@ def sparsegpt_prune(op: str, w2: torch.Tensor, hessian: torch.Tensor, spec, weig
     if isinstance(spec, BlockSpec):  # 1xN: one mask for the layer, from the saliency summed per block
         saliency = w ** 2 / u.diagonal().reshape(1, -1) ** 2
         fixed = ~select_mask(saliency, spec, weight_shape)
-    step = spec.m if isinstance(spec, NMSpec) else 1
+    # columns go in chunks: an N:M group (m columns, its mask chosen from the updated weights), or 16 columns
+    # of a fixed mask. Inside a chunk the error spreads column by column over the chunk only; past it,
+    # one matmul per chunk (per column, a full-width outer product cost 2-3x more on 576x576 layers).
+    step = spec.m if isinstance(spec, NMSpec) else 16
     blocksize = max(step, blocksize // step * step)
     cols = w.shape[1]
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         block, errors = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2])
         u_block = u[i1:i2, i1:i2]
-        pruned = fixed[:, i1:i2] if fixed is not None else torch.zeros_like(block, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if fixed is None and i % step == 0:  # N:M: choose this group's mask from the updated weights
-                group = block[:, i:i + step] ** 2 / u_block.diagonal()[i:i + step].reshape(1, -1) ** 2
-                pruned[:, i:i + step] = ~nm_mask_ref(group, spec.n, spec.m, dim=1)
-            col = block[:, i]
-            q = torch.where(pruned[:, i], torch.zeros((), dtype=dtype), col)
-            err = (col - q) / u_block[i, i]
-            block[:, i:] -= err.reshape(-1, 1) * u_block[i, i:].reshape(1, -1)
-            block[:, i] = q
-            errors[:, i] = err
+        if isinstance(spec, UnstructuredSpec):  # the paper's adaptive mask: the lowest fraction of this block
+            pruned_block = ~drop_lowest_fraction(block ** 2 / u_block.diagonal().reshape(1, -1) ** 2, spec.sparsity)
+        elif fixed is not None:
+            pruned_block = fixed[:, i1:i2]
+        for g1 in range(0, i2 - i1, step):
+            g2 = min(g1 + step, i2 - i1)
+            if isinstance(spec, NMSpec):  # N:M: choose this group's mask from the updated weights
+                group = block[:, g1:g2] ** 2 / u_block.diagonal()[g1:g2].reshape(1, -1) ** 2
+                pruned = ~nm_mask_ref(group, spec.n, spec.m, dim=1)
+            else:
+                pruned = pruned_block[:, g1:g2]
+            _spread_chunk(block[:, g1:g2], pruned, u_block[g1:g2, g1:g2], errors[:, g1:g2])
+            block[:, g2:].addmm_(errors[:, g1:g2], u_block[g1:g2, g2:], alpha=-1)
         w[:, i1:i2] = block
-        w[:, i2:] -= errors @ u[i1:i2, i2:]
+        w[:, i2:].addmm_(errors, u[i1:i2, i2:], alpha=-1)
     if order is not None:
         out = torch.empty_like(w)
         out[:, order] = w
         w = out
     return w.to(w2.dtype)
+
+
+def _spread_chunk(chunk: torch.Tensor, pruned: torch.Tensor, u_chunk: torch.Tensor, errors: torch.Tensor) -> None:
+    """OBS inside one chunk of columns, in place: zero the pruned weights column by column, spreading each one's
+    error ``w / U_jj`` over the chunk's later columns; the errors go to ``errors`` for the update past the chunk."""
+    for i in range(chunk.shape[1]):
+        err = torch.where(pruned[:, i], chunk[:, i], 0.0) / u_chunk[i, i]
+        errors[:, i] = err
+        chunk[:, i + 1:].sub_(err.reshape(-1, 1) * u_chunk[i, i + 1:].reshape(1, -1))
+        chunk[:, i].masked_fill_(pruned[:, i], 0.0)
