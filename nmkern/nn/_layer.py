@@ -104,11 +104,13 @@ def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Patter
 
 # Per-module caches, rebuilt on demand; cleared by pack/load/.to()/.half() and never saved.
 _CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache", "_info_cache", "_path_cache",
-           "_plan_cache")
+           "_plan_cache", "_fast_dense")
 # Decisions remembered per module (distinct input row counts seen); the memo keeps
 # the per-call dispatch cost to a dict lookup (building LayerInfo and deciding cost
 # ~100 us per call on this machine, more than a small dense GEMM).
 _PATH_MEMO_SIZE = 256
+# Read on every call of a dense-bound layer: the function itself, not torch.compiler's attribute (a lookup less).
+_is_compiling = torch.compiler.is_compiling
 # GEMM row counts the compile plan asks the table about (see _SparseLayer._build_compile_plan).
 _PLAN_ROWS = tuple(2 ** i for i in range(17))
 
@@ -152,6 +154,7 @@ class _SparseLayer(nn.Module):
     def backend(self, value) -> None:
         parse_backend(type(self).__name__, value)
         self.__dict__["_backend"] = value
+        self.__dict__["_fast_dense"] = None  # bound for the old backend's plan
         self._prepare_native()  # a newly forced native path gets its weight layout now, not inside a trace
 
     # -- geometry (subclasses) -------------------------------------------------
@@ -524,11 +527,40 @@ class _SparseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same lookup for Linear and Conv2d: training form -> the dense op on the masked weight;
-        packed form -> the path :func:`nmkern.dispatch.choose` picks, run by its table entry."""
+        packed form -> the path :func:`nmkern.dispatch.choose` picks, run by its table entry.
+
+        A packed layer that the plan keeps dense at every row count calls the dense op directly
+        (``_fast_dense``, bound on its first call): no validation, lookup or extra Python frame per
+        call. An input the op refuses is then checked, so the error is still this module's message.
+        """
+        fast = self._fast_dense
+        if fast is not None and not _is_compiling():
+            try:
+                return fast(x)
+            except (RuntimeError, TypeError):
+                self._check_input(x)  # raises the message naming the layer, shapes and dtypes
+                raise
         self._check_input(x)
         if not self._packed:
             return self._dense_op(x, self._train_weight())
-        return self._decide(x, self._gemm_rows(x))[1](self, x)
+        path, fn = self._decide(x, self._gemm_rows(x))
+        if path is Backend.DENSE and not torch.compiler.is_compiling():
+            self._bind_fast_dense(x)
+        return fn(self, x)
+
+    def _bind_fast_dense(self, x: torch.Tensor) -> None:
+        """Bind the dense op on the cached weight when the plan is dense at every GEMM row count (1 ... 2**16 and
+        beyond) for this backend and device: a 128x128 layer's per-call overhead then is nn.Linear's."""
+        plan = self._plan_cache
+        if plan is None or plan[0] != (self.backend, x.device.type) or len(plan[1]) != 1:
+            return
+        if plan[1][0][1] is Backend.DENSE:
+            self.__dict__["_fast_dense"] = self._dense_partial(self._dense_cached())
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "bias":
+            self.__dict__["_fast_dense"] = None  # the bound op holds the old bias
+        super().__setattr__(name, value)
 
     def _graph_weight(self) -> torch.Tensor:
         """The dense weight decoded from the packed buffers in ops ONNX translates (reference.graph_decode)."""

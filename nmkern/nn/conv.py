@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,6 +100,10 @@ class SparseConv2d(_SparseLayer):
 
     def _dense_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation)
+
+    def _dense_partial(self, w: torch.Tensor):
+        return functools.partial(F.conv2d, weight=w, bias=self.bias, stride=self.stride, padding=self.padding,
+                                 dilation=self.dilation)
 
     def _gemm_rows(self, x: torch.Tensor) -> int:
         oh, ow = (conv_out_size(x.shape[2 + d], self.kernel_size[d], self.stride[d], self.padding[d], self.dilation[d])

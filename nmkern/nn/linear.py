@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,6 +80,9 @@ class SparseLinear(_SparseLayer):
 
     def _dense_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, self.bias)
+
+    def _dense_partial(self, w: torch.Tensor):
+        return functools.partial(F.linear, weight=w, bias=self.bias)  # a C-level call: no Python frame
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
