@@ -37,6 +37,7 @@ from .methods.gap import GaPMethod, GaPResult, PGaP, SGaP, gap_train, make_parti
 from .methods.blockprune import BlockPruneResult, prune_1xn  # noqa: E402
 from .methods.oneshot import OneShotMethod, OneShotReport, prune_oneshot  # noqa: E402
 from .methods.owl import OutlierScheme, owl_scheme  # noqa: E402
+from .memory import MemoryReport, memory_report  # noqa: E402
 from .autograd import srste_weight  # noqa: E402
 from .scheme import Scheme  # noqa: E402
 from .methods.domino import Budget, Policy, domino_search  # noqa: E402
@@ -89,6 +90,8 @@ __all__ = [
     "prune_oneshot",
     "OutlierScheme",
     "owl_scheme",
+    "MemoryReport",
+    "memory_report",
     "srste_weight",
     "Scheme",
     "Budget",

@@ -179,15 +179,40 @@ def _dense_conv2d(layer, x):
     return F.conv2d(x, layer._dense_cached(), layer.bias, layer.stride, layer.padding, layer.dilation)
 
 
+_CPU_IMPLS: tuple | None = None  # (nm, bsr): the registered CPU ops' implementations, imported on first use
+
+
+def _cpu_impls() -> tuple:
+    global _CPU_IMPLS
+    if _CPU_IMPLS is None:
+        from . import ops  # ops imports this module: not at import time
+
+        _CPU_IMPLS = (ops._cpu_nm_linear, ops._cpu_bsr_linear)
+    return _CPU_IMPLS
+
+
+def _needs_registered_op(layer, x2d: torch.Tensor) -> bool:
+    """A trace, or autograd through the call: the registered op (its fake and backward). Otherwise the op's
+    implementation is called directly: the registered op's first call imports torch._dynamo (~890 modules,
+    +150 MB of process memory, measured) and every call pays torch's custom-op dispatch."""
+    if torch.compiler.is_compiling():
+        return True
+    bias = layer.bias
+    return torch.is_grad_enabled() and (x2d.requires_grad or (bias is not None and bias.requires_grad))
+
+
 def _cpu_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
     """The native CPU kernel on (rows, K) fp32: the layer's prepared CPU layout, one registered op."""
     packed = layer._cpu_cached()
     t = packed.tensors
+    registered = _needs_registered_op(layer, x2d)
     if packed.kind is Pattern.NM:
-        return torch.ops.nmkern.cpu_nm_linear(x2d, t["values"], t["index"], packed.n, packed.m,
-                                              packed.in_features, packed.out_features, layer.bias)
-    return torch.ops.nmkern.cpu_bsr_linear(x2d, t["values"], t["rowptr"], t["col"], packed.block,
-                                           packed.in_features, packed.out_features, layer.bias)
+        fn = torch.ops.nmkern.cpu_nm_linear if registered else _cpu_impls()[0]
+        return fn(x2d, t["values"], t["index"], packed.n, packed.m, packed.in_features, packed.out_features,
+                  layer.bias)
+    fn = torch.ops.nmkern.cpu_bsr_linear if registered else _cpu_impls()[1]
+    return fn(x2d, t["values"], t["rowptr"], t["col"], packed.block, packed.in_features, packed.out_features,
+              layer.bias)
 
 
 def _as_conv2d(gemm_rows: Callable) -> Callable:

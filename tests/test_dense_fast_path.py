@@ -2,8 +2,9 @@
 
 The bound op is what the per-call lookup would run (F.linear / F.conv2d on the cached dense weight), minus
 the lookup: no validation, no dispatch, no extra Python frame per call. These tests pin that it is bound
-only where the plan is dense everywhere, gives the same results and the same error messages, follows
-every change of the layer (bias, state, dtype, backend), and stays out of copies and traces.
+only where the plan is dense everywhere, gives the same results, follows every change of the layer
+(bias, state, dtype, backend), and stays out of copies and traces; tests/test_modules.py's
+test_linear_input_errors checks that a bound layer still raises the module's messages.
 """
 
 from __future__ import annotations
@@ -63,21 +64,6 @@ def test_a_conv_binds_too_and_keeps_unbatched_inputs():
     torch.testing.assert_close(sc(x[0]), F.conv2d(x[0].unsqueeze(0), w, conv.bias, 2, 1)[0], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"SparseConv2d: input has shape \(2, 6, 9, 9\); expected \(batch, 8, H, W\)"):
         sc(torch.randn(2, 6, 9, 9))
-
-
-def test_errors_through_the_bound_op_are_the_modules_messages():
-    sl, _, _ = _packed_linear(in_f=64, out_f=32)
-    sl(torch.randn(2, 64))
-    assert sl._fast_dense is not None
-    with pytest.raises(ValueError, match=r"SparseLinear: input has shape \(3, 60\) but in_features=64"):
-        sl(torch.randn(3, 60))
-    with pytest.raises(TypeError, match="SparseLinear: input has dtype torch.float16 but the layer's weight is "
-                                        "torch.float32"):
-        sl(torch.randn(3, 64).half())
-    with pytest.raises(ValueError, match="SparseLinear: input is on meta but the layer is on cpu"):
-        sl(torch.randn(3, 64, device="meta"))
-    with pytest.raises(TypeError, match="SparseLinear: input must be a torch.Tensor, got list"):
-        sl([1.0] * 64)
 
 
 def test_not_bound_where_a_sparse_path_may_run(monkeypatch):

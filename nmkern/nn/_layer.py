@@ -46,6 +46,7 @@ from ..autograd import srste_weight
 from ..backend import Backend, parse_backend
 from ..dispatch import Call, LayerInfo, LayerOp
 from ..formats import NMPacked
+from ..memory import release_free_memory
 from ..functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
 from ..reference.graph_decode import bsr_dense_graph, nm_dense_rows_graph
 from ..reference.linear import bsr_dense_ref, conv_weight_from_rows, nm_dense_rows_ref
@@ -336,6 +337,16 @@ class _SparseLayer(nn.Module):
             raise ValueError(f"{type(self).__name__}.pack: the weight is on the meta device (shapes only, no values), "
                              "so there is nothing to pack; materialise it first (module.to_empty(device=...) and "
                              "load_state_dict), then pack(), or sparsify without pack=True")
+        self._pack_buffers()
+        self._drop_weight()
+        self._packed = True
+        self._clear_caches()
+        self._prepare_native()
+        release_free_memory()  # the freed dense temporaries would otherwise stay in the process (glibc's heap)
+        return self
+
+    def _pack_buffers(self) -> None:
+        """The packed buffers from the masked weight (its temporaries are freed when this returns)."""
         w = self.dense_weight()
         if self.pattern is Pattern.NM:
             packed = pack_nm(w, self.n, self.m, dim=1, backend=_mask_backend(w))
@@ -347,11 +358,6 @@ class _SparseLayer(nn.Module):
             self._set_buffer("bsr_crow", bsr.crow_indices().to(torch.int32).clone())
             self._set_buffer("bsr_col", bsr.col_indices().to(torch.int32).clone())
             self._set_buffer("bsr_values", bsr.values().reshape(-1, self.block).clone())
-        self._drop_weight()
-        self._packed = True
-        self._clear_caches()
-        self._prepare_native()
-        return self
 
     def _packed_shell(self, shapes: dict) -> None:
         """Become a packed module whose buffers have the given shapes (for loading)."""
@@ -436,6 +442,8 @@ class _SparseLayer(nn.Module):
     def _dense_cached(self) -> torch.Tensor:
         if self._dense_cache is None:
             self.__dict__["_dense_cache"] = self.dense_weight()
+            if not torch.compiler.is_compiling():
+                release_free_memory()  # the decode's temporaries (as after pack())
         return self._dense_cache
 
     def _gemm_rows_weight(self) -> torch.Tensor:
