@@ -245,8 +245,8 @@ def _stat_key(module: nn.Module):
 class _Stats:
     """Accumulators for one group: ``2 X^T X`` (SparseGPT) or column sums of squares (Wanda)."""
 
-    def __init__(self, group: list[_Target], method: OneShotMethod):
-        self.method, self.group = method, group
+    def __init__(self, group: list[_Target], method: OneShotMethod, key=_stat_key):
+        self.method, self.group, self.key = method, group, key  # key(module): which accumulator it feeds
         self.sums: dict = {}
         self.rows: dict = {}
         self.seen: dict[int, int] = {}  # calls per module in this batch
@@ -257,7 +257,7 @@ class _Stats:
         self.last.clear()
 
     def hook(self, module, args):
-        key, inp = _stat_key(module), _input_key(args[0])
+        key, inp = self.key(module), _input_key(args[0])
         held = self.last.get(key)
         if held is None or held[0] != inp:  # not the tensor a group sibling already accumulated
             self._accumulate(module, key, args[0])
@@ -281,14 +281,14 @@ class _Stats:
         self.rows[key] += x.shape[0]
 
     def result(self, target: _Target) -> torch.Tensor:
-        key = _stat_key(target.module)
+        key = self.key(target.module)
         if key not in self.sums:
             raise ValueError(f"{_OP}: layer {target.names[0]!r} saw no calibration input")
         return self.sums[key] / max(self.rows[key], 1)
 
 
-def _gather(model: nn.Module, group: list[_Target], batches: list, method: OneShotMethod) -> _Stats:
-    stats = _Stats(group, method)
+def _gather(model: nn.Module, group: list[_Target], batches: list, method: OneShotMethod, key=_stat_key) -> _Stats:
+    stats = _Stats(group, method, key)
     handles = [t.module.register_forward_pre_hook(stats.hook) for t in group]
     try:
         for i, batch in enumerate(batches):

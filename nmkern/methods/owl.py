@@ -9,8 +9,8 @@ with the most outliers keeps ``n + spread``, the third with the fewest ``n - spr
 With blocks of equal size (a transformer's layers) the budget is exactly n/m; the scheme reports
 the density it reaches.
 
-Statistics: one dense forward of the calibration inputs with hooks that sum each layer's input
-column squares (Wanda's norms; nothing else is held).
+Statistics: one dense forward of the calibration inputs with prune_oneshot's hooks, summing each
+layer's input column squares (Wanda's norms; nothing else is held).
 """
 
 from __future__ import annotations
@@ -37,34 +37,19 @@ class OutlierScheme:
     density: float
 
 
-def _column_norms(model: nn.Module, targets: list, batches: list) -> dict[int, torch.Tensor]:
-    """``id(module) -> ||X_j||_2`` over every calibration batch, from one dense pass with hooks."""
-    sums: dict[int, torch.Tensor] = {}
-
-    def hook(module, args):
-        x = oneshot._rows(module, args[0].detach())
-        if not bool(torch.isfinite(x).all()):
-            raise oneshot._BadActivation(names[id(module)], "NaN/Inf")
-        acc = sums.setdefault(id(module), torch.zeros(x.shape[1], dtype=torch.float64, device=x.device))
-        acc.add_((x.double() ** 2).sum(0))
-
-    names = {id(t.module): t.names[0] for t in targets}
-    handles = [t.module.register_forward_pre_hook(hook) for t in targets]
+def _column_norms(model: nn.Module, targets: list, calib) -> dict[int, torch.Tensor]:
+    """``id(module) -> ||X_j||_2`` over every calibration batch: prune_oneshot's Wanda statistics, gathered for
+    every layer at once (one accumulator per layer) in one dense pass."""
     try:
-        for i, batch in enumerate(batches):
-            with torch.no_grad():
-                try:
-                    oneshot._call(model, batch)
-                except oneshot._BadActivation as e:
-                    raise ValueError(f"{_OP}: layer {e.name!r} receives NaN/Inf activations from the calibration "
-                                     "inputs; check the model and its inputs") from None
-                except Exception as e:
-                    raise ValueError(f"{_OP}: the model rejects calibration batch {i} ({type(e).__name__}: {e})") \
-                        from None
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: v.sqrt() for k, v in sums.items()}
+        batches = oneshot._batches(calib)
+        oneshot._record(model, targets, batches[0])  # calls per batch: each pass stops after the last layer
+        stats = oneshot._gather(model, targets, batches, oneshot.OneShotMethod.WANDA, key=id)
+    except oneshot._BadActivation as e:
+        raise ValueError(f"{_OP}: layer {e.name!r} receives NaN/Inf activations from the calibration inputs; "
+                         "check the model and its inputs") from None
+    except ValueError as e:  # the shared readers name prune_oneshot; the caller called owl_scheme
+        raise ValueError(str(e).replace(f"{oneshot._OP}:", f"{_OP}:", 1)) from None
+    return {id(t.module): stats.result(t).sqrt() for t in targets if id(t.module) in stats.sums}
 
 
 def owl_scheme(model: nn.Module, calib, scheme="4:8", *, spread: int = 1, ratio: float = 5.0) -> OutlierScheme:
@@ -90,7 +75,7 @@ def owl_scheme(model: nn.Module, calib, scheme="4:8", *, spread: int = 1, ratio:
                          f"use spread=1 with 4:8, or 0 for the uniform scheme")
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio > 0:
         raise ValueError(f"{_OP}: ratio must be a positive number (the paper's 5), got {ratio!r}")
-    norms = _column_norms(model, targets, oneshot._batches(calib))
+    norms = _column_norms(model, targets, calib)
     found = oneshot._find_blocks(model, targets)
     units = [u for u in found[2] if u] if found else [[t] for t in targets]
     shares = []

@@ -155,7 +155,7 @@ class _SparseLayer(nn.Module):
     def backend(self, value) -> None:
         parse_backend(type(self).__name__, value)
         self.__dict__["_backend"] = value
-        self.__dict__["_fast_dense"] = None  # bound for the old backend's plan
+        self._forget_decisions()  # bound / remembered for the old backend's plan
         self._prepare_native()  # a newly forced native path gets its weight layout now, not inside a trace
 
     # -- geometry (subclasses) -------------------------------------------------
@@ -495,6 +495,8 @@ class _SparseLayer(nn.Module):
             if len(memo) >= _PATH_MEMO_SIZE:
                 memo.clear()
             memo[key] = hit
+            if path is Backend.DENSE:
+                self._bind_fast_dense(x)
         return hit
 
     def _build_compile_plan(self) -> None:
@@ -537,9 +539,8 @@ class _SparseLayer(nn.Module):
         """The same lookup for Linear and Conv2d: training form -> the dense op on the masked weight;
         packed form -> the path :func:`nmkern.dispatch.choose` picks, run by its table entry.
 
-        A packed layer that the plan keeps dense at every row count calls the dense op directly
-        (``_fast_dense``, bound on its first call): no validation, lookup or extra Python frame per
-        call. An input the op refuses is then checked, so the error is still this module's message.
+        A packed layer the plan keeps dense at every row count calls ``_fast_dense`` (bound by :meth:`_decide`):
+        no per-call validation or lookup; an input the op refuses is checked then, for this module's message.
         """
         fast = self._fast_dense
         if fast is not None and not _is_compiling():
@@ -551,24 +552,24 @@ class _SparseLayer(nn.Module):
         self._check_input(x)
         if not self._packed:
             return self._dense_op(x, self._train_weight())
-        path, fn = self._decide(x, self._gemm_rows(x))
-        if path is Backend.DENSE and not torch.compiler.is_compiling():
-            self._bind_fast_dense(x)
-        return fn(self, x)
+        return self._decide(x, self._gemm_rows(x))[1](self, x)
 
     def _bind_fast_dense(self, x: torch.Tensor) -> None:
         """Bind the dense op on the cached weight when the plan is dense at every GEMM row count (1 ... 2**16 and
         beyond) for this backend and device: a 128x128 layer's per-call overhead then is nn.Linear's."""
         plan = self._plan_cache
-        if plan is None or plan[0] != (self.backend, x.device.type) or len(plan[1]) != 1:
-            return
-        if plan[1][0][1] is Backend.DENSE:
+        if plan is not None and plan[0] == (self.backend, x.device.type) and [p for _, p in plan[1]] == [Backend.DENSE]:
             self.__dict__["_fast_dense"] = self._dense_partial(self._dense_cached())
 
     def __setattr__(self, name: str, value) -> None:
         if name == "bias":
-            self.__dict__["_fast_dense"] = None  # the bound op holds the old bias
+            self._forget_decisions()  # the bound op holds the old bias
         super().__setattr__(name, value)
+
+    def _forget_decisions(self) -> None:
+        """Drop the bound dense op and the remembered paths (the next call decides, and binds, afresh)."""
+        self.__dict__["_fast_dense"] = None
+        self.__dict__["_path_cache"] = None
 
     def _graph_weight(self) -> torch.Tensor:
         """The dense weight decoded from the packed buffers in ops ONNX translates (reference.graph_decode)."""
