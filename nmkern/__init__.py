@@ -38,6 +38,7 @@ from .methods.blockprune import BlockPruneResult, prune_1xn  # noqa: E402
 from .methods.oneshot import OneShotMethod, OneShotReport, prune_oneshot  # noqa: E402
 from .methods.owl import OutlierScheme, owl_scheme  # noqa: E402
 from .memory import MemoryReport, memory_report  # noqa: E402
+from .tuning import TuneReport, tune  # noqa: E402
 from .autograd import srste_weight  # noqa: E402
 from .scheme import Scheme  # noqa: E402
 from .methods.domino import Budget, Policy, domino_search  # noqa: E402
@@ -92,6 +93,8 @@ __all__ = [
     "owl_scheme",
     "MemoryReport",
     "memory_report",
+    "TuneReport",
+    "tune",
     "srste_weight",
     "Scheme",
     "Budget",

@@ -155,6 +155,7 @@ def bench_linear(out_features: int, in_features: int, batches: Iterable[int], pa
         cands, skipped = linear_candidates(w, pat, copies)
         for b in batches:
             x = torch.randn(b, in_features, generator=g).to(dev, dtype)
+            settle_dispatch(nn.Sequential(*cands["nmkern_auto"]), x)
             with torch.no_grad():
                 stacks = {k: [lambda f=f: f(x) for f in fs] for k, fs in cands.items()}
                 res = timing.time_warm_cold(stacks, cold=cold, seconds=seconds, sync=timing.device_sync(dev))
@@ -229,12 +230,27 @@ def packed_variants(dense: nn.Module, packed: nn.Module) -> dict[str, nn.Module]
     return models
 
 
+def settle_dispatch(model: nn.Module, example) -> None:
+    """Finish the path measurements of ``model``'s packed ``auto`` layers on ``example`` before it is timed
+    (:func:`nmkern.tune`; nothing when measuring is off or no layer measures): timings are of the decided
+    paths, not of the exploration calls that decide them."""
+    from . import tuning
+    from .backend import Backend
+
+    auto = any(isinstance(m, _sparse_types()) and m.is_packed and str(m.backend) == Backend.AUTO.value
+               for m in model.modules())
+    if auto and tuning.enabled():
+        tuning.tune(model, example)
+
+
 def time_models(models: Mapping[str, nn.Module], x: torch.Tensor, *, seconds: float,
                 reference: nn.Module | None = None, baseline: str = "dense",
                 diff_key: str = "max_abs_diff") -> dict:
     """Forward passes of ``models`` on ``x``, timed interleaved (warm cache): ``repeats`` and
     :func:`timing.columns`; with ``reference``, ``{name}_{diff_key}`` = max |output - reference(x)|
     for every model but the baseline."""
+    for m in models.values():
+        settle_dispatch(m, x)
     with torch.no_grad():
         times = timing.time_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, seconds=seconds)
         row = {"repeats": times[baseline].repeats} | timing.columns(times, baseline=baseline)
@@ -248,5 +264,5 @@ def time_models(models: Mapping[str, nn.Module], x: torch.Tensor, *, seconds: fl
 
 __all__ = [
     "LinearPattern", "bench_linear", "force_backend", "format_bench_table", "linear_candidates", "masked_weight",
-    "pack_model", "packed_variants", "parse_pattern", "time_models",
+    "pack_model", "packed_variants", "parse_pattern", "settle_dispatch", "time_models",
 ]

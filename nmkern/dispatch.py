@@ -11,7 +11,10 @@ Rule of the house: a sparse layer is never slower than its dense twin. Where no
 sparse kernel would win (a CPU without nmkern's native kernels or where they lose,
 a large batch on the GPU, a pattern too dense to save bytes, a device nmkern has no
 kernel for) ``"auto"`` runs the dense op on the layer's cached, decompressed, masked
-weight (:attr:`Backend.DENSE`).
+weight (:attr:`Backend.DENSE`). Whether a sparse kernel wins is measured: the first call of
+each shape, pattern, dtype, device and row bucket times the paths side by side
+(:mod:`nmkern.tuning`); the static rules below decide only with ``NMKERN_TUNE=0``, under
+a trace with no eager plan, or where one path alone can run.
 
 Adding a path (say an fp8 2:4 GEMM): its kernel and reference, one registered op in
 :mod:`nmkern.ops`, one :class:`Backend` member and one row here.
@@ -65,6 +68,7 @@ class LayerInfo:
     out_features: int
     dtype: torch.dtype
     semi24_fits: bool = False  # 2:4, fp16/bf16, rows and K multiples of 32 (CUTLASS layout)
+    geometry: tuple = ()  # a conv's (kernel_size, stride, padding, dilation): part of its measured-dispatch key
 
     def __post_init__(self):
         object.__setattr__(self, "pattern", Pattern(self.pattern))
@@ -355,6 +359,10 @@ def why_not(path: Backend | str, call: Call) -> str | None:
 
 
 def _auto(call: Call) -> Backend:
+    if not torch.compiler.is_compiling():  # a trace reads the eager plan, which already holds measured winners
+        measured = tuning.lookup(call)
+        if measured is not None:
+            return measured
     layer = call.layer
     if call.device == "cpu":
         beats = getattr(cpu_kernels(), "cpu_beats_dense", None)
@@ -376,7 +384,9 @@ def choose(requested, call: Call) -> Backend:
 
     ``requested``: the layer's ``backend`` ("auto", or a :class:`Backend` value, which is
     obeyed or refused with ``ValueError`` listing every reason). ``"auto"`` first takes
-    ``NMKERN_BACKEND`` when that path can run the call, then: CPU -> the native kernel
+    ``NMKERN_BACKEND`` when that path can run the call, then the winner measured for this call's
+    shape and row bucket (:mod:`nmkern.tuning`; off with ``NMKERN_TUNE=0``), then the static
+    rules: CPU -> the native kernel
     where ``nmkern._cpu`` says it beats dense at this shape, else dense; CUDA -> dense
     above :data:`SMALL_BATCH` GEMM rows or when the packed weight saves too few bytes,
     else the CUDA 2:4 kernel where it fits, else Triton; any other device -> dense.
@@ -462,6 +472,9 @@ def _parse_path(op: str, requested) -> Backend | None:
     """nmkern 0.1 helper: the Backend of ``requested``, None for "auto" (use :func:`parse_backend`)."""
     b = parse_backend(op, requested)
     return None if b is Backend.AUTO else b
+
+
+from . import tuning  # noqa: E402  (last: tuning imports this module)
 
 
 def __getattr__(name: str):

@@ -7,6 +7,11 @@ import os
 
 import pytest
 
+# Layers under backend="auto" measure which path wins on their first call (nmkern.tuning) and remember it in
+# ~/.cache/nmkern: outcomes that depend on this machine's load. The suite asserts the static rules instead;
+# tests/test_tuning.py turns measuring on (a fake timer, and one real measurement) with its own cache folder.
+os.environ.setdefault("NMKERN_TUNE", "0")
+
 
 @functools.lru_cache(maxsize=None)
 def has_cuda() -> bool:
@@ -68,3 +73,36 @@ def tiny_llama():
         return transformers.LlamaForCausalLM(cfg).eval()
 
     return build
+
+
+@pytest.fixture
+def tuned(tmp_path, monkeypatch):
+    """Measuring on (nmkern.tuning), a fresh cache folder, warm-cache state, and a fake timer: every timed call
+    of a path counts as the seconds set for it (``tuned.set(dense=1.0, cpu=0.5)``); ``tuned.samples`` lists the
+    paths of the samples taken. The calls themselves really run."""
+    from nmkern import tuning
+    from nmkern.backend import Backend
+
+    monkeypatch.setenv("NMKERN_TUNE", "1")
+    monkeypatch.setenv("NMKERN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NMKERN_BACKEND", raising=False)
+    monkeypatch.setitem(tuning._llc, "cpu", 1 << 60)  # nothing counts as cold unless a test says so
+    monkeypatch.setattr(tuning, "_trials", {})
+    tuning.forget()
+
+    class Fake:
+        def __init__(self):
+            self.seconds = {Backend.DENSE: 1.0, Backend.CPU: 0.5}
+            self.samples = []
+
+        def set(self, **seconds):
+            self.seconds = {Backend(k): v for k, v in seconds.items()}
+
+        def __call__(self, path, measured):
+            self.samples.append(path.value)
+            return self.seconds[path]
+
+    fake = Fake()
+    monkeypatch.setattr(tuning, "_observe", fake)
+    yield fake
+    tuning.forget()

@@ -291,7 +291,7 @@ def test_commands_are_thin_and_independent():
 
     root = Path(nmkern.cli.__file__).parent
     commands = {p.stem for p in root.glob("*.py") if not p.stem.startswith("_")}
-    assert commands == {"inspect", "prune", "convert", "demo", "search", "train", "bench", "selftest"}
+    assert commands == {"inspect", "prune", "convert", "demo", "search", "train", "bench", "tune", "selftest"}
     for name in commands:
         tree = ast.parse((root / f"{name}.py").read_text())
         for node in ast.walk(tree):

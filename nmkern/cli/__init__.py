@@ -1,6 +1,6 @@
 """The ``nmkern`` command line: thin commands over nmkern's library calls.
 
-One module per command (inspect, prune, convert, demo, search, train, bench, selftest), each with
+One module per command (inspect, prune, convert, demo, search, train, bench, tune, selftest), each with
 ``register(subparsers)`` and ``run(args) -> exit code``; :mod:`._common` holds the
 plumbing they share. Commands never import one another.
 
@@ -17,12 +17,12 @@ import sys
 
 import torch
 
-from . import bench, convert, demo, inspect, prune, search, selftest, train
+from . import bench, convert, demo, inspect, prune, search, selftest, train, tune
 from ._common import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, UsageError
 
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # the shell's codes for SIGINT / SIGPIPE
 
-COMMANDS = (inspect, demo, prune, convert, search, train, bench, selftest)  # --help lists them in this order
+COMMANDS = (inspect, demo, prune, convert, search, train, bench, tune, selftest)  # --help lists them in this order
 
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "UsageError",
            "build_parser", "main"]

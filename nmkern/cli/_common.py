@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import stat
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoint_io
 from ..checkpoint_io import write_json
 from ..spec import BlockSpec, NMSpec, parse_spec
 
@@ -19,9 +21,9 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 SCHEME_PATTERNS = (NMSpec.pattern, BlockSpec.pattern)
 SCHEME_HELP = "'n:m' (e.g. 2:4), '1x<block>:<sparsity>' (e.g. 1x4:0.5), or a scheme JSON file"
 
-__all__ = ["EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "SCHEME_HELP", "UsageError", "add_data_args",
+__all__ = ["EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "Kind", "SCHEME_HELP", "UsageError", "add_data_args",
            "check_out_dir", "check_output_files", "check_run_args", "int_list_type", "load_data", "parse_int_list",
-           "parse_scheme_arg", "progress", "set_threads", "write_json"]
+           "parse_scheme_arg", "progress", "read_model", "set_threads", "write_json"]
 
 
 class UsageError(Exception):
@@ -232,3 +234,68 @@ def load_data(args):
         return load_dataset(args.dataset, seed=args.seed)
     except ImportError as e:
         raise UsageError(str(e)) from None
+
+
+# --------------------------------------------------------------------------- reading a sparse model
+
+
+class Kind(str, enum.Enum):
+    """The three forms a model converts between."""
+
+    STATE_DICT = "torch state_dict"
+    NMKERN = "nmkern safetensors"
+    COMPRESSED_TENSORS = "compressed-tensors folder"
+
+
+def _factory_model(args, what: str) -> torch.nn.Module:
+    """The dense model ``--factory`` builds (``what``: the input, for the message when it is missing)."""
+    if not args.factory:
+        raise UsageError(f"{args.input} is {what}: pass --factory module:callable that builds the model it belongs to "
+                         "(e.g. --factory nmkern.models:MNIST1DNet)")
+    return checkpoint_io.model_from_factory(args.factory)
+
+
+def _read_folder(args, src: Path) -> tuple[torch.nn.Module, Kind]:
+    from ..ct_format import folder_dtype, is_compressed_tensors
+    from ..pretrained import CONFIG_NAME, WEIGHTS_NAME, build_from_config, from_pretrained
+    from ..serialization import load
+
+    if (src / WEIGHTS_NAME).is_file() and not is_compressed_tensors(_json(src / CONFIG_NAME)):  # save_pretrained
+        if args.factory:
+            return load(src / WEIGHTS_NAME, _factory_model(args, "a folder")), Kind.NMKERN
+        return from_pretrained(src), Kind.NMKERN
+    op = f"nmkern {args.command}"
+    if args.factory:
+        model = _factory_model(args, "a folder")
+    elif (src / CONFIG_NAME).is_file():
+        model = build_from_config(op, src, folder_dtype(op, src))
+    else:
+        raise UsageError(f"{src} has no config.json: pass --factory module:callable that builds its model")
+    return load(src, model), Kind.COMPRESSED_TENSORS
+
+
+def _json(path: Path):
+    """A JSON file's contents, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_model(args) -> tuple[torch.nn.Module, Kind]:
+    """(the model, the input's kind) of ``args.input`` (and ``args.factory``): a torch state_dict or an nmkern
+    ``.safetensors`` file (both built with ``--factory``), or a folder (nmkern.save_pretrained's, or
+    compressed-tensors)."""
+    from ..serialization import load
+
+    src = Path(args.input)
+    if src.is_dir():
+        return _read_folder(args, src)
+    if not src.is_file():
+        raise UsageError(f"no such file or folder: {args.input}")
+    if src.suffix == ".safetensors":
+        return load(src, _factory_model(args, "an nmkern .safetensors file")), Kind.NMKERN
+    if not args.factory:
+        _factory_model(args, "a torch state_dict")
+    state = checkpoint_io.load_state_dict(str(src), extra_state=True)
+    return checkpoint_io.build_from_factory(args.factory, state, sparse=True), Kind.STATE_DICT

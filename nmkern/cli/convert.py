@@ -8,24 +8,14 @@ the output's format; the output's kind follows from its path.
 
 from __future__ import annotations
 
-import enum
-import json
 from pathlib import Path
 
 import torch.nn as nn
 
 from .. import checkpoint_io
-from ._common import EXIT_OK, UsageError, check_output_files
+from ._common import EXIT_OK, Kind, UsageError, check_output_files, read_model
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
-
-
-class Kind(str, enum.Enum):
-    """The three forms a model converts between."""
-
-    STATE_DICT = "torch state_dict"
-    NMKERN = "nmkern safetensors"
-    COMPRESSED_TENSORS = "compressed-tensors folder"
 
 
 def register(sub) -> None:
@@ -53,58 +43,6 @@ def output_kind(path: str) -> Kind:
         return Kind.COMPRESSED_TENSORS
     raise UsageError(f"output {path}: cannot tell its format from the name; use X.safetensors (nmkern), "
                      f"X.pt / .pth / .bin (torch state_dict) or a folder path (compressed-tensors)")
-
-
-def _factory_model(args, what: str) -> nn.Module:
-    """The dense model ``--factory`` builds (``what``: the input, for the message when it is missing)."""
-    if not args.factory:
-        raise UsageError(f"{args.input} is {what}: pass --factory module:callable that builds the model it belongs to "
-                         "(e.g. --factory nmkern.models:MNIST1DNet)")
-    return checkpoint_io.model_from_factory(args.factory)
-
-
-def _read_folder(args, src: Path) -> tuple[nn.Module, Kind]:
-    from ..ct_format import folder_dtype, is_compressed_tensors
-    from ..pretrained import CONFIG_NAME, WEIGHTS_NAME, build_from_config, from_pretrained
-    from ..serialization import load
-
-    if (src / WEIGHTS_NAME).is_file() and not is_compressed_tensors(_json(src / CONFIG_NAME)):  # save_pretrained
-        if args.factory:
-            return load(src / WEIGHTS_NAME, _factory_model(args, "a folder")), Kind.NMKERN
-        return from_pretrained(src), Kind.NMKERN
-    op = "nmkern convert"
-    if args.factory:
-        model = _factory_model(args, "a folder")
-    elif (src / CONFIG_NAME).is_file():
-        model = build_from_config(op, src, folder_dtype(op, src))
-    else:
-        raise UsageError(f"{src} has no config.json: pass --factory module:callable that builds its model")
-    return load(src, model), Kind.COMPRESSED_TENSORS
-
-
-def _json(path: Path):
-    """A JSON file's contents, or None when it is missing or not JSON."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_model(args) -> tuple[nn.Module, Kind]:
-    """(the model, the input's kind) of ``args.input``."""
-    from ..serialization import load
-
-    src = Path(args.input)
-    if src.is_dir():
-        return _read_folder(args, src)
-    if not src.is_file():
-        raise UsageError(f"no such file or folder: {args.input}")
-    if src.suffix == ".safetensors":
-        return load(src, _factory_model(args, "an nmkern .safetensors file")), Kind.NMKERN
-    if not args.factory:
-        _factory_model(args, "a torch state_dict")
-    state = checkpoint_io.load_state_dict(str(src), extra_state=True)
-    return checkpoint_io.build_from_factory(args.factory, state, sparse=True), Kind.STATE_DICT
 
 
 def _pack_all(model: nn.Module) -> list[str]:

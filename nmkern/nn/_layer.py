@@ -34,30 +34,24 @@ leaves the module as it was. A training-form module also loads a plain ``nn.Line
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 
 from .. import _validate as v
-from .. import dispatch, ops  # noqa: F401  (ops registers torch.ops.nmkern.*)
+from .. import dispatch, ops, tuning  # noqa: F401  (ops registers torch.ops.nmkern.*)
 from ..autograd import srste_weight
 from ..backend import Backend, parse_backend
-from ..dispatch import Call, LayerInfo, LayerOp
+from ..dispatch import LayerInfo, LayerOp
 from ..formats import NMPacked
 from ..memory import release_free_memory
-from ..functional import block_mask_1xn, compress_24, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
-from ..reference.graph_decode import bsr_dense_graph, nm_dense_rows_graph
-from ..reference.linear import bsr_dense_ref, conv_weight_from_rows, nm_dense_rows_ref
+from ..functional import block_mask_1xn, nm_mask, pack_nm, to_bsr_1xn, unpack_nm
+from ..reference.linear import bsr_dense_ref
 from ..reference.semi24 import COL_ALIGN, ROW_ALIGN
 from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern, pattern_in
 from . import _state
-
-
-def _onnx_forward(layer: "_SparseLayer", x: torch.Tensor) -> torch.Tensor:
-    """A packed layer under ``torch.onnx.export(dynamo=True)`` (a trace, so never on the eager path)."""
-    return layer._dense_op(x, layer._graph_weight())
+from ._exec import _PackedExecution
 
 
 def parse_pattern(op: str, pattern) -> Pattern:
@@ -106,17 +100,9 @@ def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Patter
 # Per-module caches, rebuilt on demand; cleared by pack/load/.to()/.half() and never saved.
 _CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache", "_info_cache", "_path_cache",
            "_plan_cache", "_fast_dense")
-# Decisions remembered per module (distinct input row counts seen); the memo keeps
-# the per-call dispatch cost to a dict lookup (building LayerInfo and deciding cost
-# ~100 us per call on this machine, more than a small dense GEMM).
-_PATH_MEMO_SIZE = 256
-# Read on every call of a dense-bound layer: the function itself, not torch.compiler's attribute (a lookup less).
-_is_compiling = torch.compiler.is_compiling
-# GEMM row counts the compile plan asks the table about (see _SparseLayer._build_compile_plan).
-_PLAN_ROWS = tuple(2 ** i for i in range(17))
 
 
-class _SparseLayer(nn.Module):
+class _SparseLayer(_PackedExecution, nn.Module):
     """Shared machinery of SparseLinear / SparseConv2d (weight geometry is the subclass's)."""
 
     _op: LayerOp
@@ -206,6 +192,7 @@ class _SparseLayer(nn.Module):
             return
         builders = {Backend.CPU: self._cpu_cached, Backend.CUDA: self._semi24_cached,
                     Backend.CUSPARSELT: self._cslt_cached}
+        tuning.note_packed(self)
         for path in dispatch.native_paths(self.backend, self._layer_info(), self.device.type):
             builders[path]()
         self._build_compile_plan()
@@ -231,9 +218,13 @@ class _SparseLayer(nn.Module):
         if info is None:
             info = LayerInfo(op=self._op, pattern=self.pattern, n=self.n, m=self.m, block=self.block,
                              sparsity=self.sparsity, in_features=self._gemm_k(), out_features=self.weight_shape[0],
-                             dtype=self.dtype, semi24_fits=self._semi24_fits())
+                             dtype=self.dtype, semi24_fits=self._semi24_fits(), geometry=self._geometry())
             self.__dict__["_info_cache"] = info
         return info
+
+    def _geometry(self) -> tuple:
+        """What besides the GEMM shape sets the cost of a call (a conv's kernel, stride, padding, dilation)."""
+        return tuple(getattr(self, a) for a in ("kernel_size", "stride", "padding", "dilation") if hasattr(self, a))
 
     def _semi24_fits(self) -> bool:
         """2:4 fp16/bf16 whose GEMM (out rows, K = in_features or kh*kw*in_channels) fits the CUTLASS layout."""
@@ -437,147 +428,6 @@ class _SparseLayer(nn.Module):
         names = (("packed_values", "packed_indices") if self.pattern is Pattern.NM
                  else ("bsr_crow", "bsr_col", "bsr_values"))
         return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in names)
-
-    # -- packed execution -------------------------------------------------------------
-    def _dense_cached(self) -> torch.Tensor:
-        if self._dense_cache is None:
-            self.__dict__["_dense_cache"] = self.dense_weight()
-            if not torch.compiler.is_compiling():
-                release_free_memory()  # the decode's temporaries (as after pack())
-        return self._dense_cache
-
-    def _gemm_rows_weight(self) -> torch.Tensor:
-        """The masked weight as the GEMM's ``(out, K)`` rows: a conv's in NHWC order (input channels
-        innermost), the order N:M groups run along and :func:`~nmkern.reference.linear.unfold_nhwc` gives.
-
-        A source for the native layouts: it does not fill the dense cache (only the dense path keeps it).
-        """
-        if self.pattern is Pattern.NM:  # the packed rows are already in GEMM order (NHWC for a conv)
-            return nm_dense_rows_ref(self.packed_values, self.packed_indices, self.n, self.m)
-        dense = self._dense_cache if self._dense_cache is not None else self.dense_weight()
-        return dense.permute(0, 2, 3, 1).reshape(dense.shape[0], -1) if dense.dim() == 4 else dense
-
-    def _semi24_cached(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._semi24_cache is None:
-            self.__dict__["_semi24_cache"] = compress_24(self._gemm_rows_weight().contiguous())
-        return self._semi24_cache
-
-    def _cslt_cached(self):
-        if self._cslt_cache is None:
-            rows = self._gemm_rows_weight().contiguous()
-            self.__dict__["_cslt_cache"] = torch.sparse.to_sparse_semi_structured(rows)
-        return self._cslt_cache
-
-    def _cpu_cached(self):
-        """The weight in the native CPU kernels' layout (``nmkern._cpu.CpuLinear`` over the GEMM rows)."""
-        if self._cpu_cache is None:
-            self.__dict__["_cpu_cache"] = dispatch.cpu_kernels().prepare_cpu_linear(
-                self._gemm_rows_weight(), self.pattern.value, self.n, self.m, self.block)
-        return self._cpu_cache
-
-    def _decide(self, x: torch.Tensor, rows: int) -> tuple[Backend, object]:
-        """(path, the table's callable for it), remembered per (backend, device, GEMM rows)."""
-        if torch.compiler.is_compiling():  # decided once at trace time, from the plan made in eager mode
-            if torch.onnx.is_in_onnx_export():  # ONNX has no nmkern ops: the dense op on the weight decoded in-graph
-                return Backend.DENSE, _onnx_forward
-            path = self._traced_path(x, rows)
-            return path, dispatch.callable_for(path, self._op)
-        # Environment variables (NMKERN_BACKEND, TRITON_INTERPRET) are read on a memo miss only:
-        # os.environ lookups cost more than the rest of this function.
-        key = (self.backend, x.device, rows)
-        memo = self._path_cache
-        if memo is None:
-            memo = self.__dict__["_path_cache"] = {}
-        hit = memo.get(key)
-        if hit is None:
-            path = dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
-            hit = (path, dispatch.callable_for(path, self._op))
-            if len(memo) >= _PATH_MEMO_SIZE:
-                memo.clear()
-            memo[key] = hit
-            if path is Backend.DENSE:
-                self._bind_fast_dense(x)
-        return hit
-
-    def _build_compile_plan(self) -> None:
-        """What :func:`nmkern.dispatch.choose` picks at 1, 2, 4, ... GEMM rows, as row ranges.
-
-        Built in eager mode (``pack()``, ``.to()``, ``load_state_dict``, setting ``backend``) so a
-        ``torch.compile`` trace neither calls into the table (the native library's lock is a graph
-        break) nor guards on the exact row count: a forced path has one range (no guard on the
-        batch size at all), ``auto`` a range per path it switches between (one guard per switch).
-        """
-        call = Call(self._layer_info(), self.device.type, 1)
-        ranges: list[tuple[int, Backend]] = []
-        try:
-            for rows in _PLAN_ROWS:
-                path = dispatch.choose(self.backend, dataclasses.replace(call, rows=rows))
-                if ranges and ranges[-1][1] is path:
-                    ranges[-1] = (rows, path)
-                else:
-                    ranges.append((rows, path))
-        except ValueError:  # a forced path that cannot run here: the trace asks the table, which says why
-            ranges = []
-        self.__dict__["_plan_cache"] = ((self.backend, self.device.type), tuple(ranges))
-
-    def _traced_path(self, x: torch.Tensor, rows) -> Backend:
-        """The path under torch.compile: the eager plan's range holding ``rows`` (a SymInt when dynamic)."""
-        plan = self._plan_cache
-        if plan is None or plan[0] != (self.backend, x.device.type) or not plan[1]:
-            return dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
-        ranges = plan[1]
-        for max_rows, path in ranges[:-1]:
-            if rows <= max_rows:
-                return path
-        return ranges[-1][1]
-
-    def _choose(self, x: torch.Tensor, rows: int) -> Backend:
-        """The path this call takes (:func:`nmkern.dispatch.choose`, remembered)."""
-        return self._decide(x, rows)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same lookup for Linear and Conv2d: training form -> the dense op on the masked weight;
-        packed form -> the path :func:`nmkern.dispatch.choose` picks, run by its table entry.
-
-        A packed layer the plan keeps dense at every row count calls ``_fast_dense`` (bound by :meth:`_decide`):
-        no per-call validation or lookup; an input the op refuses is checked then, for this module's message.
-        """
-        fast = self._fast_dense
-        if fast is not None and not _is_compiling():
-            try:
-                return fast(x)
-            except (RuntimeError, TypeError):
-                self._check_input(x)  # raises the message naming the layer, shapes and dtypes
-                raise
-        self._check_input(x)
-        if not self._packed:
-            return self._dense_op(x, self._train_weight())
-        return self._decide(x, self._gemm_rows(x))[1](self, x)
-
-    def _bind_fast_dense(self, x: torch.Tensor) -> None:
-        """Bind the dense op on the cached weight when the plan is dense at every GEMM row count (1 ... 2**16 and
-        beyond) for this backend and device: a 128x128 layer's per-call overhead then is nn.Linear's."""
-        plan = self._plan_cache
-        if plan is not None and plan[0] == (self.backend, x.device.type) and [p for _, p in plan[1]] == [Backend.DENSE]:
-            self.__dict__["_fast_dense"] = self._dense_partial(self._dense_cached())
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "bias":
-            self._forget_decisions()  # the bound op holds the old bias
-        super().__setattr__(name, value)
-
-    def _forget_decisions(self) -> None:
-        """Drop the bound dense op and the remembered paths (the next call decides, and binds, afresh)."""
-        self.__dict__["_fast_dense"] = None
-        self.__dict__["_path_cache"] = None
-
-    def _graph_weight(self) -> torch.Tensor:
-        """The dense weight decoded from the packed buffers in ops ONNX translates (reference.graph_decode)."""
-        if self.pattern is Pattern.NM:
-            rows = nm_dense_rows_graph(self.packed_values, self.packed_indices, self.n, self.m)
-            return conv_weight_from_rows(rows, self.weight_shape) if len(self.weight_shape) == 4 else rows
-        dense = bsr_dense_graph(self.bsr_crow, self.bsr_col, self.bsr_values, self.weight_shape[0], self._gemm_k())
-        return dense.reshape(self.weight_shape)
 
     def _check_device_dtype(self, op: str, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
