@@ -1,5 +1,9 @@
 """CPU sparse kernels (csrc/cpu) through ctypes: N:M (incl. 2:4) and 1xN linear / conv2d.
 
+fp32, bf16 and fp16 (``KERNEL_DTYPES``): a layout keeps its weight's dtype (fp64 weights
+are rounded to fp32 once), x and bias must come in that dtype, and the kernels
+accumulate in fp32 whatever the storage.
+
 ``setup.py`` builds ``nmkern/_lib/libnmkern_cpu_<isa>.so`` for ``avx512``, ``avx2``
 and ``generic``; :func:`available` loads the best one the running CPU supports
 (asked through the generic library's cpuid query), or the one named by
@@ -29,7 +33,7 @@ from .reference.linear import conv_out_size, fold_rows_nchw, unfold_nhwc
 from .reference.nm_pack import first_overfull_group_ref
 from .spec import Pattern, pattern_in
 
-ABI_VERSION = 1  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
+ABI_VERSION = 2  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
 ENV_ISA = "NMKERN_CPU_ISA"
 # Threading of the C kernels: "pool" (default): a work-claiming pool whose caller
@@ -38,6 +42,9 @@ ENV_ISA = "NMKERN_CPU_ISA"
 # machine ~30 ms per call for a 0.1 ms layer).
 ENV_THREADING = "NMKERN_CPU_THREADING"
 THREADING_MODES = {"pool": 0, "openmp": 1}
+# The dtypes the kernels take, and the suffix of their C entry points.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 class CpuIsa(str, enum.Enum):
@@ -89,12 +96,11 @@ def _declare(lib) -> None:
     lib.nmkern_cpu_set_threading.argtypes = [c_int]
     lib.nmkern_cpu_get_threading.restype = c_int
     lib.nmkern_cpu_get_threading.argtypes = []
-    lib.nmkern_nm_linear_f32.restype = c_int
-    lib.nmkern_nm_linear_f32.argtypes = [c_vp, c_i64, c_i64, c_vp, c_vp, c_i64, c_int, c_int, c_vp, c_vp, c_int, c_int]
-    lib.nmkern_bsr_linear_f32.restype = c_int
-    lib.nmkern_bsr_linear_f32.argtypes = [
-        c_vp, c_i64, c_i64, c_vp, c_vp, c_vp, c_int, c_i64, c_i64, c_int, c_vp, c_vp, c_int, c_int,
-    ]
+    for suffix in _SUFFIX.values():
+        nm, bsr = getattr(lib, f"nmkern_nm_linear_{suffix}"), getattr(lib, f"nmkern_bsr_linear_{suffix}")
+        nm.restype = bsr.restype = c_int
+        nm.argtypes = [c_vp, c_i64, c_i64, c_vp, c_vp, c_i64, c_int, c_int, c_vp, c_vp, c_int, c_int]
+        bsr.argtypes = [c_vp, c_i64, c_i64, c_vp, c_vp, c_vp, c_int, c_i64, c_i64, c_int, c_vp, c_vp, c_int, c_int]
 
 
 def _open(isa: CpuIsa):
@@ -224,8 +230,9 @@ def _check_nm_sparse(op: str, w2: torch.Tensor, n: int, m: int) -> None:
 class CpuLinear:
     """A packed sparse weight plus its kernel: ``y = layer(x2d, bias)``.
 
-    Build with :func:`prepare_cpu_linear`. ``x2d`` is fp32 ``(B, in_features)``
-    on the CPU; the result is fp32 ``(B, out_features)``.
+    Build with :func:`prepare_cpu_linear`. ``x2d`` is ``(B, in_features)`` on the CPU in
+    the layout's :attr:`dtype` (fp32, bf16 or fp16); the result is ``(B, out_features)``
+    in that dtype, accumulated in fp32.
     """
 
     def __init__(self, kind: Pattern, n: int, m: int, block: int, out_features: int, in_features: int,
@@ -238,6 +245,11 @@ class CpuLinear:
     def nbytes(self) -> int:
         """Bytes of the packed weight (values + indices)."""
         return sum(t.numel() * t.element_size() for t in self._t.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the packed values, which x, bias and the result share."""
+        return self._t["values"].dtype
 
     @property
     def kept_macs_per_row(self) -> int:
@@ -264,27 +276,43 @@ class CpuLinear:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
                  num_threads: int | None = None) -> torch.Tensor:
-        x, bias = check_rows_input("nmkern cpu sparse linear", x, bias, self.in_features, self.out_features)
+        x, bias = check_rows_input("nmkern cpu sparse linear", x, bias, self.in_features, self.out_features,
+                                   self.dtype)
         t = self._t
         if self.kind is Pattern.NM:
-            return nm_linear_f32(x, t["values"], t["index"], self.n, self.m, self.out_features, bias, algo=algo,
-                                 num_threads=num_threads)
-        return bsr_linear_f32(x, t["values"], t["rowptr"], t["col"], self.block, self.out_features, bias, algo=algo,
-                              num_threads=num_threads)
+            return nm_linear(x, t["values"], t["index"], self.n, self.m, self.out_features, bias, algo=algo,
+                             num_threads=num_threads)
+        return bsr_linear(x, t["values"], t["rowptr"], t["col"], self.block, self.out_features, bias, algo=algo,
+                          num_threads=num_threads)
 
 
-def check_rows_input(op: str, x, bias, in_features: int, out_features: int):
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_rows_input(op: str, x, bias, in_features: int, out_features: int, dtype: torch.dtype = torch.float32):
     """``(x, bias)`` made contiguous after checking them for a kernel call: the C side reads raw pointers,
-    so a wrong dtype, device or width would read the wrong memory. x fp32 ``(B, in_features)`` on the
-    CPU; bias fp32 ``(out_features,)`` or None."""
-    v.check_tensor(op, "x", x, (torch.float32,), ndim=2)
+    so a wrong dtype, device or width would read the wrong memory. ``dtype``: the packed weight's (one of
+    ``KERNEL_DTYPES``); x ``(B, in_features)`` on the CPU and bias ``(out_features,)`` or None, both in it."""
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: the packed values have dtype {_dtype_name(dtype)}; the CPU kernels take "
+                        f"{', '.join(map(_dtype_name, KERNEL_DTYPES))} layouts (pack the weight with "
+                        "nmkern._cpu.prepare_cpu_linear)")
+    v.check_tensor(op, "x", x, None, ndim=2)
+    if x.dtype != dtype:
+        fix = f"cast x with .to(torch.{_dtype_name(dtype)})"
+        if x.dtype in KERNEL_DTYPES:
+            fix += f", or pack the weight in {_dtype_name(x.dtype)}"
+        raise TypeError(f"{op}: x has dtype {_dtype_name(x.dtype)} (shape {tuple(x.shape)}) but the packed weight "
+                        f"is {_dtype_name(dtype)}; the CPU kernels take x in the weight's dtype "
+                        f"({', '.join(map(_dtype_name, KERNEL_DTYPES))}): {fix}")
     if x.device.type != "cpu":
         raise ValueError(f"{op}: x is on {x.device}; the cpu backend needs a CPU tensor (x.cpu())")
     if x.shape[1] != in_features:
         raise ValueError(f"{op}: x has shape {tuple(x.shape)} but the weight has in_features={in_features}; "
                          f"pass x of shape (batch, {in_features})")
     if bias is not None:
-        v.check_tensor(op, "bias", bias, (torch.float32,), ndim=1)
+        v.check_tensor(op, "bias", bias, (dtype,), ndim=1)
         if bias.device.type != "cpu":
             raise ValueError(f"{op}: bias is on {bias.device}; the cpu backend needs a CPU tensor")
         if bias.shape[0] != out_features:
@@ -302,10 +330,10 @@ def _threads(macs: int, num_threads: int | None) -> int:
 
 
 def _run_kernel(x: torch.Tensor, out_features: int, macs_per_row: int, num_threads: int | None, launch) -> torch.Tensor:
-    """y ``(B, out_features)`` fp32 from ``launch(lib, y, threads)``, the C call returning its status."""
+    """y ``(B, out_features)`` in x's dtype from ``launch(lib, y, threads)``, the C call returning its status."""
     op = "nmkern cpu sparse linear"
     lib = _require(op)
-    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype)
     if x.shape[0] == 0:
         return y
     with torch.no_grad():
@@ -314,30 +342,46 @@ def _run_kernel(x: torch.Tensor, out_features: int, macs_per_row: int, num_threa
     return y
 
 
-def nm_linear_f32(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int, out_features: int,
-                  bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
-                  num_threads: int | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` with W in the CPU N:M tile layout (``CpuLinear.tensors``).
+def _entry(lib, name: str, dtype: torch.dtype):
+    """The C entry point ``nmkern_<name>_<f32|bf16|f16>`` for ``dtype``."""
+    return getattr(lib, f"nmkern_{name}_{_SUFFIX[dtype]}")
 
-    x: contiguous fp32 ``(B, K)`` on the CPU; bias fp32 ``(out_features,)`` or None. The
-    caller (:class:`CpuLinear`, the registered op ``nmkern::cpu_nm_linear``) checked them
-    with :func:`check_rows_input`.
+
+def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int, out_features: int,
+              bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO, num_threads: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the CPU N:M tile layout (``CpuLinear.tensors``), in x's dtype.
+
+    x: contiguous ``(B, K)`` on the CPU in the values' dtype (fp32, bf16 or fp16); bias the same
+    dtype ``(out_features,)`` or None. The caller (:class:`CpuLinear`, the registered op
+    ``nmkern::cpu_nm_linear``) checked them with :func:`check_rows_input`.
     """
     batch, k = x.shape
     return _run_kernel(x, out_features, out_features * k * n // m, num_threads, lambda lib, y, threads: (
-        lib.nmkern_nm_linear_f32(_ptr(x), batch, k, _ptr(values), _ptr(index), out_features, n, m, _ptr(bias),
-                                 _ptr(y), threads, int(algo))))
+        _entry(lib, "nm_linear", x.dtype)(_ptr(x), batch, k, _ptr(values), _ptr(index), out_features, n, m,
+                                          _ptr(bias), _ptr(y), threads, int(algo))))
 
 
-def bsr_linear_f32(x: torch.Tensor, values: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, block: int,
-                   out_features: int, bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
-                   num_threads: int | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` with W in the CPU 1xN layout (``CpuLinear.tensors``); checked by the caller."""
+def bsr_linear(x: torch.Tensor, values: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, block: int,
+               out_features: int, bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
+               num_threads: int | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the CPU 1xN layout (``CpuLinear.tensors``), in x's dtype; checked by the
+    caller as for :func:`nm_linear`."""
     batch, k = x.shape
     return _run_kernel(x, out_features, values.numel(), num_threads, lambda lib, y, threads: (
-        lib.nmkern_bsr_linear_f32(_ptr(x), batch, k, _ptr(values) if values.numel() else None, _ptr(rowptr),
-                                  _ptr(col) if col.numel() else None, col.element_size(), col.numel(), out_features,
-                                  block, _ptr(bias), _ptr(y), threads, int(algo))))
+        _entry(lib, "bsr_linear", x.dtype)(_ptr(x), batch, k, _ptr(values) if values.numel() else None,
+                                           _ptr(rowptr), _ptr(col) if col.numel() else None, col.element_size(),
+                                           col.numel(), out_features, block, _ptr(bias), _ptr(y), threads,
+                                           int(algo))))
+
+
+def nm_linear_f32(x, values, index, n, m, out_features, bias=None, **kwargs) -> torch.Tensor:
+    """:func:`nm_linear` on fp32 x (the name the registered op calls for fp32; tests hook it)."""
+    return nm_linear(x, values, index, n, m, out_features, bias, **kwargs)
+
+
+def bsr_linear_f32(x, values, rowptr, col, block, out_features, bias=None, **kwargs) -> torch.Tensor:
+    """:func:`bsr_linear` on fp32 x (the name the registered op calls for fp32)."""
+    return bsr_linear(x, values, rowptr, col, block, out_features, bias, **kwargs)
 
 
 def _weight_rows(op: str, w, ndim: int) -> torch.Tensor:
@@ -346,8 +390,7 @@ def _weight_rows(op: str, w, ndim: int) -> torch.Tensor:
         raise ValueError(f"{op}: weight is on {w.device}; pack CPU weights (w.cpu())")
     if w.numel() == 0:
         raise ValueError(f"{op}: weight of shape {tuple(w.shape)} is empty")
-    if w.dtype == torch.float64 or w.dtype in v.HALF_DTYPES:
-        # fp16/bf16 values are exact in fp32; fp64 is rounded once, like a .float() call.
+    if w.dtype == torch.float64:  # rounded once, like a .float() call; fp16/bf16 keep half layouts
         w = w.to(torch.float32)
     return w.detach()
 
@@ -378,6 +421,9 @@ def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def prepare_cpu_linear(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: int = 0, block: int = 0) -> CpuLinear:
     """Pack a masked dense ``(out, in)`` weight for the CPU kernel (lossless).
+
+    The layout keeps the weight's dtype (fp32, bf16 or fp16; fp64 is rounded to fp32) and the
+    layer then takes x in that dtype.
 
     ``kind="nm"``: every group of ``m`` along ``in`` holds at most ``n`` non-zeros
     (2:4 is n=2, m=4). ``kind="1xn"``: blocks of ``block`` consecutive output rows
@@ -417,7 +463,7 @@ class CpuConv2d:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                  **kwargs) -> torch.Tensor:
         op = "nmkern cpu sparse conv2d"
-        v.check_tensor(op, "x", x, (torch.float32,), ndim=4)
+        v.check_tensor(op, "x", x, (self.linear.dtype,), ndim=4)
         if x.device.type != "cpu":
             raise ValueError(f"{op}: x is on {x.device}; the cpu backend needs a CPU tensor (x.cpu())")
         if x.shape[1] != self.in_channels:
@@ -475,26 +521,33 @@ _MAX_ROWS = (  # (kind, highest density of the class, largest batch that wins, s
     (Pattern.BLOCK, 0.50, 16, 16),
 )
 LARGE_WEIGHTS = 1 << 22
+# bf16 / fp16: the sparse kernel won only at decode batches (bench/cpu_half_ratio.py, 4096x4096, 2
+# threads, AVX-512 Xeon with AMX: batch 1 ratios 0.14-0.73; batch 16 1.2-2.3 for bf16, whose dense
+# GEMM runs on AMX, 0.6-2.0 for fp16): at most this many rows, within the fp32 limits above.
+HALF_MAX_ROWS = 8
 # Below ~256K weights a dense GEMV takes a few microseconds and the ctypes call plus
 # packing of x costs about as much: stay dense.
 MIN_WEIGHTS = 1 << 18
 
 
 def cpu_beats_dense(kind, n: int, m: int, block: int, sparsity: float, batch: int, out_features: int,
-                    in_features: int) -> bool:
+                    in_features: int, dtype: torch.dtype = torch.float32) -> bool:
     """True where the CPU kernel measured faster than dense ``F.linear`` for this layer and batch.
 
     ``batch`` is the number of rows of the GEMM (tokens, or B*OH*OW for a conv);
     ``in_features`` is K (``I*kh*kw`` for a conv). Conservative: False for anything
-    the table above does not cover, for the portable (non-SIMD) library, and when
-    the library is unavailable.
+    the table above does not cover, for the portable (non-SIMD) library, for a ``dtype``
+    the kernels do not take, and when the library is unavailable; bf16 / fp16 stop at
+    ``HALF_MAX_ROWS`` rows.
     """
     kind = pattern_in(kind.value if isinstance(kind, enum.Enum) else str(kind), _KINDS)
     if kind is None:
         return False
     if not available() or _state["isa"] not in (CpuIsa.AVX2, CpuIsa.AVX512):
         return False
-    if batch < 1 or out_features * in_features < MIN_WEIGHTS:
+    if batch < 1 or out_features * in_features < MIN_WEIGHTS or dtype not in KERNEL_DTYPES:
+        return False
+    if dtype != torch.float32 and batch > HALF_MAX_ROWS:
         return False
     if kind is Pattern.NM:
         if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m <= 16):

@@ -10,11 +10,13 @@
    same logits;
 5. time the packed model against the dense one on this CPU, batch by batch,
    interleaved in one process (:mod:`nmkern.timing`, the harness ``nmkern bench`` and
-   ``bench/`` use; the machine is recorded with :func:`nmkern.timing.machine_info`).
+   ``bench/`` use; the machine is recorded with :func:`nmkern.timing.machine_info`);
+6. where sparsity pays: a LLaMA-7B-shaped decoder layer at batch 1, fp32 and bf16, dense
+   vs packed 2:4 (:mod:`nmkern.demo_llama`).
 
 Writes ``report.md``, ``results.json``, ``scheme.json``, the dense and packed
-checkpoints, and three PNG plots (per-layer N, accuracy vs sparsity, latency ratio
-vs batch) into the output folder.
+checkpoints, and four PNG plots (per-layer N, accuracy vs sparsity, latency ratio
+vs batch, the LLaMA-shaped layer) into the output folder.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn as nn
 
 from . import timing
 from .benchmark import pack_model, packed_variants, time_models
+from .demo_llama import llama_latency, plot_llama, report_lines as llama_report_lines
 from .data import Dataset, load_mnist1d
 from .methods.domino import Budget, domino_search
 from .checkpoint_io import atomic_write
@@ -41,7 +44,7 @@ from .nn import SparseConv2d, SparseLinear
 SPARSE_TYPES = (SparseLinear, SparseConv2d)
 # every file run_demo writes into its output folder (each atomically: a temp file, then renamed)
 OUTPUTS = ("dense.pt", "scheme.json", "per_layer_n.png", "sparse_packed.pt", "results.json", "accuracy_vs_sparsity.png",
-           "latency_ratio.png", "report.md")
+           "latency_ratio.png", "llama_layer.png", "report.md")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,7 @@ class DemoConfig:
     oneshot: tuple[str, ...]  # uniform patterns evaluated without retraining
     latency_batches: tuple[int, ...]
     latency_seconds: float  # timing budget per batch size (sets the repeats)
+    llama_seconds: float  # timing budget per dtype of the LLaMA-shaped layer
     batch_size: int = 64
     lr: float = 3e-3
     sparse_lr: float = 1e-3
@@ -76,9 +80,10 @@ class DemoConfig:
 
 
 FULL = DemoConfig(quick=False, dense_epochs=30, sparse_epochs=15, baselines=("2:4", "1:4", "1:8"),
-                  oneshot=("2:4", "1:8"), latency_batches=(1, 8, 64, 256, 1024), latency_seconds=3.0)
+                  oneshot=("2:4", "1:8"), latency_batches=(1, 8, 64, 256, 1024), latency_seconds=3.0,
+                  llama_seconds=4.0)
 QUICK = DemoConfig(quick=True, dense_epochs=10, sparse_epochs=4, baselines=("1:8",), oneshot=(),
-                   latency_batches=(1, 64, 512), latency_seconds=0.6, sparse_lr=2e-3)
+                   latency_batches=(1, 64, 512), latency_seconds=0.6, llama_seconds=1.5, sparse_lr=2e-3)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -199,7 +204,7 @@ def _fmt_pct(x: float) -> str:
 def write_report(res: dict, out: Path) -> None:
     """``report.md``: the run, accuracy table, searched scheme, packing and CPU latency of ``res``."""
     lines = (_report_header(res) + _report_accuracy(res) + _report_scheme(res) + _report_packing(res)
-             + _report_latency(res) + _report_footer())
+             + _report_latency(res) + llama_report_lines(res["llama"]) + _report_footer())
     atomic_write(out / "report.md", lambda p: p.write_text("\n".join(lines)))
 
 
@@ -324,7 +329,7 @@ def run_demo(out_dir: str | os.PathLike = "nmkern-demo", *, quick: bool = False,
     before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, Path(out_dir), progress, command)
+        return _run(cfg, Path(out_dir), progress, command, llama_threads=before)
     finally:
         torch.set_num_threads(before)
 
@@ -354,9 +359,9 @@ class _Stages:
         return self.seconds
 
 
-def _run(cfg: DemoConfig, out: Path, progress: bool, command: str | None) -> dict:
+def _run(cfg: DemoConfig, out: Path, progress: bool, command: str | None, llama_threads: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    st = _Stages(6, progress)
+    st = _Stages(7, progress)
     with st.stage("data"):
         data = load_mnist1d()
     with st.stage("dense training"):  # 1. dense
@@ -372,6 +377,8 @@ def _run(cfg: DemoConfig, out: Path, progress: bool, command: str | None) -> dic
     with st.stage("latency"):  # 5. latency
         latency = measure_latency(dense, packed, cfg.latency_batches, cfg.latency_seconds, data.x_test, main_model,
                                   progress=progress)
+    with st.stage("llama", "LLaMA-shaped layer"):  # 6. where sparsity pays (the caller's threads: a big GEMM)
+        llama = llama_latency(cfg.llama_seconds, llama_threads, seed=cfg.seed, progress=progress)
     res = {
         "command": command or "nmkern.demo.run_demo(...)",
         "config": dataclasses.asdict(cfg),
@@ -382,6 +389,7 @@ def _run(cfg: DemoConfig, out: Path, progress: bool, command: str | None) -> dic
                                      "skipped": scheme.meta.get("skipped", [])},
         "packing": packing,
         "latency": latency,
+        "llama": llama,
         "seconds": st.close(),
     }
     res["scheme"].pop("meta", None)
@@ -461,6 +469,8 @@ def _write_outputs(res: dict, dense_acc: float, out: Path) -> None:
     plot_latency(res["latency"], out / "latency_ratio.png",
                  f"MNIST-1D CNN, packed DominoSearch model vs dense, {res['machine']['threads']} thread(s)\n"
                  f"{res['machine']['cpu']}")
+    plt = _plt()
+    atomic_write(out / "llama_layer.png", lambda p: plot_llama(res["llama"], p, plt))
     write_report(res, out)
 
 

@@ -102,6 +102,7 @@ SMALL_BATCH = 16
 # ... and only if they read clearly fewer bytes (gathers cost more than streaming).
 MAX_BYTES_RATIO = 0.75
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # nmkern._cpu.KERNEL_DTYPES: fp32 accumulation
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -317,7 +318,7 @@ TABLE: dict[Backend, PathEntry] = {e.backend: e for e in (
               shape_rule=lambda layer: ("there is no Triton 1xN conv kernel (1xN convs run the dense conv on the "
                                         "masked weight)" if layer.op is LayerOp.CONV2D
                                         and layer.pattern is Pattern.BLOCK else None)),
-    PathEntry(Backend.CPU, ("cpu",), (torch.float32,), _NM_1XN, _linear_of(_cpu_rows), _as_conv2d(_cpu_rows),
+    PathEntry(Backend.CPU, ("cpu",), CPU_DTYPES, _NM_1XN, _linear_of(_cpu_rows), _as_conv2d(_cpu_rows),
               present=_cpu_present),
     PathEntry(Backend.CUDA, ("cuda",), HALF_DTYPES, (Pattern.NM,), _linear_of(_cuda_rows), _as_conv2d(_cuda_rows),
               present=_cuda_present, shape_rule=_semi24_shape(Backend.CUDA)),
@@ -368,7 +369,7 @@ def _auto(call: Call) -> Backend:
         beats = getattr(cpu_kernels(), "cpu_beats_dense", None)
         if beats is not None and why_not(Backend.CPU, call) is None and beats(
                 layer.kind, layer.n, layer.m, layer.block, layer.sparsity, call.rows, layer.out_features,
-                layer.in_features):
+                layer.in_features, dtype=layer.dtype):
             return Backend.CPU
         return Backend.DENSE
     if call.device != "cuda" or call.rows > SMALL_BATCH or layer.packed_bytes_ratio() > MAX_BYTES_RATIO:

@@ -86,3 +86,33 @@ def make_model(name: ModelName | str, **kw) -> nn.Module:
     except ValueError:
         raise ValueError(f"make_model: unknown model {name!r}; choose one of {[m.value for m in ModelName]}") from None
     return MNIST1DNet(**kw) if which is ModelName.MNIST1D else DigitsNet(**kw)
+
+
+class LlamaShapedLayer(nn.Module):
+    """One LLaMA-7B-shaped decoder layer, for timing: RMSNorm, causal multi-head self-attention (q/k/v/o
+    ``hidden x hidden``), RMSNorm and the SiLU-gated MLP (gate/up ``intermediate x hidden``, down
+    ``hidden x intermediate``), with residuals; random weights, no rotary embedding and no KV cache
+    (a decode-sized call is ``(batch, 1, hidden)``). The defaults are LLaMA-7B's: 202M weights per layer,
+    808 MB in fp32, beyond any CPU's last-level cache.
+    """
+
+    def __init__(self, hidden: int = 4096, intermediate: int = 11008, heads: int = 32):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"LlamaShapedLayer: hidden={hidden} is not divisible by heads={heads}")
+        self.heads = heads
+        self.input_norm, self.post_norm = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(hidden, hidden, bias=False) for _ in range(4))
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.input_norm(x)
+        q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        att = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, d))
+        h = self.post_norm(x)
+        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))

@@ -20,8 +20,9 @@ Registered ops (2-D ``x`` for the linears, NCHW ``x`` for the convs; ``<impl>`` 
 * ``nmkern::nm_conv2d_<impl>(x, values, indices, n, m, weight_shape, bias, stride, padding, dilation)``
 * ``nmkern::bsr_conv2d_reference(x, crow, col, values, weight_shape, bias, stride, padding, dilation)``
 * ``nmkern::cpu_nm_linear(x, values, index, n, m, in_features, out_features, bias)`` and
-  ``nmkern::cpu_bsr_linear(x, values, rowptr, col, block, in_features, out_features, bias)``: fp32
-  on the CPU, weights in the layouts of :class:`nmkern._cpu.CpuLinear`;
+  ``nmkern::cpu_bsr_linear(x, values, rowptr, col, block, in_features, out_features, bias)``: fp32,
+  bf16 or fp16 (x, values and bias in one dtype; fp32 accumulation) on the CPU, weights in the
+  layouts of :class:`nmkern._cpu.CpuLinear`;
 * ``nmkern::cuda_sparse24_linear(x, values, meta, bias)``: fp16/bf16 on sm_80+.
 
 Gradients: every op is differentiable in ``x`` and ``bias`` on every implementation
@@ -132,18 +133,20 @@ for _name, _ref_fn, _triton_fn, _fake in _GEMMS:
 
 def _cpu_nm_linear(x, values, index, n, m, in_features, out_features, bias):
     cpu = _module("_cpu")
-    x, bias = cpu.check_rows_input("nmkern::cpu_nm_linear", x, bias, in_features, out_features)
+    x, bias = cpu.check_rows_input("nmkern::cpu_nm_linear", x, bias, in_features, out_features, values.dtype)
     if not _finite(x):  # see _triton
         return _op_autograd.dense_op("cpu_nm_linear", x, values, index, n, m, in_features, out_features, bias)
-    return cpu.nm_linear_f32(x, values, index, n, m, out_features, bias)
+    run = cpu.nm_linear_f32 if x.dtype == torch.float32 else cpu.nm_linear  # fp32 | bf16, fp16
+    return run(x, values, index, n, m, out_features, bias)
 
 
 def _cpu_bsr_linear(x, values, rowptr, col, block, in_features, out_features, bias):
     cpu = _module("_cpu")
-    x, bias = cpu.check_rows_input("nmkern::cpu_bsr_linear", x, bias, in_features, out_features)
+    x, bias = cpu.check_rows_input("nmkern::cpu_bsr_linear", x, bias, in_features, out_features, values.dtype)
     if not _finite(x):  # see _triton
         return _op_autograd.dense_op("cpu_bsr_linear", x, values, rowptr, col, block, in_features, out_features, bias)
-    return cpu.bsr_linear_f32(x, values, rowptr, col, block, out_features, bias)
+    run = cpu.bsr_linear_f32 if x.dtype == torch.float32 else cpu.bsr_linear
+    return run(x, values, rowptr, col, block, out_features, bias)
 
 
 def _cuda_sparse24_linear(x, values, meta, bias):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import nmkern
+from _cpu_isa import ISAS, isa  # noqa: F401  (isa: a fixture, one run per runnable library)
 from nmkern import _cpu
 from nmkern.reference.cpu_layouts import (
     bsr_1xn_pack_ref,
@@ -26,31 +27,6 @@ from nmkern.reference.cpu_layouts import (
 )
 
 pytestmark = pytest.mark.skipif(not _cpu.available(), reason="nmkern CPU library not built")
-
-
-def _runnable_isas() -> list[str]:
-    if not _cpu.available():
-        return []
-    gen = _cpu._open(_cpu.CpuIsa.GENERIC)
-    isas = ["generic"]
-    if gen.nmkern_cpu_supports_avx2() and _cpu._lib_path(_cpu.CpuIsa.AVX2).exists():
-        isas.append("avx2")
-    if gen.nmkern_cpu_supports_avx512() and _cpu._lib_path(_cpu.CpuIsa.AVX512).exists():
-        isas.append("avx512")
-    return isas
-
-
-ISAS = _runnable_isas()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("NMKERN_CPU_ISA", request.param)
-    _cpu._reset()
-    assert _cpu.available() and _cpu.isa().value == request.param
-    yield request.param
-    monkeypatch.delenv("NMKERN_CPU_ISA")
-    _cpu._reset()
 
 
 def _tolerance(ref32: torch.Tensor, ref64: torch.Tensor) -> float:

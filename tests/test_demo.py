@@ -56,7 +56,14 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     dense_line = next(ln for ln in report.splitlines() if ln.startswith("| dense |"))
     assert re.search(r"\| \d+\.\d \|$", dense_line), dense_line
     assert f"{100 * rows['dense']['accuracy']:.1f}" in dense_line
-    for png in ("per_layer_n.png", "accuracy_vs_sparsity.png", "latency_ratio.png"):
+    llama = {r["dtype"]: r for r in res["llama"]}  # the LLaMA-7B-shaped layer, dense vs packed 2:4 at batch 1
+    assert set(llama) == {"float32", "bfloat16"}
+    for r in llama.values():
+        assert r["dense_median_ms"] > 0 and r["packed_auto_median_ms"] > 0 and r["repeats"] >= 5
+        assert r["threads"] == threads and set(r["paths"]) <= {"dense", "cpu"}
+        assert r["max_rel_error"] < (1e-4 if r["dtype"] == "float32" else 3e-2)
+    assert "## Where sparsity pays: a LLaMA-7B-shaped layer at batch 1" in report
+    for png in ("per_layer_n.png", "accuracy_vs_sparsity.png", "latency_ratio.png", "llama_layer.png"):
         data = (out / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, png
     # The dense checkpoint loads into the bundled model; `inspect` reads the packed one.

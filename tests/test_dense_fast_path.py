@@ -73,7 +73,7 @@ def test_not_bound_where_a_sparse_path_may_run(monkeypatch):
     torch.testing.assert_close(sl(x), F.linear(x, w, lin.bias))
     assert sl._fast_dense is None and not _dense_everywhere(sl)
     # auto, where the CPU kernel wins at <= 4 rows: two ranges in the plan, so every call looks up its path
-    fake = type("Fake", (), {"cpu_beats_dense": staticmethod(lambda *a: a[5] <= 4),
+    fake = type("Fake", (), {"cpu_beats_dense": staticmethod(lambda *a, **kw: a[5] <= 4),
                              "prepare_cpu_linear": staticmethod(lambda w, *a: w)})
     monkeypatch.setattr(dispatch, "cpu_kernels", lambda: fake)
     monkeypatch.setattr(dispatch, "_cpu_rows", lambda layer, x2d: F.linear(x2d, layer._cpu_cached()))

@@ -49,7 +49,7 @@ def test_the_cpu_layout_shows_where_the_cpu_kernel_may_run(monkeypatch):
             self.tensors = {"values": w.clone(), "index": torch.zeros(8, dtype=torch.int32)}
             layout["bytes"] = w.numel() * 4 + 32
 
-    fake = type("Fake", (), {"cpu_beats_dense": staticmethod(lambda *a: a[5] <= 4),
+    fake = type("Fake", (), {"cpu_beats_dense": staticmethod(lambda *a, **kw: a[5] <= 4),
                              "prepare_cpu_linear": staticmethod(FakePrepared)})
     monkeypatch.setattr(dispatch, "cpu_kernels", lambda: fake)
     layer = nmkern.SparseLinear(64, 32).pack()  # pack() prepares the layouts of the paths the layer may take

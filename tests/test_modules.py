@@ -241,7 +241,7 @@ def test_dispatch_hooks_reach_the_native_cpu_kernel(monkeypatch):
         return F.linear(x, values, bias)
 
     monkeypatch.setattr(nmkern._cpu, "nm_linear_f32", fake_nm_linear_f32)
-    fake = types.SimpleNamespace(cpu_beats_dense=lambda *a: a[5] <= 4, prepare_cpu_linear=FakePrepared)
+    fake = types.SimpleNamespace(cpu_beats_dense=lambda *a, **kw: a[5] <= 4, prepare_cpu_linear=FakePrepared)
     monkeypatch.setattr(dispatch, "cpu_kernels", lambda: fake)
     monkeypatch.delenv("NMKERN_BACKEND", raising=False)
     lin = _linear(in_f=32, out_f=16)

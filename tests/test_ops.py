@@ -169,9 +169,11 @@ def no_native(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-def _fake_cpu(beats: bool, calls: list):
-    def cpu_beats_dense(kind, n, m, block, sparsity, batch, out_features, in_features):
+def _fake_cpu(beats: bool, calls: list, dtypes: list | None = None):
+    def cpu_beats_dense(kind, n, m, block, sparsity, batch, out_features, in_features, dtype=torch.float32):
         calls.append((kind, n, m, block, sparsity, batch, out_features, in_features))
+        if dtypes is not None:
+            dtypes.append(dtype)
         return beats
 
     return types.SimpleNamespace(cpu_beats_dense=cpu_beats_dense, prepare_cpu_linear=None, prepare_cpu_conv2d=None)
@@ -191,9 +193,13 @@ def test_auto_cpu_asks_the_native_kernel(no_native, monkeypatch):
     monkeypatch.setattr(dispatch, "cpu_kernels", lambda: _fake_cpu(False, calls))
     assert choose_linear_backend("auto", _FakeX("cpu", rows=512), layer) is Backend.DENSE
     assert calls[-1][5] == 512
-    # The native kernels are fp32 only: half weights never go there.
-    monkeypatch.setattr(dispatch, "cpu_kernels", lambda: _fake_cpu(True, calls))
-    assert choose_linear_backend("auto", _FakeX("cpu"), _layer(dtype=torch.bfloat16)) is Backend.DENSE
+    # bf16 / fp16 weights have kernels too: the crossover is asked for the layer's dtype.
+    dtypes = []
+    monkeypatch.setattr(dispatch, "cpu_kernels", lambda: _fake_cpu(True, calls, dtypes))
+    assert choose_linear_backend("auto", _FakeX("cpu"), _layer(dtype=torch.bfloat16)) is Backend.CPU
+    assert dtypes == [torch.bfloat16]
+    # ... but not fp64 (no kernel), whatever the crossover would say
+    assert choose_linear_backend("auto", _FakeX("cpu"), _layer(dtype=torch.float64, semi24_fits=False)) is Backend.DENSE
 
 
 def test_auto_cuda(no_native, monkeypatch):

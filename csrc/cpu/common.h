@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "elem.h"
 #include "parallel.h"
 
 #if defined(NMKERN_ISA_AVX2) || defined(NMKERN_ISA_AVX512)
@@ -37,6 +38,22 @@ struct FloatBuf {
   FloatBuf& operator=(const FloatBuf&) = delete;
 };
 
+// Rows of x as fp32: the input itself for fp32, else a widened copy (p == nullptr on
+// allocation failure).
+template <class E>
+struct WidenedRows {
+  FloatBuf buf;
+  const float* p = nullptr;
+  WidenedRows(const typename E::T* x, int64_t count) : buf(E::kIsF32 ? 0 : count) {
+    if constexpr (E::kIsF32) {
+      p = x;
+    } else if (buf.p) {
+      widen<E>(x, buf.p, count);
+      p = buf.p;
+    }
+  }
+};
+
 inline int resolve_threads(int nthreads) { return nthreads > 0 ? nthreads : omp_get_max_threads(); }
 
 inline uint32_t load_u32(const uint8_t* p) {
@@ -48,8 +65,9 @@ inline uint32_t load_u32(const uint8_t* p) {
 // x (B, K) row-major -> panels: panel p holds batch columns [P*p, P*p + width) as a
 // (K, W) row-major block, W = width rounded up to 8 (zero-padded columns), at
 // xt + p * K * P (P = panel, the full panel width). Column order inside a panel
-// row is the batch order.
-inline void transpose_to_panels(const float* x, int64_t batch, int64_t k, float* xt, int nthreads,
+// row is the batch order. Half inputs are widened to fp32 on the way.
+template <class E>
+inline void transpose_to_panels(const typename E::T* x, int64_t batch, int64_t k, float* xt, int nthreads,
                                 int64_t panel = kPanel) {
   const int64_t kPanel = panel;
   const int64_t panels = ceil_div(batch, kPanel);
@@ -64,7 +82,7 @@ inline void transpose_to_panels(const float* x, int64_t batch, int64_t k, float*
       const int64_t k1 = std::min<int64_t>(k, k0 + 256);
       for (int64_t kk = k0; kk < k1; ++kk) {
         float* row = dst + kk * w;
-        for (int64_t c = 0; c < width; ++c) row[c] = x[(b0 + c) * k + kk];
+        for (int64_t c = 0; c < width; ++c) row[c] = E::to_f32(x[(b0 + c) * k + kk]);
         for (int64_t c = width; c < w; ++c) row[c] = 0.0f;
       }
     }

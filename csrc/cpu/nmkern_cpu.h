@@ -9,7 +9,7 @@
 // N:M "row-tile" layout (n kept of every m along K, m <= 16):
 //   rows are cut into tiles of 8 consecutive rows (the last tile zero-padded);
 //   J = K / m * n kept slots per row. For tile t, slot j, lane l (row 8t+l):
-//     values[(t * J + j) * 8 + l]                      fp32
+//     values[(t * J + j) * 8 + l]                      fp32, bf16 or fp16
 //     index bits: bits = ceil(log2 m) (1..4); the 8 lanes of slot j of tile t are
 //       one little-endian bit field of 8*bits bits starting at byte
 //       t * J * bits + j * bits, lane l at bit l * bits; the buffer carries 4
@@ -20,12 +20,17 @@
 //
 // 1xN block layout (BSR, blocks of N consecutive output rows x 1 input column):
 //   rowptr int32 [O/N + 1], col (uint16 when K <= 65536, else int32) [nnzb],
-//   values fp32 [nnzb][N]; columns ascending within a block row.
+//   values [nnzb][N] (fp32, bf16 or fp16); columns ascending within a block row.
+//
+// Half precision (the _bf16 / _f16 entry points): x, values, bias and y are all
+// 16-bit (raw bf16 / IEEE binary16 bits, uint16_t), in the same layouts; products
+// are accumulated in fp32 and y is rounded to nearest even once at the end.
 #pragma once
 
 #include <cstdint>
 
-#define NMKERN_CPU_ABI_VERSION 1
+// 2: the _bf16 / _f16 linear entry points.
+#define NMKERN_CPU_ABI_VERSION 2
 
 #define NMKERN_OK 0
 #define NMKERN_EBADARG 1
@@ -60,6 +65,20 @@ int nmkern_nm_linear_f32(const float* x, int64_t batch, int64_t k, const float* 
 int nmkern_bsr_linear_f32(const float* x, int64_t batch, int64_t k, const float* values, const int32_t* rowptr,
                           const void* col, int col_bytes, int64_t nnzb, int64_t out_features, int block,
                           const float* bias, float* y, int nthreads, int algo);
+
+// The same two linears in bf16 and fp16 (fp32 accumulation).
+int nmkern_nm_linear_bf16(const uint16_t* x, int64_t batch, int64_t k, const uint16_t* values,
+                          const uint8_t* index_bytes, int64_t out_features, int n, int m, const uint16_t* bias,
+                          uint16_t* y, int nthreads, int algo);
+int nmkern_nm_linear_f16(const uint16_t* x, int64_t batch, int64_t k, const uint16_t* values,
+                         const uint8_t* index_bytes, int64_t out_features, int n, int m, const uint16_t* bias,
+                         uint16_t* y, int nthreads, int algo);
+int nmkern_bsr_linear_bf16(const uint16_t* x, int64_t batch, int64_t k, const uint16_t* values, const int32_t* rowptr,
+                           const void* col, int col_bytes, int64_t nnzb, int64_t out_features, int block,
+                           const uint16_t* bias, uint16_t* y, int nthreads, int algo);
+int nmkern_bsr_linear_f16(const uint16_t* x, int64_t batch, int64_t k, const uint16_t* values, const int32_t* rowptr,
+                          const void* col, int col_bytes, int64_t nnzb, int64_t out_features, int block,
+                          const uint16_t* bias, uint16_t* y, int nthreads, int algo);
 
 #ifdef __cplusplus
 }

@@ -1,12 +1,13 @@
 """Packed weight layouts of the CPU kernels (csrc/cpu), in pure torch.
 
-Both convert losslessly from a masked dense ``(rows, K)`` fp32 weight and back;
+Both convert losslessly from a masked dense ``(rows, K)`` weight and back, keeping its dtype
+(the kernels take fp32, bf16 and fp16);
 ``csrc/cpu/nmkern_cpu.h`` documents the same layouts from the C side.
 
 N:M row-tile layout (n kept of every m along K, m <= 16):
     rows are cut into tiles of 8 (the last one zero-padded); ``J = K // m * n``
     kept slots per row, each group's kept columns in ascending order.
-    ``values[t, j, l]`` (fp32, flattened) is slot j of row ``8t + l``; its in-group
+    ``values[t, j, l]`` (flattened) is slot j of row ``8t + l``; its in-group
     index (kept column minus ``m * (j // n)``) sits at ``bits = ceil(log2 m)``
     bits: the 8 lanes of slot j form one little-endian field of ``8 * bits`` bits
     (lane l at bit ``l * bits``), stored in ``bits`` bytes at byte offset
@@ -15,7 +16,7 @@ N:M row-tile layout (n kept of every m along K, m <= 16):
 
 1xN BSR layout (blocks of N consecutive output rows x 1 input column):
     ``rowptr`` int32 ``(rows/N + 1,)``, ``col`` uint16 when K <= 65536 (else
-    int32) ``(nnzb,)`` ascending per block row, ``values`` fp32 ``(nnzb, N)``.
+    int32) ``(nnzb,)`` ascending per block row, ``values`` ``(nnzb, N)``.
     A block is stored when any of its N weights is non-zero.
 """
 
@@ -32,7 +33,7 @@ UINT16_MAX_K = 65536
 
 
 def nm_tile_pack_ref(w2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values fp32 ``(tiles*J*8,)``, index bytes uint8 ``(tiles*J*bits + 4,)``) of an N:M-sparse ``w2``."""
+    """(values ``(tiles*J*8,)`` in w2's dtype, index bytes uint8 ``(tiles*J*bits + 4,)``) of an N:M-sparse ``w2``."""
     rows, k = w2.shape
     bits = index_bits(m)
     tiles = -(-rows // TILE_ROWS)
@@ -48,7 +49,7 @@ def nm_tile_pack_ref(w2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, to
     fields = (lanes << (torch.arange(TILE_ROWS) * bits)).sum(-1)  # disjoint bit ranges: sum == or
     field_bytes = (fields.unsqueeze(-1) >> (torch.arange(bits) * 8)) & 0xFF  # (tiles, J, bits), little-endian
     index = torch.cat([field_bytes.reshape(-1).to(torch.uint8), torch.zeros(INDEX_PAD_BYTES, dtype=torch.uint8)])
-    return values.reshape(-1).to(torch.float32), index
+    return values.reshape(-1), index
 
 
 def nm_tile_unpack_ref(values: torch.Tensor, index: torch.Tensor, rows: int, k: int, n: int, m: int) -> torch.Tensor:
@@ -66,13 +67,13 @@ def nm_tile_unpack_ref(values: torch.Tensor, index: torch.Tensor, rows: int, k: 
 
 
 def bsr_1xn_pack_ref(w2: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rowptr int32, col uint16/int32, values fp32 ``(nnzb, block)``) of 2-D ``w2``."""
+    """(rowptr int32, col uint16/int32, values ``(nnzb, block)`` in w2's dtype) of 2-D ``w2``."""
     bsr = to_bsr_1xn_ref(w2, block)
     k = w2.shape[1]
     col_dtype = torch.uint16 if k <= UINT16_MAX_K else torch.int32
     rowptr = bsr.crow_indices().to(torch.int32)
     col = bsr.col_indices().to(col_dtype)
-    values = bsr.values().reshape(-1, block).to(torch.float32).contiguous()
+    values = bsr.values().reshape(-1, block).contiguous()
     return rowptr.contiguous(), col.contiguous(), values
 
 

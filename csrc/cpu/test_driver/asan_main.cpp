@@ -2,6 +2,9 @@
 // weights in exactly-sized heap buffers (so AddressSanitizer sees any read past
 // them), runs every kernel path on odd shapes and compares with a double
 // reference. Exit status 0 = all matched; ASan aborts on any bad access.
+// Every case runs the fp32, bf16 and fp16 entry points; the half ones get the
+// weights, inputs and bias rounded to that dtype (the double reference uses the
+// rounded values) and must land within about one output ulp of the reference.
 //
 // Not part of the library (setup.py compiles csrc/cpu/*.cpp only).
 #include <algorithm>
@@ -9,8 +12,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <type_traits>
 #include <vector>
 
+#include "elem.h"
 #include "nmkern_cpu.h"
 
 namespace {
@@ -32,19 +37,69 @@ struct Exact {
 
 int failures = 0;
 
-void compare(const char* what, const std::vector<double>& ref, const float* y, size_t count) {
+enum Dt { kF32, kBF16, kF16 };
+const char* const kDtName[] = {"f32", "bf16", "f16"};
+
+uint16_t to_half(float v, Dt dt) { return dt == kBF16 ? nmkern::f32_to_bf16(v) : nmkern::f32_to_f16_portable(v); }
+float from_half(uint16_t h, Dt dt) { return dt == kBF16 ? nmkern::bf16_to_f32(h) : nmkern::f16_to_f32_portable(h); }
+
+// v rounded to dt in place (the values the half kernels see).
+void round_to(std::vector<float>& v, Dt dt) {
+  if (dt != kF32)
+    for (auto& e : v) e = from_half(to_half(e, dt), dt);
+}
+
+std::vector<uint16_t> halves(const std::vector<float>& v, Dt dt) {
+  std::vector<uint16_t> h(v.size());
+  for (size_t i = 0; i < v.size(); ++i) h[i] = to_half(v[i], dt);
+  return h;
+}
+
+// One kernel call on exactly sized copies of x, values and bias in dt; y comes back as fp32.
+// call(x, values, bias, y) gets the buffers as void pointers.
+template <typename Call>
+int run_in(Dt dt, const std::vector<float>& x, const std::vector<float>& values, const std::vector<float>& bias,
+           bool with_bias, std::vector<float>& y, Call call) {
+  if (dt == kF32) {
+    Exact<float> ex(x), ev(values), eb(bias), ey(y);
+    const int rc = call(ex.p, values.empty() ? nullptr : ev.p, with_bias ? eb.p : nullptr, ey.p);
+    for (size_t i = 0; i < y.size(); ++i) y[i] = ey.p[i];
+    return rc;
+  }
+  Exact<uint16_t> ex(halves(x, dt)), ev(halves(values, dt)), eb(halves(bias, dt)), ey(halves(y, dt));
+  const int rc = call(ex.p, values.empty() ? nullptr : ev.p, with_bias ? eb.p : nullptr, ey.p);
+  for (size_t i = 0; i < y.size(); ++i) y[i] = from_half(ey.p[i], dt);
+  return rc;
+}
+
+void compare(const char* what, Dt dt, const std::vector<double>& ref, const std::vector<float>& y) {
   double worst = 0, scale = 1e-6;
-  for (size_t i = 0; i < count; ++i) {
+  for (size_t i = 0; i < y.size(); ++i) {
     worst = std::max(worst, std::fabs(ref[i] - y[i]));
     scale = std::max(scale, std::fabs(ref[i]));
   }
-  if (worst > 1e-4 * scale + 1e-5) {
+  // fp32: summation order; bf16 / fp16: one rounding of the result (half an ulp) plus that.
+  const double rel = dt == kF32 ? 1e-4 : (dt == kBF16 ? 1.0 / 128 : 1.0 / 1024);
+  if (!(worst <= rel * scale + 1e-5)) {
     std::printf("MISMATCH %s: max abs err %g (scale %g)\n", what, worst, scale);
     ++failures;
   }
 }
 
-void run_nm(int n, int m, int64_t rows, int64_t k, int64_t batch, bool with_bias) {
+// y (batch, rows) = x (batch, k) @ dense^T + bias, in double.
+std::vector<double> reference(const std::vector<float>& dense, const std::vector<float>& x,
+                              const std::vector<float>& bias, bool with_bias, int64_t rows, int64_t k, int64_t batch) {
+  std::vector<double> ref(batch * rows);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < rows; ++r) {
+      double s = with_bias ? bias[r] : 0.0;
+      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(dense[r * k + c]) * x[b * k + c];
+      ref[b * rows + r] = s;
+    }
+  return ref;
+}
+
+void run_nm(Dt dt, int n, int m, int64_t rows, int64_t k, int64_t batch, bool with_bias) {
   int bits = 1;
   while ((1 << bits) < m) ++bits;
   const int64_t tiles = (rows + 7) / 8, groups = k / m, slots = groups * n;
@@ -75,38 +130,39 @@ void run_nm(int n, int m, int64_t rows, int64_t k, int64_t batch, bool with_bias
       }
     }
   }
+  round_to(values, dt);
+  round_to(dense, dt);
   std::vector<float> x(batch * k), bias(rows);
   for (auto& v : x) v = randf();
   for (auto& v : bias) v = randf();
-  std::vector<double> ref(batch * rows);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t r = 0; r < rows; ++r) {
-      double s = with_bias ? bias[r] : 0.0;
-      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(dense[r * k + c]) * x[b * k + c];
-      ref[b * rows + r] = s;
-    }
-  Exact<float> ex(x), ev(values), eb(bias);
+  round_to(x, dt);
+  round_to(bias, dt);
+  const std::vector<double> ref = reference(dense, x, bias, with_bias, rows, k, batch);
   Exact<uint8_t> ei(index);
   for (int algo = 0; algo <= 2; ++algo) {
-    std::vector<float> yv(batch * rows, NAN);
-    Exact<float> ey(yv);
     for (int threads : {1, 2}) {
-      int rc = nmkern_nm_linear_f32(ex.p, batch, k, ev.p, ei.p, rows, n, m, with_bias ? eb.p : nullptr, ey.p,
-                                    threads, algo);
-      char what[160];
-      std::snprintf(what, sizeof what, "nm %d:%d rows %ld k %ld batch %ld algo %d threads %d", n, m, (long)rows,
-                    (long)k, (long)batch, algo, threads);
+      std::vector<float> y(batch * rows, NAN);
+      const int rc = run_in(dt, x, values, bias, with_bias, y, [&](auto* xp, auto* vp, auto* bp, auto* yp) {
+        if constexpr (std::is_same_v<std::remove_const_t<std::remove_pointer_t<decltype(xp)>>, float>)
+          return nmkern_nm_linear_f32(xp, batch, k, vp, ei.p, rows, n, m, bp, yp, threads, algo);
+        else
+          return (dt == kBF16 ? nmkern_nm_linear_bf16 : nmkern_nm_linear_f16)(xp, batch, k, vp, ei.p, rows, n, m, bp,
+                                                                            yp, threads, algo);
+      });
+      char what[192];
+      std::snprintf(what, sizeof what, "nm %s %d:%d rows %ld k %ld batch %ld algo %d threads %d", kDtName[dt], n, m,
+                    (long)rows, (long)k, (long)batch, algo, threads);
       if (rc != 0) {
         std::printf("FAIL %s: rc %d\n", what, rc);
         ++failures;
       }
-      compare(what, ref, ey.p, ey.n);
+      compare(what, dt, ref, y);
     }
   }
 }
 
 template <typename CT>
-void run_bsr(int block, int64_t rows, int64_t k, int64_t batch, double keep, bool with_bias) {
+void run_bsr(Dt dt, int block, int64_t rows, int64_t k, int64_t batch, double keep, bool with_bias) {
   const int64_t br = rows / block;
   std::vector<float> dense(rows * k, 0.0f), values;
   std::vector<int32_t> rowptr(br + 1, 0);
@@ -124,35 +180,37 @@ void run_bsr(int block, int64_t rows, int64_t k, int64_t batch, double keep, boo
     }
     rowptr[r + 1] = static_cast<int32_t>(col.size());
   }
+  round_to(values, dt);
+  round_to(dense, dt);
   std::vector<float> x(batch * k), bias(rows);
   for (auto& v : x) v = randf();
   for (auto& v : bias) v = randf();
-  std::vector<double> ref(batch * rows);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t r = 0; r < rows; ++r) {
-      double s = with_bias ? bias[r] : 0.0;
-      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(dense[r * k + c]) * x[b * k + c];
-      ref[b * rows + r] = s;
-    }
-  Exact<float> ex(x), ev(values), eb(bias);
+  round_to(x, dt);
+  round_to(bias, dt);
+  const std::vector<double> ref = reference(dense, x, bias, with_bias, rows, k, batch);
   Exact<int32_t> erp(rowptr);
   Exact<CT> ec(col);
+  const CT* cp = col.empty() ? nullptr : ec.p;
+  const int64_t nnzb = static_cast<int64_t>(col.size());
   for (int algo = 0; algo <= 2; ++algo) {
-    std::vector<float> yv(batch * rows, NAN);
-    Exact<float> ey(yv);
     for (int threads : {1, 2}) {
-      int rc = nmkern_bsr_linear_f32(ex.p, batch, k, values.empty() ? nullptr : ev.p, erp.p,
-                                     col.empty() ? nullptr : ec.p, static_cast<int>(sizeof(CT)),
-                                     static_cast<int64_t>(col.size()), rows, block, with_bias ? eb.p : nullptr, ey.p,
-                                     threads, algo);
-      char what[160];
-      std::snprintf(what, sizeof what, "1x%d rows %ld k %ld batch %ld algo %d threads %d col %zu B", block, (long)rows,
-                    (long)k, (long)batch, algo, threads, sizeof(CT));
+      std::vector<float> y(batch * rows, NAN);
+      const int rc = run_in(dt, x, values, bias, with_bias, y, [&](auto* xp, auto* vp, auto* bp, auto* yp) {
+        if constexpr (std::is_same_v<std::remove_const_t<std::remove_pointer_t<decltype(xp)>>, float>)
+          return nmkern_bsr_linear_f32(xp, batch, k, vp, erp.p, cp, sizeof(CT), nnzb, rows, block, bp, yp, threads,
+                                       algo);
+        else
+          return (dt == kBF16 ? nmkern_bsr_linear_bf16 : nmkern_bsr_linear_f16)(
+              xp, batch, k, vp, erp.p, cp, sizeof(CT), nnzb, rows, block, bp, yp, threads, algo);
+      });
+      char what[192];
+      std::snprintf(what, sizeof what, "1x%d %s rows %ld k %ld batch %ld algo %d threads %d col %zu B", block,
+                    kDtName[dt], (long)rows, (long)k, (long)batch, algo, threads, sizeof(CT));
       if (rc != 0) {
         std::printf("FAIL %s: rc %d\n", what, rc);
         ++failures;
       }
-      compare(what, ref, ey.p, ey.n);
+      compare(what, dt, ref, y);
     }
   }
 }
@@ -163,18 +221,20 @@ int main() {
   std::printf("isa %s\n", nmkern_cpu_isa());
   const int nm_cases[][2] = {{2, 4}, {1, 4}, {1, 2}, {2, 3}, {3, 8}, {5, 16}, {7, 12}};
   const int64_t shapes[][3] = {{13, 48, 1}, {9, 96, 3}, {17, 48, 26}, {5, 144, 49}, {8, 48, 7}};
-  for (auto& nm : nm_cases)
-    for (auto& s : shapes) {
-      const int64_t k = (s[1] + nm[1] - 1) / nm[1] * nm[1];
-      run_nm(nm[0], nm[1], s[0], k, s[2], (s[0] + s[2]) % 2 == 0);
+  for (Dt dt : {kF32, kBF16, kF16}) {
+    for (auto& nm : nm_cases)
+      for (auto& s : shapes) {
+        const int64_t k = (s[1] + nm[1] - 1) / nm[1] * nm[1];
+        run_nm(dt, nm[0], nm[1], s[0], k, s[2], (s[0] + s[2]) % 2 == 0);
+      }
+    for (int block : {1, 2, 3, 4, 8, 16}) {
+      run_bsr<uint16_t>(dt, block, block * 3, 37, 1, 0.3, true);
+      run_bsr<uint16_t>(dt, block, block * 5, 61, 7, 0.5, false);
+      run_bsr<uint16_t>(dt, block, block * 2, 29, 50, 0.25, true);
+      run_bsr<int32_t>(dt, block, block * 3, 45, 26, 0.4, false);
     }
-  for (int block : {1, 2, 3, 4, 8, 16}) {
-    run_bsr<uint16_t>(block, block * 3, 37, 1, 0.3, true);
-    run_bsr<uint16_t>(block, block * 5, 61, 7, 0.5, false);
-    run_bsr<uint16_t>(block, block * 2, 29, 50, 0.25, true);
-    run_bsr<int32_t>(block, block * 3, 45, 26, 0.4, false);
+    run_bsr<uint16_t>(dt, 4, 8, 16, 3, 0.0, true);  // no blocks at all
   }
-  run_bsr<uint16_t>(4, 8, 16, 3, 0.0, true);  // no blocks at all
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
 }
