@@ -241,8 +241,10 @@ def test_ddp_two_gloo_ranks_agree():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        # fork: the workers inherit the imported torch/nmkern instead of re-importing them (~30 s on a loaded CI box)
-        mp.start_processes(_ddp_worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="fork")
+        # spawn, not fork: by this point of the suite the process runs threads (torch's OpenMP team, nmkern's CPU
+        # kernel pool), and a forked rank could inherit a lock one of them held: it then waited on a futex for
+        # ever (seen twice at 96% of CI, never alone). Re-importing torch/nmkern costs the workers ~10-30 s.
+        mp.start_processes(_ddp_worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="spawn")
         r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
     initial = dict(_mlp(0).named_parameters())
     for k in r0["dense"]:
