@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nmkern  # noqa: E402
 from nmkern import timing  # noqa: E402
-from nmkern.demo_llama import dense_twin  # noqa: E402
+from nmkern.methods.recipes import to_plain  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -51,7 +51,7 @@ def sparse_twin(dense: torch.nn.Module, pattern: str) -> tuple[torch.nn.Module, 
     """(packed model, dense model holding the same masked weights) for one pattern."""
     sparse = copy.deepcopy(dense)
     nmkern.sparsify(sparse, {"layers.*": pattern}, pack=True)
-    return sparse.eval(), dense_twin(sparse).eval()
+    return sparse.eval(), to_plain(sparse).eval()
 
 
 def _call(model, x):

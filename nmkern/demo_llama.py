@@ -13,24 +13,12 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 
 from .benchmark import time_models
+from .methods.recipes import to_plain
 from .models import LlamaShapedLayer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def dense_twin(packed: nn.Module) -> nn.Module:
-    """A dense copy of ``packed`` holding its masked weights (nn.Linear in place of each SparseLinear)."""
-    from .nn import SparseLinear
-
-    twin = copy.deepcopy(packed)
-    for mod in list(twin.modules()):
-        for name, child in list(mod.named_children()):
-            if isinstance(child, SparseLinear):
-                setattr(mod, name, child.to_dense())
-    return twin
 
 
 def llama_latency(seconds: float, threads: int, *, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,
@@ -48,7 +36,7 @@ def llama_latency(seconds: float, threads: int, *, hidden: int = 4096, intermedi
         base = LlamaShapedLayer(hidden, intermediate, heads).eval()
         packed32 = copy.deepcopy(base)
         sparsify(packed32, "2:4", pack=True)  # masks from the fp32 weights; packing 202M weights takes ~17 s here
-        twin32 = dense_twin(packed32)
+        twin32 = to_plain(packed32)  # the dense model holding the same masked weights
         rows = []
         for name in tqdm(list(DTYPES), desc="llama-shaped layer", disable=not progress, leave=False):
             dtype = DTYPES[name]

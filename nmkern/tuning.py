@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from . import dispatch, timing
+from .data import cache_dir  # the one reader of NMKERN_CACHE_DIR (datasets use it too)
 from .backend import Backend, env_backend, parse_backend
 from .dispatch import Call
 from .spec import Pattern
@@ -183,14 +184,6 @@ def _fingerprint(device: str) -> dict:
     else:
         machine.update(cpu=timing.cpu_name(), flags=timing.cpu_flags(), isa=timing._nmkern_cpu_isa())
     return {"machine": machine, "torch": torch.__version__, "nmkern": __version__}
-
-
-def cache_dir() -> Path | None:
-    """``$NMKERN_CACHE_DIR`` (None when set empty: memory only), else ``~/.cache/nmkern``."""
-    env = os.environ.get(ENV_CACHE_DIR)
-    if env is not None:
-        return Path(env) if env.strip() else None
-    return Path.home() / ".cache" / "nmkern"
 
 
 class DispatchCache:
