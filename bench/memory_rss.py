@@ -1,11 +1,13 @@
 """Process memory of a packed model vs its dense twin: eight 2048x2048 fp32 Linear layers, each stage measured.
 
-    python bench/memory_rss.py --out memory_rss.json     # each case in a fresh process; ~1 min
+    python bench/memory_rss.py --out bench/memory_rss_results.json     # each case in a fresh process; ~1 min
 
 Issue #14, item 6: a packed 2:4 fp32 model should hold <= 0.60x the dense model's process RSS after
 forwards at batch 1, 16 and 256 (its weights need ~0.53x). Each case runs in its own fresh
 process (RSS never shrinks back to what it was): the RSS of ``import torch, nmkern`` alone, then
-the model built, then ``sparsify(pack=True)``, then forwards at batch 1, 16, 256, with
+the model built, then ``sparsify(pack=True)``, then :func:`nmkern.tune` at batch 1, 16 and 256 (the
+measurement every packed layer makes on its first calls, which settles its one resident form; its own
+cache folder), then one forward at each batch, with
 :func:`nmkern.memory_report`'s bytes per form beside each stage. Reported: the model's share
 (RSS minus the import baseline).
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 LAYERS, WIDTH = 8, 2048
@@ -45,19 +49,27 @@ def child(pattern: str) -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)]).eval()
     stage("built", model)
+    inputs = [torch.randn(batch, WIDTH) for batch in (1, 16, 256)]
+    paths = {}
     if pattern != "dense":
         nmkern.sparsify(model, pattern, pack=True)
         stage("packed", model)
+        with torch.no_grad():  # measured dispatch decides each layer's paths (what its first calls would do)
+            report = nmkern.tune(model, inputs)
+        paths = {str(r["rows"]): sorted({q["path"] for q in report.rows if q["rows"] == r["rows"]})
+                 for r in report.rows}
+        stage("tuned", model)
     with torch.no_grad():
-        for batch in (1, 16, 256):
-            model(torch.randn(batch, WIDTH))
-            stage(f"forward {batch}", model)
-    return {"pattern": pattern, "import_rss_mb": round(base, 1), "stages": stages}
+        for x in inputs:
+            model(x)
+            stage(f"forward {x.shape[0]}", model)
+    return {"pattern": pattern, "import_rss_mb": round(base, 1), "paths_by_rows": paths, "stages": stages}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--patterns", default="dense,2:4,1:4")
+    ap.add_argument("--patterns", default="dense,2:4,1:4,2:4/cache",
+                    help="comma-separated; PATTERN/cache runs with NMKERN_DENSE_CACHE=1")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -65,15 +77,20 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child)))
         return 0
     results = []
-    for pattern in args.patterns.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", pattern], stdout=subprocess.PIPE, text=True,
-                             check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    for case in args.patterns.split(","):
+        pattern, _, option = case.partition("/")  # "2:4/cache": with NMKERN_DENSE_CACHE=1
+        with tempfile.TemporaryDirectory() as cache:  # measured afresh, not read from this machine's cache
+            env = {**os.environ, "NMKERN_CACHE_DIR": cache, "NMKERN_DENSE_CACHE": "1" if option == "cache" else "0"}
+            out = subprocess.run([sys.executable, __file__, "--child", pattern], stdout=subprocess.PIPE, text=True,
+                                 check=True, env=env).stdout
+        results.append(dict(json.loads(out.strip().splitlines()[-1]), pattern=case))
     dense = {s["stage"]: s["rss_mb"] for s in results[0]["stages"]} if results[0]["pattern"] == "dense" else {}
     print(f"eight {WIDTH}x{WIDTH} fp32 Linear: process RSS above `import torch, nmkern`, MB")
     for r in results:
+        if r["paths_by_rows"]:
+            print(f"{r['pattern']:>6} paths taken by rows: {r['paths_by_rows']}")
         for s in r["stages"]:
-            ratio = s["rss_mb"] / dense["forward 256"] if dense and s["stage"].startswith("forward") else None
+            ratio = s["rss_mb"] / dense[s["stage"]] if s["stage"] in dense and r is not results[0] else None
             print(f"{r['pattern']:>6} {s['stage']:<12} {s['rss_mb']:>8.1f}" + (f"  ({ratio:.2f}x dense)" if ratio else "")
                   + f"  forms {s['forms_mb']}")
     if args.out:

@@ -210,6 +210,26 @@ def pack_model(model: nn.Module) -> nn.Module:
     return packed
 
 
+def masked_linear_stack(layers: int, width: int, pattern: str = "2:4", seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(dense, packed): ``layers`` ``width x width`` ``nn.Linear`` layers in a ``Sequential`` (eval mode) whose
+    weights carry the N:M mask of ``pattern``, and a packed copy of it (:func:`nmkern.sparsify`); both compute the
+    same function, so they time the same work."""
+    from .functional import apply_nm
+    from .sparsify import sparsify
+
+    spec = parse_spec(pattern)
+    if not isinstance(spec, NMSpec):
+        raise ValueError(f"masked_linear_stack: an N:M pattern like '2:4', got {pattern!r}")
+    torch.manual_seed(seed)
+    dense = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).eval()
+    with torch.no_grad():
+        for lin in dense:
+            lin.weight.copy_(apply_nm(lin.weight, spec.n, spec.m, dim=1, backend="reference"))
+    packed = copy.deepcopy(dense)
+    sparsify(packed, pattern, pack=True)
+    return dense, packed.eval()
+
+
 def force_backend(model: nn.Module, backend: str) -> nn.Module:
     """A copy of a (packed) model whose sparse layers all run ``backend`` (e.g. "cpu")."""
     out = copy.deepcopy(model)

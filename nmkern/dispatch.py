@@ -176,12 +176,37 @@ def _packed_conv2d(impl: str) -> Callable:
     return conv2d
 
 
+def _dense_weight(layer, x: torch.Tensor) -> torch.Tensor:
+    # A layer whose one resident form is the CPU layout decodes it per dense call (nmkern.nn._forms), into a
+    # reused buffer unless autograd will keep the weight for x's gradient
+    if layer.__dict__.get("_decoded_dense"):
+        return layer._decoded_weight(keep=torch.is_grad_enabled() and x.requires_grad)
+    return layer._dense_cached()
+
+
 def _dense_linear(layer, x):
-    return F.linear(x, layer._dense_cached(), layer.bias)
+    return F.linear(x, _dense_weight(layer, x), layer.bias)
 
 
 def _dense_conv2d(layer, x):
+    return F.conv2d(x, _dense_weight(layer, x), layer.bias, layer.stride, layer.padding, layer.dilation)
+
+
+def _kept_dense_linear(layer, x):
+    return F.linear(x, layer._dense_cached(), layer.bias)
+
+
+def _kept_dense_conv2d(layer, x):
     return F.conv2d(x, layer._dense_cached(), layer.bias, layer.stride, layer.padding, layer.dilation)
+
+
+def measured_callable(path: Backend, op: LayerOp) -> Callable:
+    """The callable a measurement times for ``path``: :func:`callable_for`'s, except that dense always reads a kept
+    dense weight (every layer's samples of one shape measure the same thing; nmkern.nn._forms adds the decode of
+    a layer holding only the CPU layout to the dense median itself)."""
+    if path is Backend.DENSE:
+        return _kept_dense_conv2d if op is LayerOp.CONV2D else _kept_dense_linear
+    return callable_for(path, op)
 
 
 _CPU_IMPLS: tuple | None = None  # (nm, bsr): the registered CPU ops' implementations, imported on first use

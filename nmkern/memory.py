@@ -4,8 +4,9 @@ A packed sparse layer can hold several forms of one weight: the packed buffers i
 the dense weight its dense path decodes once and keeps (``dense_cache``), and the layouts its
 native kernels read (``cpu_layout``, the CUDA ``semi24`` tensors, the ``cusparselt`` weight).
 Each comes into being when a path first needs it (``pack()`` builds the native layouts of the
-paths the layer may take; the first dense call builds the dense cache). The report lists the bytes
-of each form per layer, so a model that holds more than it needs shows where. Storage shared by
+paths the layer may take; the first dense call builds the dense cache), and under measured dispatch a
+layer then keeps one of them (:mod:`nmkern.nn._forms`). The report lists the bytes of each form per
+layer, so a model that holds more than it needs shows where. Storage shared by
 two forms or two layers (a tied weight, a cache that is a view of a buffer) is counted once, at its
 first appearance.
 """

@@ -53,6 +53,7 @@ from . import dispatch, timing
 from .data import cache_dir  # the one reader of NMKERN_CACHE_DIR (datasets use it too)
 from .backend import Backend, env_backend, parse_backend
 from .dispatch import Call
+from .memory import release_free_memory
 from .spec import Pattern
 
 ENV_TUNE = "NMKERN_TUNE"
@@ -534,6 +535,7 @@ def tune(model: torch.nn.Module, example_inputs, *, force: bool = False) -> Tune
         fresh = set(_tuning.fresh)
     finally:
         _tuning.fresh, _tuning.force, _tuning.pending, _state_override.bytes = None, False, None, None
+        release_free_memory()  # the weight forms built to time the losing paths are gone: their pages too
     sink = [(layer, call, dataclasses.replace(d, source=Source.MEASURED) if key_of(call) in fresh else d)
             for layer, call, d in sink]
     rows = [_report_row(layers[id(layer)], call, d) for layer, call, d in sink if id(layer) in layers]

@@ -42,19 +42,13 @@ def test_a_packed_layer_holds_its_packed_buffers_and_a_dense_cache_only_after_a_
 
 
 def test_the_cpu_layout_shows_where_the_cpu_kernel_may_run(monkeypatch):
-    layout = {}
+    from nmkern import _cpu
 
-    class FakePrepared:
-        def __init__(self, w, kind, n, m, block):
-            self.tensors = {"values": w.clone(), "index": torch.zeros(8, dtype=torch.int32)}
-            layout["bytes"] = w.numel() * 4 + 32
-
-    fake = type("Fake", (), {"cpu_beats_dense": staticmethod(lambda *a, **kw: a[5] <= 4),
-                             "prepare_cpu_linear": staticmethod(FakePrepared)})
-    monkeypatch.setattr(dispatch, "cpu_kernels", lambda: fake)
+    monkeypatch.setattr(_cpu, "cpu_beats_dense", lambda *a, **kw: a[5] <= 4)
     layer = nmkern.SparseLinear(64, 32).pack()  # pack() prepares the layouts of the paths the layer may take
     forms = nmkern.memory_report(nn.Sequential(layer)).rows[0]["forms"]
-    assert forms["cpu_layout"] == layout["bytes"] and "dense_cache" not in forms
+    layout = layer._cpu_cache
+    assert layout is not None and forms["cpu_layout"] == layout.nbytes and "dense_cache" not in forms
 
 
 def test_training_forms_and_shared_weights_are_counted_once():

@@ -4,7 +4,6 @@ state_dict round trips, SR-STE gradients, dispatch hooks and input errors."""
 from __future__ import annotations
 
 import os
-import types
 
 import pytest
 import torch
@@ -14,8 +13,10 @@ from test_nm_linear import assert_matches_torch
 
 import nmkern
 import nmkern._cpu
+import nmkern._cpu_layout
 from nmkern import dispatch
 from nmkern.reference import apply_nm_ref, block_mask_1xn_ref, nm_mask_ref
+from nmkern.reference.linear import nm_dense_rows_ref
 from nmkern.nn._layer import _SparseLayer
 from nmkern.reference.srste import srste_backward_ref
 
@@ -230,9 +231,10 @@ def test_dispatch_hooks_reach_the_native_cpu_kernel(monkeypatch):
     calls = []
 
     class FakePrepared:  # stands in for nmkern._cpu.CpuLinear: the dense weight as its "layout"
-        def __init__(self, w, kind, n, m, block):
-            calls.append(("prepare", kind, n, m, block, tuple(w.shape)))
-            self.kind, self.n, self.m, self.block = nmkern.Pattern(kind), n, m, block
+        def __init__(self, values, indices, n, m, k):
+            w = nm_dense_rows_ref(values, indices, n, m)
+            calls.append(("prepare", "nm", n, m, tuple(w.shape)))
+            self.kind, self.n, self.m, self.block = nmkern.Pattern.NM, n, m, 0
             self.out_features, self.in_features = w.shape
             self.tensors = {"values": w, "index": torch.zeros(0, dtype=torch.int32)}
 
@@ -241,15 +243,15 @@ def test_dispatch_hooks_reach_the_native_cpu_kernel(monkeypatch):
         return F.linear(x, values, bias)
 
     monkeypatch.setattr(nmkern._cpu, "nm_linear_f32", fake_nm_linear_f32)
-    fake = types.SimpleNamespace(cpu_beats_dense=lambda *a, **kw: a[5] <= 4, prepare_cpu_linear=FakePrepared)
-    monkeypatch.setattr(dispatch, "cpu_kernels", lambda: fake)
+    monkeypatch.setattr(nmkern._cpu, "cpu_beats_dense", lambda *a, **kw: a[5] <= 4)
+    monkeypatch.setattr(nmkern._cpu_layout, "layout_from_nm_packed", FakePrepared)
     monkeypatch.delenv("NMKERN_BACKEND", raising=False)
     lin = _linear(in_f=32, out_f=16)
     sl = nmkern.SparseLinear.from_dense(lin).pack()
     w = apply_nm_ref(lin.weight.detach(), 2, 4)
     x = torch.randn(2, 2, 32)
     assert torch.equal(sl(x), F.linear(x, w, lin.bias))
-    assert calls == [("prepare", "nm", 2, 4, 4, (16, 32)), ("run", (4, 32))]
+    assert calls == [("prepare", "nm", 2, 4, (16, 32)), ("run", (4, 32))]
     x8 = torch.randn(8, 32)  # cpu_beats_dense says no at 8 rows: the dense path, no new call
     assert torch.equal(sl(x8), F.linear(x8, w, lin.bias)) and len(calls) == 2
 

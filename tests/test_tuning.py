@@ -100,7 +100,7 @@ def test_a_trial_alternates_blocks_skips_switches_and_first_calls_and_decides_on
 
 
 @needs_cpu_kernels
-def test_dispatch_obeys_the_measured_winner(tuned):
+def test_dispatch_obeys_the_measured_winner(tuned, monkeypatch):
     sl, lin = _packed()
     x = torch.randn(1, 64)
     tuned.set(dense=1.0, cpu=0.5)
@@ -115,8 +115,16 @@ def test_dispatch_obeys_the_measured_winner(tuned):
 
     tuned.set(dense=1.0, cpu=0.99)  # a 1% win is not taken
     x16 = torch.randn(16, 64)
-    assert _decided(sl, x16) is Backend.DENSE
+    key16 = _key(sl, x16)
+    _decided(sl, x16)
+    assert tuning.dispatch_cache("cpu").get(key16).path is Backend.DENSE
+    # ... but this layer holds only the CPU layout now (nmkern.nn._forms): a dense call would decode it, so the
+    # kernel, within 1% of dense, runs
+    assert sl._decide(x16, 16)[0] is Backend.CPU
     torch.testing.assert_close(sl(x16), _reference(lin, x16))
+    monkeypatch.setenv("NMKERN_DENSE_CACHE", "1")  # a dense copy kept beside the layout: the dense winner runs
+    fresh, _ = _packed()
+    assert fresh._decide(x16, 16)[0] is Backend.DENSE
 
 
 @needs_cpu_kernels

@@ -29,8 +29,8 @@
 
 #include <cstdint>
 
-// 2: the _bf16 / _f16 linear entry points.
-#define NMKERN_CPU_ABI_VERSION 2
+// 2: the _bf16 / _f16 linear entry points. 3: nmkern_nm_decode / nmkern_bsr_decode.
+#define NMKERN_CPU_ABI_VERSION 3
 
 #define NMKERN_OK 0
 #define NMKERN_EBADARG 1
@@ -79,6 +79,15 @@ int nmkern_bsr_linear_bf16(const uint16_t* x, int64_t batch, int64_t k, const ui
 int nmkern_bsr_linear_f16(const uint16_t* x, int64_t batch, int64_t k, const uint16_t* values, const int32_t* rowptr,
                           const void* col, int col_bytes, int64_t nnzb, int64_t out_features, int block,
                           const uint16_t* bias, uint16_t* y, int nthreads, int algo);
+
+// Dense rows [row0, row1) of a layout above, into out ((row1 - row0) x k, row-major; every element
+// written: zeros where the layout keeps nothing). elem_bytes: 4 (fp32) or 2 (bf16 / fp16); the values are
+// copied bit for bit. N:M: row0 a multiple of 8 (a tile), row1 <= rows. 1xN: row0 and row1 multiples of
+// block; col_bytes 2 or 4 as above. The layout is trusted (nmkern/_cpu.py built or checked it).
+int nmkern_nm_decode(const void* values, const uint8_t* index_bytes, int elem_bytes, int64_t rows, int64_t k, int n,
+                     int m, int64_t row0, int64_t row1, void* out, int nthreads);
+int nmkern_bsr_decode(const void* values, const int32_t* rowptr, const void* col, int col_bytes, int elem_bytes,
+                      int64_t rows, int64_t k, int block, int64_t row0, int64_t row1, void* out, int nthreads);
 
 #ifdef __cplusplus
 }

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from .. import dispatch, tuning
+from .. import _cpu_layout, dispatch, tuning
 from ..backend import Backend
 from ..dispatch import Call
 from ..functional import compress_24
@@ -69,10 +69,21 @@ class _PackedExecution:
         return self._cslt_cache
 
     def _cpu_cached(self):
-        """The weight in the native CPU kernels' layout (``nmkern._cpu.CpuLinear`` over the GEMM rows)."""
+        """The weight in the native CPU kernels' layout (``nmkern._cpu.CpuLinear`` over the GEMM rows): built
+        from the packed buffers slot for slot (N:M) or sharing them (1xN linear), so it can stand in for them
+        (:mod:`nmkern.nn._forms`); 1xN convs and fp64 layers (rounded to fp32) from the dense GEMM rows."""
         if self._cpu_cache is None:
-            self.__dict__["_cpu_cache"] = dispatch.cpu_kernels().prepare_cpu_linear(
-                self._gemm_rows_weight(), self.pattern.value, self.n, self.m, self.block)
+            native = self.dtype in _cpu_layout.cpu.KERNEL_DTYPES
+            if native and self.pattern is Pattern.NM:  # the packed rows are GEMM rows (NHWC for a conv)
+                layout = _cpu_layout.layout_from_nm_packed(self.packed_values, self.packed_indices, self.n, self.m,
+                                                           self._gemm_k())
+            elif native and len(self.weight_shape) == 2:  # a conv's BSR columns run in NCHW order, not NHWC
+                layout = _cpu_layout.layout_from_bsr(self.bsr_crow, self.bsr_col, self.bsr_values,
+                                                     self.weight_shape[0], self._gemm_k(), self.block)
+            else:
+                layout = dispatch.cpu_kernels().prepare_cpu_linear(self._gemm_rows_weight(), self.pattern.value,
+                                                                   self.n, self.m, self.block)
+            self.__dict__["_cpu_cache"] = layout
         return self._cpu_cache
 
     def _decide(self, x: torch.Tensor, rows: int) -> tuple[Backend, object]:
@@ -99,35 +110,50 @@ class _PackedExecution:
             decision = tuning.decide(self, call)
             if isinstance(decision, tuning.Trial):  # measuring: this call takes a candidate, timed; nothing remembered
                 path = decision.next_path()
-                return path, functools.partial(decision.run, path, dispatch.callable_for(path, self._op))
-            tuning.record(self, call, decision)
+                return path, functools.partial(decision.run, path, dispatch.measured_callable(path, self._op))
             path = decision.path
-            hit = (path, dispatch.callable_for(path, self._op))
             if len(memo) >= _PATH_MEMO_SIZE:
                 memo.clear()
-            memo[key] = hit
+            memo[key] = (path, None)
             if decision.source in (tuning.Source.MEASURED, tuning.Source.CACHE):
                 self._build_compile_plan()  # the plan (traces, the dense binding) now holds the measured winner
-                self._drop_unused_forms(x.device.type)
+                self._drop_unused_forms(x.device.type)  # one resident form (may forget the other remembered paths)
+                path = self._resident_path(decision)
+                if path is not decision.path:
+                    decision = dataclasses.replace(decision, path=path)
+            tuning.record(self, call, decision)
+            hit = (path, dispatch.callable_for(path, self._op))
+            if self._path_cache is None:  # forgotten by a change of resident form
+                self.__dict__["_path_cache"] = {}
+            self._path_cache[key] = hit
             if path is Backend.DENSE:
                 self._bind_fast_dense(x)
         return hit
+
+    def _paths_taken(self, device: str) -> tuple[set, set]:
+        """(paths taken or measured: the remembered decisions and the winners recorded for this layer's shape at
+        any row count, the compile plan's paths) for ``device``."""
+        plan = self._plan_cache
+        current = plan is not None and plan[0] == (self.backend, device)
+        decided = {p for p, _ in (self._path_cache or {}).values()} | (set(plan[2]) if current else set())
+        return decided, ({p for _, p in plan[1]} if current else set())
 
     def _drop_unused_forms(self, device: str) -> None:
         """After a measurement: drop the weight forms built for timing that no path taken so far reads (one
         resident form per path taken; a dropped form is rebuilt if a later call takes its path). The native
         layouts the compile plan names stay too: a trace cannot build them (see ``_prepare_native``)."""
-        plan = self._plan_cache
-        decided = {p for p, _ in (self._path_cache or {}).values()}
-        planned = {p for _, p in plan[1]} if plan is not None and plan[0] == (self.backend, device) else set()
+        decided, planned = self._paths_taken(device)
         forms = {Backend.DENSE: "_dense_cache", Backend.CPU: "_cpu_cache", Backend.CUDA: "_semi24_cache",
                  Backend.CUSPARSELT: "_cslt_cache"}
         keep = decided | (planned - {Backend.DENSE})
         dropped = [name for path, name in forms.items() if path not in keep and self.__dict__.get(name) is not None]
+        if dropped:
+            self._restore_evicted()  # the values may be rebuilt from a form that goes now (nmkern.nn._forms)
         for name in dropped:
             self.__dict__[name] = None
         if dropped and device == "cpu":
             release_free_memory()
+        self._settle_forms(decided, planned)
 
     def _build_compile_plan(self) -> None:
         """What :func:`nmkern.dispatch.choose` picks at 1, 2, 4, ... GEMM rows, as row ranges.
@@ -139,16 +165,20 @@ class _PackedExecution:
         """
         call = Call(self._layer_info(), self.device.type, 1)
         ranges: list[tuple[int, Backend]] = []
+        measured = set()  # the winners recorded for this shape (the rest of the plan is the static rules)
         try:
             for rows in _PLAN_ROWS:
-                path = dispatch.choose(self.backend, dataclasses.replace(call, rows=rows))
+                row_call = dataclasses.replace(call, rows=rows)
+                path = dispatch.choose(self.backend, row_call)
+                if self.backend == Backend.AUTO.value and tuning.lookup(row_call) is path:
+                    measured.add(path)
                 if ranges and ranges[-1][1] is path:
                     ranges[-1] = (rows, path)
                 else:
                     ranges.append((rows, path))
         except ValueError:  # a forced path that cannot run here: the trace asks the table, which says why
             ranges = []
-        self.__dict__["_plan_cache"] = ((self.backend, self.device.type), tuple(ranges))
+        self.__dict__["_plan_cache"] = ((self.backend, self.device.type), tuple(ranges), frozenset(measured))
 
     def _traced_path(self, x: torch.Tensor, rows) -> Backend:
         """The path under torch.compile: the eager plan's range holding ``rows`` (a SymInt when dynamic)."""
@@ -156,10 +186,14 @@ class _PackedExecution:
         if plan is None or plan[0] != (self.backend, x.device.type) or not plan[1]:
             return dispatch.choose(self.backend, Call(self._layer_info(), x.device.type, rows))
         ranges = plan[1]
-        for max_rows, path in ranges[:-1]:
-            if rows <= max_rows:
-                return path
-        return ranges[-1][1]
+        path = next((p for max_rows, p in ranges[:-1] if rows <= max_rows), ranges[-1][1])
+        # Traces run the resident form's path (nmkern.nn._forms): a layer holding only the CPU layout decodes it
+        # for dense calls through ctypes, which a trace cannot hold, so it runs the CPU kernel there (same
+        # result); a layer holding only the dense weight runs dense where the static rules would try the kernel.
+        resident = self.__dict__.get("_resident")
+        if path is Backend.DENSE and self.__dict__.get("_decoded_dense"):
+            return Backend.CPU
+        return Backend.DENSE if path is Backend.CPU and resident is Backend.DENSE else path
 
     def _choose(self, x: torch.Tensor, rows: int) -> Backend:
         """The path this call takes (:func:`nmkern.dispatch.choose`, remembered)."""

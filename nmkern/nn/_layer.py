@@ -23,6 +23,9 @@ eagerly at ``pack()`` / ``.to()`` / ``load_state_dict`` where that path can run,
 ``torch.compile`` trace never has to build them; the same places record what the table picks
 at 1, 2, 4, ... GEMM rows (the compile plan), so a trace reads that plan instead of calling into
 the table, and guards on the batch size only where the path changes (a forced path: never).
+Under measured dispatch a packed CPU layer then keeps one resident weight form (:mod:`nmkern.nn._forms`):
+the CPU layout or the dense weight; the packed values it leaves out come back on demand (``state_dict``,
+pickling, ``.to()``, attribute reads).
 
 ``state_dict`` round trips for both forms into a fresh module: the config rides in
 the extra state, and loading a packed state into a training-form module (or the
@@ -52,6 +55,7 @@ from ..reference.semi24 import COL_ALIGN, ROW_ALIGN
 from ..spec import BlockSpec, LayerSpec, NMSpec, Pattern, pattern_in
 from . import _state
 from ._exec import _PackedExecution
+from ._forms import _ResidentForms
 
 
 def parse_pattern(op: str, pattern) -> Pattern:
@@ -99,10 +103,10 @@ def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Patter
 
 # Per-module caches, rebuilt on demand; cleared by pack/load/.to()/.half() and never saved.
 _CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache", "_info_cache", "_path_cache",
-           "_plan_cache", "_fast_dense")
+           "_plan_cache", "_fast_dense", "_decoded_dense", "_resident", "_decode_cost")
 
 
-class _SparseLayer(_PackedExecution, nn.Module):
+class _SparseLayer(_PackedExecution, _ResidentForms, nn.Module):
     """Shared machinery of SparseLinear / SparseConv2d (weight geometry is the subclass's)."""
 
     _op: LayerOp
@@ -158,12 +162,14 @@ class _SparseLayer(_PackedExecution, nn.Module):
         return self._packed
 
     def _clear_caches(self) -> None:
+        self._restore_evicted()  # the values are rebuilt from a cache: before the caches go
         for name in _CACHES:
             self.__dict__[name] = None
 
     def __getstate__(self):
         # pickle / deepcopy: caches may hold native handles (ctypes) and are rebuilt on demand
         state = self.__dict__.copy()
+        state["_buffers"], state["_evicted"] = self._state_buffers(), None
         for name in _CACHES:
             state[name] = None
         return state
@@ -196,6 +202,7 @@ class _SparseLayer(_PackedExecution, nn.Module):
         for path in dispatch.native_paths(self.backend, self._layer_info(), self.device.type):
             builders[path]()
         self._build_compile_plan()
+        self._settle_forms(*self._paths_taken(self.device.type))
 
     def _weight_tensor(self) -> torch.Tensor:
         """The tensor that carries the weight's dtype and device in the current form."""
@@ -203,6 +210,9 @@ class _SparseLayer(_PackedExecution, nn.Module):
             t = self._buffers.get(name)
             if t is not None:
                 return t
+            if name == self.__dict__.get("_evicted"):  # left out (nmkern.nn._forms): the resident form's tensor
+                cpu_layout = self.__dict__.get("_cpu_cache")
+                return cpu_layout.tensors["values"] if cpu_layout is not None else self._dense_cache
         return self._parameters["weight"]
 
     @property
@@ -310,6 +320,7 @@ class _SparseLayer(_PackedExecution, nn.Module):
             del self._buffers["weight_mask"]
 
     def _set_buffer(self, name: str, t: torch.Tensor) -> None:
+        self._restore_evicted()
         if name in self._buffers:
             del self._buffers[name]
         self.register_buffer(name, t)
@@ -362,6 +373,7 @@ class _SparseLayer(_PackedExecution, nn.Module):
     def _training_shell(self) -> None:
         """Become a training-form module with an uninitialised weight (for loading)."""
         dev, dtype = self.device, self.dtype
+        self._restore_evicted()
         for name in ("packed_values", "packed_indices", "bsr_crow", "bsr_col", "bsr_values"):
             self._buffers.pop(name, None)
         del self._parameters["weight"]
@@ -383,6 +395,7 @@ class _SparseLayer(_PackedExecution, nn.Module):
         # Everything the state gives is checked first (nmkern.nn._state): a refused state leaves
         # the module as it was and its message reaches torch's "Error(s) in loading state_dict".
         op = type(self).__name__ + (f" {prefix[:-1]!r}" if prefix else "")
+        self._restore_evicted()  # torch loads into the held buffers only
         try:
             plan = _state.plan_load(op, self, state_dict, prefix)
         except _state.StateError as e:

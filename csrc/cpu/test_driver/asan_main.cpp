@@ -2,7 +2,8 @@
 // weights in exactly-sized heap buffers (so AddressSanitizer sees any read past
 // them), runs every kernel path on odd shapes and compares with a double
 // reference. Exit status 0 = all matched; ASan aborts on any bad access.
-// Every case runs the fp32, bf16 and fp16 entry points; the half ones get the
+// Every case also decodes the layout back (nmkern_*_decode, every start row) and must give the dense
+// weight bit for bit. Every case runs the fp32, bf16 and fp16 entry points; the half ones get the
 // weights, inputs and bias rounded to that dtype (the double reference uses the
 // rounded values) and must land within about one output ulp of the reference.
 //
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <type_traits>
 #include <vector>
@@ -99,6 +101,43 @@ std::vector<double> reference(const std::vector<float>& dense, const std::vector
   return ref;
 }
 
+// The decoders (nmkern_nm_decode / nmkern_bsr_decode) give back `dense` bit for bit: rows [row0, rows) into
+// an exactly sized buffer, 1 and 2 threads, in the element size of dt (4 bytes fp32, 2 bytes bf16 / fp16).
+template <typename Decode>
+void check_decode(const char* kind, Dt dt, const std::vector<float>& dense, int64_t rows, int64_t k, int64_t row0,
+                  Decode decode) {
+  for (int threads : {1, 2}) {
+    bool same = true;
+    int rc;
+    const int64_t count = (rows - row0) * k;
+    if (dt == kF32) {
+      Exact<float> out(std::vector<float>(count, NAN));
+      rc = decode(4, row0, static_cast<void*>(out.p), threads);
+      for (int64_t i = 0; i < count; ++i) same = same && std::memcmp(&out.p[i], &dense[row0 * k + i], 4) == 0;
+    } else {
+      Exact<uint16_t> out(std::vector<uint16_t>(count, 0xFFFF));
+      rc = decode(2, row0, static_cast<void*>(out.p), threads);
+      for (int64_t i = 0; i < count; ++i) same = same && out.p[i] == to_half(dense[row0 * k + i], dt);
+    }
+    if (rc != 0 || !same) {
+      std::printf("FAIL %s decode %s rows %ld k %ld from row %ld threads %d: rc %d, %s\n", kind, kDtName[dt],
+                  (long)rows, (long)k, (long)row0, threads, rc, same ? "values match" : "values differ");
+      ++failures;
+    }
+  }
+}
+
+template <typename T>
+std::vector<T> as_elems(const std::vector<float>& v, Dt dt) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    std::vector<T> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = to_half(v[i], dt);
+    return out;
+  }
+}
+
 void run_nm(Dt dt, int n, int m, int64_t rows, int64_t k, int64_t batch, bool with_bias) {
   int bits = 1;
   while ((1 << bits) < m) ++bits;
@@ -139,6 +178,13 @@ void run_nm(Dt dt, int n, int m, int64_t rows, int64_t k, int64_t batch, bool wi
   round_to(bias, dt);
   const std::vector<double> ref = reference(dense, x, bias, with_bias, rows, k, batch);
   Exact<uint8_t> ei(index);
+  Exact<float> ev32(values);
+  Exact<uint16_t> ev16(as_elems<uint16_t>(values, dt));
+  for (int64_t row0 = 0; row0 < rows; row0 += 8)
+    check_decode("nm", dt, dense, rows, k, row0, [&](int bytes, int64_t r0, void* out, int threads) {
+      return nmkern_nm_decode(bytes == 4 ? static_cast<const void*>(ev32.p) : ev16.p, ei.p, bytes, rows, k, n, m, r0,
+                              rows, out, threads);
+    });
   for (int algo = 0; algo <= 2; ++algo) {
     for (int threads : {1, 2}) {
       std::vector<float> y(batch * rows, NAN);
@@ -192,6 +238,13 @@ void run_bsr(Dt dt, int block, int64_t rows, int64_t k, int64_t batch, double ke
   Exact<CT> ec(col);
   const CT* cp = col.empty() ? nullptr : ec.p;
   const int64_t nnzb = static_cast<int64_t>(col.size());
+  Exact<float> ev32(values);
+  Exact<uint16_t> ev16(as_elems<uint16_t>(values, dt));
+  for (int64_t row0 = 0; row0 < rows; row0 += block)
+    check_decode("1xn", dt, dense, rows, k, row0, [&](int bytes, int64_t r0, void* out, int threads) {
+      const void* vp = values.empty() ? nullptr : bytes == 4 ? static_cast<const void*>(ev32.p) : ev16.p;
+      return nmkern_bsr_decode(vp, erp.p, cp, sizeof(CT), bytes, rows, k, block, r0, rows, out, threads);
+    });
   for (int algo = 0; algo <= 2; ++algo) {
     for (int threads : {1, 2}) {
       std::vector<float> y(batch * rows, NAN);

@@ -1,0 +1,97 @@
+"""The CPU kernels' weight layout built straight from a packed layer's buffers, and decoded back.
+
+A packed layer that runs the CPU kernel keeps one resident weight form (issue #14, item 6): the
+CPU layout. These helpers make that lossless both ways without a dense temporary:
+
+* :func:`layout_from_nm_packed`: the N:M row-tile layout from ``packed_values`` / ``packed_indices``
+  (slot for slot: the tile's slot j of row r is packed slot j of row r, so the packed values come back
+  exactly, kept zeros included, by :func:`nm_values_from_layout`);
+* :func:`layout_from_bsr`: the 1xN layout sharing the layer's ``bsr_values`` and ``bsr_crow`` storage
+  (only the column indices are narrowed to uint16 when K allows);
+* :func:`decode_rows`: dense GEMM rows ``[row0, row1)`` of a layout, for the dense path of a layer whose
+  resident form is the CPU layout (a slice at a time, into a reused buffer: no dense copy kept).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _cpu as cpu
+from .reference.cpu_layouts import INDEX_PAD_BYTES, TILE_ROWS, UINT16_MAX_K
+from .reference.nm_pack import index_bits, unpack_words
+from .spec import Pattern
+
+
+def layout_from_nm_packed(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, k: int) -> cpu.CpuLinear:
+    """The N:M row-tile layout of the packed rows ``values (O, J)`` / ``indices`` (int32 words) of an ``(O, k)``
+    weight, in the values' dtype (one of ``cpu.KERNEL_DTYPES``)."""
+    rows, slots = values.shape
+    bits = index_bits(m)
+    tiles = -(-rows // TILE_ROWS)
+    padded = torch.zeros(tiles * TILE_ROWS, slots, dtype=values.dtype)
+    padded[:rows] = values
+    # padding rows keep the first n positions of each group (any in-range position reads a zero value)
+    lanes = torch.arange(n, dtype=torch.int64).repeat(slots // n).expand(tiles * TILE_ROWS, slots).clone()
+    lanes[:rows] = unpack_words(indices, m, slots)
+    tile_values = padded.reshape(tiles, TILE_ROWS, slots).transpose(1, 2).contiguous()  # (tiles, J, 8)
+    fields = (lanes.reshape(tiles, TILE_ROWS, slots).transpose(1, 2)
+              << (torch.arange(TILE_ROWS) * bits)).sum(-1)  # (tiles, J): disjoint bit ranges, so sum == or
+    field_bytes = (fields.unsqueeze(-1) >> (torch.arange(bits) * 8)) & 0xFF  # little-endian
+    index = torch.cat([field_bytes.reshape(-1).to(torch.uint8), torch.zeros(INDEX_PAD_BYTES, dtype=torch.uint8)])
+    return cpu.CpuLinear(Pattern.NM, n, m, 0, rows, k, {"values": tile_values.reshape(-1), "index": index})
+
+
+def nm_values_from_layout(layout: cpu.CpuLinear) -> torch.Tensor:
+    """``packed_values (O, J)`` of a layout made by :func:`layout_from_nm_packed` (a new tensor)."""
+    slots = layout.in_features // layout.m * layout.n
+    tile_values = layout.tensors["values"].reshape(-1, slots, TILE_ROWS)
+    return tile_values.transpose(1, 2).reshape(-1, slots)[:layout.out_features].contiguous()
+
+
+def layout_from_bsr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out_features: int,
+                    in_features: int, block: int) -> cpu.CpuLinear:
+    """The 1xN layout over a packed layer's BSR buffers: ``values`` and ``crow`` shared, not copied."""
+    narrow = col.to(torch.uint16) if in_features <= UINT16_MAX_K else col
+    return cpu.CpuLinear(Pattern.BLOCK, 0, 0, block, out_features, in_features,
+                         {"values": values, "rowptr": crow, "col": narrow})
+
+
+def _check_rows(op: str, layout: cpu.CpuLinear, row0: int, row1: int) -> None:
+    align = TILE_ROWS if layout.kind is Pattern.NM else layout.block
+    if not (0 <= row0 < row1 <= layout.out_features) or row0 % align or (
+            layout.kind is Pattern.BLOCK and row1 % align):
+        raise ValueError(f"{op}: rows [{row0}, {row1}) of a {layout.out_features}-row {layout.kind.value} layout: "
+                         f"need 0 <= row0 < row1 <= {layout.out_features}, row0 a multiple of {align}"
+                         + (f" and row1 too" if layout.kind is Pattern.BLOCK else ""))
+
+
+def decode_rows(layout: cpu.CpuLinear, row0: int, row1: int, out: torch.Tensor | None = None,
+                num_threads: int = 1) -> torch.Tensor:
+    """Dense rows ``[row0, row1)`` of ``layout``'s ``(out_features, in_features)`` weight, in its dtype.
+
+    N:M: ``row0`` a multiple of 8 (a tile); 1xN: both ends multiples of ``block``. ``out``: a contiguous
+    tensor of the layout's dtype holding at least ``(row1 - row0) * in_features`` elements, reused as the
+    result's storage (every element is written).
+    """
+    op = "nmkern cpu decode_rows"
+    _check_rows(op, layout, row0, row1)
+    shape = (row1 - row0, layout.in_features)
+    if out is None:
+        out = torch.empty(shape, dtype=layout.dtype)
+    elif out.dtype != layout.dtype or not out.is_contiguous() or out.numel() < shape[0] * shape[1] or out.is_cuda:
+        raise ValueError(f"{op}: out must be a contiguous CPU {layout.dtype} tensor of at least {shape[0] * shape[1]} "
+                         f"elements, got {out.dtype} {tuple(out.shape)}")
+    dense = out.view(-1)[:shape[0] * shape[1]].view(shape)
+    lib, t = cpu._require(op), layout.tensors
+    size = t["values"].element_size()
+    if layout.kind is Pattern.NM:
+        rc = lib.nmkern_nm_decode(cpu._ptr(t["values"]), cpu._ptr(t["index"]), size, layout.out_features,
+                                  layout.in_features, layout.n, layout.m, row0, row1, cpu._ptr(dense), num_threads)
+    else:
+        col = t["col"]
+        rc = lib.nmkern_bsr_decode(cpu._ptr(t["values"]) if t["values"].numel() else None, cpu._ptr(t["rowptr"]),
+                                   cpu._ptr(col) if col.numel() else None, col.element_size(), size,
+                                   layout.out_features, layout.in_features, layout.block, row0, row1, cpu._ptr(dense),
+                                   num_threads)
+    cpu._check_status(op, rc)
+    return dense

@@ -1,0 +1,222 @@
+"""Which weight forms a packed layer keeps: one resident form (issue #14, item 6).
+
+A packed :class:`~nmkern.nn._layer._SparseLayer` can hold its weight as the packed buffers it is saved
+with (``packed_values`` / ``packed_indices``, or the BSR ``bsr_*``), as the CPU kernel's layout, and as
+the decoded dense weight of the dense path. Holding all three cost 1.9x a dense model's process memory
+for eight 2048x2048 2:4 fp32 layers (bench/memory_rss.py). Under measured dispatch (:mod:`nmkern.tuning`
+on, the default) a packed layer on the CPU keeps one:
+
+* **the CPU layout**, when a path it takes (or its compile plan names) is the CPU kernel. The N:M
+  ``packed_values`` are then not held (the layout is built slot for slot from them and gives them back
+  exactly, so ``state_dict``, ``.to()``, pickling and ``layer.packed_values`` regenerate them on
+  demand); the small ``packed_indices`` stay. A 1xN linear's layout shares the ``bsr_values`` storage (a 1xN
+  conv's cannot: its BSR columns run in NCHW order, the kernel's in NHWC; its values are decoded back). At row
+  counts where dense measured faster, the dense path decodes the layout into a reused buffer per call
+  (``_decoded_dense``) instead of keeping a dense copy: that costs the decode (5 ms for a 2048x2048 fp32
+  layer on this 2-core machine) on those calls. ``NMKERN_DENSE_CACHE=1`` keeps the dense copy as well
+  (faster dense calls, one more weight-sized form).
+* **the dense weight**, when every path it has taken is dense: the packed values are not held; the
+  rest of the packed buffers (indices, BSR rows and columns) stay, and the values are gathered back
+  from the dense weight when saved.
+* **the packed buffers**, otherwise (no decision yet, paths that read the buffers: reference, Triton,
+  GPU devices, or ``NMKERN_TUNE=0``, which keeps the 0.1 behaviour: forms built as paths need them).
+
+At most one buffer is ever left out (the values); the module's ``_buffers`` holds ``None`` under its
+name while it is out, and :meth:`_ResidentForms.__getattr__` answers reads of it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+from .. import _cpu_layout, tuning
+from ..backend import Backend
+from ..memory import release_free_memory
+from ..reference.linear import conv_weight_from_rows
+from ..reference.nm_pack import unpack_words
+from ..spec import Pattern
+
+ENV_DENSE_CACHE = "NMKERN_DENSE_CACHE"
+_scratch = threading.local()  # the decode buffer of _decoded_weight, one per thread and dtype
+
+
+def keep_dense_cache() -> bool:
+    """``NMKERN_DENSE_CACHE=1``: a layer running the CPU kernel at some row counts and dense at others keeps
+    a dense copy of its weight for the dense calls (faster dense calls, more memory)."""
+    value = os.environ.get(ENV_DENSE_CACHE, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{ENV_DENSE_CACHE}={value!r}: use 1 (keep a dense copy beside the CPU layout) or 0 (default)")
+
+
+def _scratch_buffer(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    buffers = _scratch.__dict__.setdefault("by_dtype", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buffers[dtype] = buf = None  # free the smaller one first
+        buffers[dtype] = buf = torch.empty(numel, dtype=dtype)
+    return buf
+
+
+class _ResidentForms:
+    """Mixed into ``_SparseLayer`` (before ``nn.Module``): the resident form rule of the module docstring."""
+
+    def _values_name(self) -> str:
+        return "packed_values" if self.pattern is Pattern.NM else "bsr_values"
+
+    def __getattr__(self, name: str):
+        if name == self.__dict__.get("_evicted") and name is not None:
+            return self._regenerated_values()
+        return super().__getattr__(name)
+
+    # -- the left-out values, given back ---------------------------------------------------------
+    def _regenerated_values(self) -> torch.Tensor:
+        """The packed values, rebuilt from the resident form (a new tensor, not kept)."""
+        cpu_layout, dense = self.__dict__.get("_cpu_cache"), self.__dict__.get("_dense_cache")
+        if self.pattern is Pattern.NM and cpu_layout is not None:  # built slot for slot from the packed rows
+            return _cpu_layout.nm_values_from_layout(cpu_layout)
+        if dense is None and cpu_layout is not None:  # a 1xN conv's layout: decoded (a temporary dense weight)
+            rows = _cpu_layout.decode_rows(cpu_layout, 0, cpu_layout.out_features)
+            dense = conv_weight_from_rows(rows, self.weight_shape) if len(self.weight_shape) == 4 else rows
+        if dense is None:
+            raise RuntimeError(f"{type(self).__name__}: the packed values were left out with no resident form to "
+                               "rebuild them from (an nmkern bug: please report it)")
+        if self.pattern is Pattern.NM:  # N:M packed rows of a conv run in NHWC order
+            rows = dense.permute(0, 2, 3, 1).reshape(dense.shape[0], -1) if dense.dim() == 4 else dense
+            slots = rows.shape[1] // self.m * self.n
+            cols = unpack_words(self._buffers["packed_indices"], self.m, slots)
+            cols = cols + torch.arange(slots, device=cols.device) // self.n * self.m
+            return rows.gather(1, cols)
+        rows = dense.reshape(dense.shape[0], -1)  # BSR columns of a conv run in NCHW order
+        crow, col = self._buffers["bsr_crow"], self._buffers["bsr_col"]
+        counts = (crow[1:] - crow[:-1]).to(torch.int64)
+        block_row = torch.repeat_interleave(torch.arange(counts.numel(), device=rows.device), counts)
+        blocks = rows.reshape(-1, self.block, rows.shape[1])
+        return blocks[block_row, :, col.to(torch.int64)].contiguous()
+
+    def _restore_evicted(self) -> None:
+        """Hold the packed values again (before the caches they are rebuilt from go away)."""
+        name = self.__dict__.get("_evicted")
+        if name is None:
+            return
+        if name in self._buffers and self._buffers[name] is None:
+            self._buffers[name] = self._regenerated_values()
+        self.__dict__["_evicted"] = None
+
+    def _evict_values(self) -> None:
+        name = self._values_name()
+        if self.__dict__.get("_evicted") is None and self._buffers.get(name) is not None:
+            self._buffers[name] = None
+            self.__dict__["_evicted"] = name
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        name = self.__dict__.get("_evicted")
+        if name is None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._buffers[name] = self._regenerated_values()  # in place, so the state's key order is the usual one
+        try:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._buffers[name] = None
+
+    def _state_buffers(self) -> dict:
+        """``_buffers`` with the left-out values filled in (for pickling)."""
+        name = self.__dict__.get("_evicted")
+        if name is None:
+            return self._buffers
+        filled = self._buffers.copy()
+        filled[name] = self._regenerated_values()
+        return filled
+
+    # -- settling on one form --------------------------------------------------------------------
+    def _settle_forms(self, decided: set, planned: set) -> None:
+        """Keep one resident form, given the paths measured and taken so far (``decided``) and the compile plan's
+        (``planned``: measured winners, and the static rules at row counts not met yet)."""
+        before = self.__dict__.get("_resident")
+        self._settle_forms_now(decided, planned)
+        if before is not None and self.__dict__.get("_resident") is not before:
+            # paths remembered under the other form were chosen with its costs (a dense call now decodes):
+            # the next call of each row count asks again (nmkern.tuning's record, then _resident_path)
+            self.__dict__["_path_cache"] = None
+            self.__dict__["_fast_dense"] = None
+
+    def _settle_forms_now(self, decided: set, planned: set) -> None:
+        self.__dict__["_decoded_dense"] = False
+        self.__dict__["_resident"] = None
+        if not self._packed or self.device.type != "cpu" or not tuning.enabled() or torch.compiler.is_compiling():
+            return
+        if not (decided | planned) <= {Backend.CPU, Backend.DENSE} or self.dtype not in (torch.float32,
+                                                                                         torch.bfloat16, torch.float16):
+            self._restore_evicted()  # a path that reads the packed buffers
+            return
+        if Backend.CPU in decided or (not decided and Backend.CPU in planned):
+            self._keep_cpu_layout(dense_taken=Backend.DENSE in decided)
+        elif decided == {Backend.DENSE}:  # dense at every row count met: the plan's other rows trace dense too
+            self._dense_cached()
+            if self._cpu_cache is not None:
+                self._restore_evicted()  # rebuilt from the CPU layout while it is still here
+                self.__dict__["_cpu_cache"] = None
+            self._evict_values()
+            self.__dict__["_resident"] = Backend.DENSE
+            release_free_memory()
+
+    def _keep_cpu_layout(self, dense_taken: bool) -> None:
+        self._cpu_cached()
+        if dense_taken and keep_dense_cache():
+            self._dense_cached()
+        elif self._dense_cache is not None:
+            self.__dict__["_dense_cache"] = None
+            release_free_memory()
+        self.__dict__["_decoded_dense"] = self._dense_cache is None and dense_taken
+        if self.pattern is Pattern.NM or len(self.weight_shape) == 4:  # a 1xN linear's layout shares the values
+            self._evict_values()
+        self.__dict__["_resident"] = Backend.CPU
+
+    def _decode_ms(self) -> float:
+        """What decoding this layer's CPU layout costs (ms; the faster of two decodes after a first, measured once per
+        layout)."""
+        ms = self.__dict__.get("_decode_cost")
+        if ms is None:
+            layout = self._cpu_cached()
+            # into a buffer of its own (the shared one is allocated only when a dense call decodes), touched once
+            # first: page faults are not part of a decode into the reused buffer (2048x2048 fp32: 8 ms with them,
+            # 2.6 ms without, here)
+            buf = torch.empty(layout.out_features * layout.in_features, dtype=layout.dtype)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                _cpu_layout.decode_rows(layout, 0, layout.out_features, out=buf, num_threads=torch.get_num_threads())
+                times.append(time.perf_counter() - t0)
+            ms = self.__dict__["_decode_cost"] = min(times[1:]) * 1e3
+            del buf
+            release_free_memory()
+        return ms
+
+    def _resident_path(self, decision) -> Backend:
+        """The path a measured decision runs given the resident form: where dense won but this layer holds only
+        the CPU layout, a dense call pays the decode too, so the kernel runs instead whenever its measured median
+        is below dense's plus the decode (a decode-sized batch: SmolLM2's 576x576 bf16 layers at 1 row measured
+        the kernel slower than a kept dense weight, and far faster than decoding one per token)."""
+        if decision.path is not Backend.DENSE or not self.__dict__.get("_decoded_dense"):
+            return decision.path
+        cpu_ms, dense_ms = decision.medians_ms.get(Backend.CPU.value), decision.medians_ms.get(Backend.DENSE.value)
+        if cpu_ms is None or dense_ms is None:
+            return decision.path
+        return Backend.CPU if cpu_ms <= dense_ms + self._decode_ms() else Backend.DENSE
+
+    def _decoded_weight(self, keep: bool = False) -> torch.Tensor:
+        """The dense weight decoded from the CPU layout: the dense path of a layer whose resident form is the CPU
+        layout. Into this thread's reused buffer (valid until the next decode of this dtype on this thread), or,
+        with ``keep`` (autograd saves the weight for the input's gradient), into a new tensor."""
+        layout = self._cpu_cached()
+        numel = layout.out_features * layout.in_features
+        buf = torch.empty(numel, dtype=layout.dtype) if keep else _scratch_buffer(layout.dtype, numel)
+        rows = _cpu_layout.decode_rows(layout, 0, layout.out_features, out=buf,
+                                       num_threads=torch.get_num_threads())
+        return conv_weight_from_rows(rows, self.weight_shape) if len(self.weight_shape) == 4 else rows
