@@ -82,17 +82,6 @@ PROMPT_TEXT = (
 # --------------------------------------------------------------------------- shared steps
 
 
-def cpu_model() -> str:
-    """The "model name" line of /proc/cpuinfo (the CPU the numbers belong to), else timing.cpu_name()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return timing.cpu_name()
-
-
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max |got - ref| / max |ref|, in fp32 (bf16 outputs are compared after the cast, not in bf16)."""
     got, ref = got.float(), ref.float()
@@ -380,7 +369,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    meta = timing.machine_info() | {"cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
+    meta = timing.machine_info() | {"cpu_model": timing.cpu_name(), "torch_threads": torch.get_num_threads(),
                                     "command": "HF_HUB_OFFLINE=1 python examples/e2e_latency.py "
                                                + " ".join(sys.argv[1:] if argv is None else argv),
                                     "args": vars(args)}

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from . import _cpu as cpu
-from .reference.cpu_layouts import INDEX_PAD_BYTES, TILE_ROWS, UINT16_MAX_K
-from .reference.nm_pack import index_bits, unpack_words
+from .reference.cpu_layouts import TILE_ROWS, UINT16_MAX_K, nm_tiles_from_slots_ref
+from .reference.nm_pack import unpack_words
 from .spec import Pattern
 
 
@@ -26,19 +26,14 @@ def layout_from_nm_packed(values: torch.Tensor, indices: torch.Tensor, n: int, m
     """The N:M row-tile layout of the packed rows ``values (O, J)`` / ``indices`` (int32 words) of an ``(O, k)``
     weight, in the values' dtype (one of ``cpu.KERNEL_DTYPES``)."""
     rows, slots = values.shape
-    bits = index_bits(m)
     tiles = -(-rows // TILE_ROWS)
     padded = torch.zeros(tiles * TILE_ROWS, slots, dtype=values.dtype)
     padded[:rows] = values
     # padding rows keep the first n positions of each group (any in-range position reads a zero value)
-    lanes = torch.arange(n, dtype=torch.int64).repeat(slots // n).expand(tiles * TILE_ROWS, slots).clone()
-    lanes[:rows] = unpack_words(indices, m, slots)
-    tile_values = padded.reshape(tiles, TILE_ROWS, slots).transpose(1, 2).contiguous()  # (tiles, J, 8)
-    fields = (lanes.reshape(tiles, TILE_ROWS, slots).transpose(1, 2)
-              << (torch.arange(TILE_ROWS) * bits)).sum(-1)  # (tiles, J): disjoint bit ranges, so sum == or
-    field_bytes = (fields.unsqueeze(-1) >> (torch.arange(bits) * 8)) & 0xFF  # little-endian
-    index = torch.cat([field_bytes.reshape(-1).to(torch.uint8), torch.zeros(INDEX_PAD_BYTES, dtype=torch.uint8)])
-    return cpu.CpuLinear(Pattern.NM, n, m, 0, rows, k, {"values": tile_values.reshape(-1), "index": index})
+    positions = torch.arange(n, dtype=torch.int64).repeat(slots // n).expand(tiles * TILE_ROWS, slots).clone()
+    positions[:rows] = unpack_words(indices, m, slots)
+    tile_values, index = nm_tiles_from_slots_ref(padded, positions, m)
+    return cpu.CpuLinear(Pattern.NM, n, m, 0, rows, k, {"values": tile_values, "index": index})
 
 
 def nm_values_from_layout(layout: cpu.CpuLinear) -> torch.Tensor:

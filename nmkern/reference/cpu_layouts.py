@@ -43,9 +43,17 @@ def nm_tile_pack_ref(w2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, to
     groups = k // m
     cols = pos + (torch.arange(groups) * m).view(1, groups, 1)
     values = padded.gather(1, cols.reshape(tiles * TILE_ROWS, -1))  # (rows8, J)
-    j = values.shape[1]
+    return nm_tiles_from_slots_ref(values, pos.reshape(tiles * TILE_ROWS, -1), m)
+
+
+def nm_tiles_from_slots_ref(values: torch.Tensor, positions: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row-tile layout of kept slots: ``values`` and in-group ``positions``, both ``(rows8, J)`` with rows a
+    multiple of 8 (padding rows included), into (values ``(tiles*J*8,)``, index bytes) as :func:`nm_tile_pack_ref`."""
+    bits = index_bits(m)
+    rows8, j = values.shape
+    tiles = rows8 // TILE_ROWS
     values = values.reshape(tiles, TILE_ROWS, j).transpose(1, 2).contiguous()  # (tiles, J, 8)
-    lanes = pos.reshape(tiles, TILE_ROWS, j).transpose(1, 2).to(torch.int64)  # (tiles, J, 8)
+    lanes = positions.reshape(tiles, TILE_ROWS, j).transpose(1, 2).to(torch.int64)  # (tiles, J, 8)
     fields = (lanes << (torch.arange(TILE_ROWS) * bits)).sum(-1)  # disjoint bit ranges: sum == or
     field_bytes = (fields.unsqueeze(-1) >> (torch.arange(bits) * 8)) & 0xFF  # (tiles, J, bits), little-endian
     index = torch.cat([field_bytes.reshape(-1).to(torch.uint8), torch.zeros(INDEX_PAD_BYTES, dtype=torch.uint8)])
