@@ -10,6 +10,7 @@ bytes exceed 4x the last-level cache, run like a model; ``--no-cold`` skips it).
 
     python bench/cpu_ratio_table.py                       # issue table, 4096x4096, batch 1/16/256
     python bench/cpu_ratio_table.py --minilm              # + MiniLM 384x1536 / 1536x384, tokens 1..512
+    python bench/cpu_ratio_table.py --minilm-only --threads 1   # the MiniLM shapes alone (the README table)
     python bench/cpu_ratio_table.py --json r.json --png r.png
     python bench/cpu_ratio_table.py --quick               # smoke run: 512x512, batch 1/16, 0.2 s per point
 """
@@ -82,6 +83,7 @@ def _parse_args(argv):
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--size", type=int, default=4096, help="square weight size of the issue table")
     ap.add_argument("--minilm", action="store_true", help="also MiniLM 384x1536 / 1536x384, tokens 1..512")
+    ap.add_argument("--minilm-only", action="store_true", help="the MiniLM shapes alone")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--budget", type=float, default=3.0, help="seconds of timing per point and cache state")
     ap.add_argument("--no-cold", action="store_true", help="warm cache only")
@@ -109,8 +111,8 @@ def main(argv=None) -> int:
         print("nmkern CPU library unavailable: build it with `pip install -e .`", file=sys.stderr)
         return 1
     batches = [int(b) for b in args.batches.split(",")]
-    shapes = [(args.size, args.size, batches)]
-    if args.minilm:
+    shapes = [] if args.minilm_only else [(args.size, args.size, batches)]
+    if args.minilm or args.minilm_only:
         tokens = [1, 8, 32, 128, 512]
         shapes += [(1536, 384, tokens), (384, 1536, tokens)]
     torch.set_num_threads(args.threads)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-LAYERS, WIDTH = 8, 2048
+LAYERS, WIDTH = 8, 2048  # the model; --width 4096 for a 4x bigger one
 
 
 def _rss_mb() -> float:
@@ -32,7 +32,7 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def child(pattern: str) -> dict:
+def child(pattern: str, width: int) -> dict:
     import torch
     import torch.nn as nn
 
@@ -47,9 +47,9 @@ def child(pattern: str) -> dict:
         stages.append({"stage": name, "rss_mb": round(_rss_mb() - base, 1), "forms_mb": forms})
 
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)]).eval()
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(LAYERS)]).eval()
     stage("built", model)
-    inputs = [torch.randn(batch, WIDTH) for batch in (1, 16, 256)]
+    inputs = [torch.randn(batch, width) for batch in (1, 16, 256)]
     paths = {}
     if pattern != "dense":
         nmkern.sparsify(model, pattern, pack=True)
@@ -70,22 +70,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patterns", default="dense,2:4,1:4,2:4/cache",
                     help="comma-separated; PATTERN/cache runs with NMKERN_DENSE_CACHE=1")
+    ap.add_argument("--width", type=int, default=WIDTH, help="each layer is WIDTH x WIDTH (default %(default)s)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(child(args.child, args.width)))
         return 0
     results = []
     for case in args.patterns.split(","):
         pattern, _, option = case.partition("/")  # "2:4/cache": with NMKERN_DENSE_CACHE=1
         with tempfile.TemporaryDirectory() as cache:  # measured afresh, not read from this machine's cache
             env = {**os.environ, "NMKERN_CACHE_DIR": cache, "NMKERN_DENSE_CACHE": "1" if option == "cache" else "0"}
-            out = subprocess.run([sys.executable, __file__, "--child", pattern], stdout=subprocess.PIPE, text=True,
-                                 check=True, env=env).stdout
+            out = subprocess.run([sys.executable, __file__, "--child", pattern, "--width", str(args.width)],
+                                 stdout=subprocess.PIPE, text=True, check=True, env=env).stdout
         results.append(dict(json.loads(out.strip().splitlines()[-1]), pattern=case))
     dense = {s["stage"]: s["rss_mb"] for s in results[0]["stages"]} if results[0]["pattern"] == "dense" else {}
-    print(f"eight {WIDTH}x{WIDTH} fp32 Linear: process RSS above `import torch, nmkern`, MB")
+    print(f"eight {args.width}x{args.width} fp32 Linear: process RSS above `import torch, nmkern`, MB")
     for r in results:
         if r["paths_by_rows"]:
             print(f"{r['pattern']:>6} paths taken by rows: {r['paths_by_rows']}")
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
             print(f"{r['pattern']:>6} {s['stage']:<12} {s['rss_mb']:>8.1f}" + (f"  ({ratio:.2f}x dense)" if ratio else "")
                   + f"  forms {s['forms_mb']}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"results": results}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"width": args.width, "results": results}, indent=1) + "\n")
     return 0
 
 

@@ -5,7 +5,8 @@ CPU layout. These helpers make that lossless both ways without a dense temporary
 
 * :func:`layout_from_nm_packed`: the N:M row-tile layout from ``packed_values`` / ``packed_indices``
   (slot for slot: the tile's slot j of row r is packed slot j of row r, so the packed values come back
-  exactly, kept zeros included, by :func:`nm_values_from_layout`);
+  exactly, kept zeros included, by :func:`nm_values_from_layout`, and ``packed_indices`` by
+  :func:`nm_indices_from_layout`);
 * :func:`layout_from_bsr`: the 1xN layout sharing the layer's ``bsr_values`` and ``bsr_crow`` storage
   (only the column indices are narrowed to uint16 when K allows);
 * :func:`decode_rows`: dense GEMM rows ``[row0, row1)`` of a layout, for the dense path of a layer whose
@@ -17,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import _cpu as cpu
-from .reference.cpu_layouts import TILE_ROWS, UINT16_MAX_K, nm_tiles_from_slots_ref
-from .reference.nm_pack import unpack_words
+from .reference.cpu_layouts import TILE_ROWS, UINT16_MAX_K, nm_tile_positions_ref, nm_tiles_from_slots_ref
+from .reference.nm_pack import pack_words, unpack_words
 from .spec import Pattern
 
 
@@ -41,6 +42,25 @@ def nm_values_from_layout(layout: cpu.CpuLinear) -> torch.Tensor:
     slots = layout.in_features // layout.m * layout.n
     tile_values = layout.tensors["values"].reshape(-1, slots, TILE_ROWS)
     return tile_values.transpose(1, 2).reshape(-1, slots)[:layout.out_features].contiguous()
+
+
+def nm_indices_from_layout(layout: cpu.CpuLinear, tiles_per_step: int = 64) -> torch.Tensor:
+    """``packed_indices`` (int32 words ``(O, W)``, unused bits zero) of a layout made by :func:`layout_from_nm_packed`
+    (a new tensor). ``tiles_per_step`` tiles at a time: the int64 positions of a 4096x4096 2:4 layer at once would be a
+    64 MB temporary."""
+    slots = layout.in_features // layout.m * layout.n
+    rows = layout.out_features
+    words = None
+    for tile0 in range(0, -(-rows // TILE_ROWS), tiles_per_step):
+        row0 = tile0 * TILE_ROWS
+        row1 = min(rows, row0 + tiles_per_step * TILE_ROWS)
+        tile1 = -(-row1 // TILE_ROWS)
+        lanes = nm_tile_positions_ref(layout.tensors["index"], tile0, tile1, slots, layout.m)  # (tiles, J, 8)
+        step = pack_words(lanes.transpose(1, 2).reshape(-1, slots)[:row1 - row0], layout.m)
+        if words is None:
+            words = torch.empty(rows, step.shape[1], dtype=torch.int32)
+        words[row0:row1] = step
+    return words
 
 
 def layout_from_bsr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, out_features: int,

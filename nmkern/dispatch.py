@@ -176,20 +176,18 @@ def _packed_conv2d(impl: str) -> Callable:
     return conv2d
 
 
-def _dense_weight(layer, x: torch.Tensor) -> torch.Tensor:
-    # A layer whose one resident form is the CPU layout decodes it per dense call (nmkern.nn._forms), into a
-    # reused buffer unless autograd will keep the weight for x's gradient
-    if layer.__dict__.get("_decoded_dense"):
-        return layer._decoded_weight(keep=torch.is_grad_enabled() and x.requires_grad)
-    return layer._dense_cached()
-
-
 def _dense_linear(layer, x):
-    return F.linear(x, _dense_weight(layer, x), layer.bias)
+    # A layer whose one resident form is the CPU layout decodes it per dense call (nmkern.nn._forms)
+    if layer.__dict__.get("_decoded_dense"):
+        return layer._decoded_linear(x)
+    return F.linear(x, layer._dense_cached(), layer.bias)
 
 
 def _dense_conv2d(layer, x):
-    return F.conv2d(x, _dense_weight(layer, x), layer.bias, layer.stride, layer.padding, layer.dilation)
+    # as _dense_linear, in one piece into a reused buffer, unless autograd will keep the weight for x's gradient
+    weight = (layer._decoded_weight(keep=torch.is_grad_enabled() and x.requires_grad)
+              if layer.__dict__.get("_decoded_dense") else layer._dense_cached())
+    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation)
 
 
 def _kept_dense_linear(layer, x):

@@ -94,9 +94,9 @@ def _settled(tuned, make, pattern: str, winner: Backend):
 def test_a_cpu_winner_holds_only_the_cpu_layout(tuned, make, pattern):
     layer, state, x, forms = _settled(tuned, make, pattern, winner=Backend.CPU)
     assert "dense_cache" not in forms and "cpu_layout" in forms, forms
-    if pattern == "2:4":  # the values live in the layout; the 2-bit indices stay
-        assert layer._buffers["packed_values"] is None
-        assert forms["packed"] == layer.packed_indices.numel() * 4
+    if pattern == "2:4":  # the values and the 2-bit indices live in the layout
+        assert layer._buffers["packed_values"] is None and layer._buffers["packed_indices"] is None
+        assert "packed" not in forms and torch.equal(layer.packed_indices, state["packed_indices"])
     elif make is _conv:  # a conv's BSR columns run in NCHW order, the layout's in NHWC: the values are left out
         assert layer._buffers["bsr_values"] is None
     else:  # the layout shares the BSR values and row pointers; only narrowed column indices are its own
@@ -156,6 +156,34 @@ def test_mixed_winners_keep_the_layout_and_decode_for_dense_calls(tuned, make, p
         assert torch.equal(layer(large), plain(large))  # the decoded weight is the dense weight, bit for bit
         torch.testing.assert_close(layer(small), plain(small))
     assert "dense_cache" not in _forms(layer)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_calls_of_a_mixed_linear_decode_block_by_block(tuned, pattern, bias, monkeypatch):
+    """A layout bigger than one block: each dense call decodes 8 (N:M tile) / 4 (1xN block) output rows at a
+    time into a buffer of that size, never the whole weight."""
+    from nmkern.nn import _forms
+    torch.manual_seed(5)
+    dense = nn.Linear(64, 40, bias=bias)
+    layer = nmkern.SparseLinear.from_dense(dense, **PATTERNS[pattern]).pack()
+    plain = _plain(layer)
+    monkeypatch.setattr(_forms, "DECODE_BLOCK_BYTES", 64 * 4 * 6)  # 6 rows of 64 fp32: rounded down to 4
+    monkeypatch.setattr(_forms, "_scratch", __import__("threading").local())
+    tuned.set(dense=1.0, cpu=0.5)
+    _decide(layer, torch.randn(1, 64))
+    tuned.set(dense=0.5, cpu=1.0)
+    x = torch.randn(3, 256, 64)
+    assert _decide(layer, x) is Backend.DENSE and layer._decoded_dense
+    assert layer._decode_block_rows() == (8 if pattern == "2:4" else 4)
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y, plain(x), rtol=1.3e-6, atol=1e-5)  # fp32 GEMMs of different shapes
+    assert y.shape == (3, 256, 40) and y.is_contiguous()
+    assert [b.numel() for b in _forms._scratch.by_dtype.values()] == [layer._decode_block_rows() * 64]
+    x.requires_grad_()  # autograd keeps the whole weight: decoded in one piece, into a tensor of its own
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, plain.weight.sum(0).expand(3, 256, 64), rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_through_decoded_layers_use_their_own_weights(tuned):
@@ -233,10 +261,11 @@ def test_what_was_left_out_comes_back_through_every_door(tuned, tmp_path):
     tuned.set(dense=1.0, cpu=0.5)
     x = _x(layer, 3)
     _decide(layer, x)
-    assert layer._buffers["packed_values"] is None
+    assert layer._buffers["packed_values"] is None and layer._buffers["packed_indices"] is None
     with torch.no_grad():
         y = layer(x)
     assert torch.equal(layer.packed_values, state["packed_values"])
+    assert torch.equal(layer.packed_indices, state["packed_indices"])
     assert torch.equal(layer.dense_weight(), w)
     buf = io.BytesIO()
     torch.save(layer, buf)  # pickling
@@ -257,6 +286,21 @@ def test_what_was_left_out_comes_back_through_every_door(tuned, tmp_path):
     nmkern.save(nn.Sequential(layer), tmp_path / "layer.safetensors")
     loaded = nmkern.load(tmp_path / "layer.safetensors", nn.Sequential(nn.Linear(64, 40)))
     _assert_same_state(loaded[0].state_dict(), state)
+
+
+def test_indices_with_bits_the_layout_does_not_carry_stay_held(tuned):
+    torch.manual_seed(4)
+    layer = nmkern.SparseLinear.from_dense(nn.Linear(40, 16), pattern="nm", n=2, m=4).pack()
+    with torch.no_grad():  # written in place (load_state_dict refuses set padding bits)
+        layer.packed_indices[:, -1] |= 1 << 30  # slot 31 of a 20-slot row (16 per word): an unused field
+    state = copy.deepcopy(layer.state_dict())
+    tuned.set(dense=1.0, cpu=0.5)
+    x = torch.randn(2, 40)
+    _decide(layer, x)
+    assert layer._buffers["packed_values"] is None and layer._buffers["packed_indices"] is not None
+    _assert_same_state(layer.state_dict(), state)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _plain(layer)(x))
 
 
 def test_without_measuring_the_packed_buffers_stay(monkeypatch):
@@ -302,6 +346,8 @@ def test_nm_layout_from_packed_round_trips_and_decodes(dtype, shape, n, m):
     packed = pack_nm(w, n, m, dim=1)
     layout = _cpu_layout.layout_from_nm_packed(packed.values, packed.indices, n, m, shape[1])
     assert torch.equal(_cpu_layout.nm_values_from_layout(layout), packed.values)
+    for step in (1, 64):  # tile by tile, and all at once
+        assert torch.equal(_cpu_layout.nm_indices_from_layout(layout, tiles_per_step=step), packed.indices)
     assert torch.equal(_cpu_layout.decode_rows(layout, 0, shape[0]), w)
     if shape[0] > 8:
         assert torch.equal(_cpu_layout.decode_rows(layout, 8, shape[0]), w[8:])

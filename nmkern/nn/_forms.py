@@ -7,22 +7,25 @@ for eight 2048x2048 2:4 fp32 layers (bench/memory_rss.py). Under measured dispat
 on, the default) a packed layer on the CPU keeps one:
 
 * **the CPU layout**, when a path it takes (or its compile plan names) is the CPU kernel. The N:M
-  ``packed_values`` are then not held (the layout is built slot for slot from them and gives them back
-  exactly, so ``state_dict``, ``.to()``, pickling and ``layer.packed_values`` regenerate them on
-  demand); the small ``packed_indices`` stay. A 1xN linear's layout shares the ``bsr_values`` storage (a 1xN
+  ``packed_values`` and ``packed_indices`` are then not held (the layout is built slot for slot from
+  them and gives them back exactly, so ``state_dict``, ``.to()``, pickling and ``layer.packed_values``
+  regenerate them on demand; the indices stay where the held words carry bits the layout does not,
+  such as set padding bits of a hand-made state). A 1xN linear's layout shares the ``bsr_values`` storage (a 1xN
   conv's cannot: its BSR columns run in NCHW order, the kernel's in NHWC; its values are decoded back). At row
-  counts where dense measured faster, the dense path decodes the layout into a reused buffer per call
-  (``_decoded_dense``) instead of keeping a dense copy: that costs the decode (5 ms for a 2048x2048 fp32
-  layer on this 2-core machine) on those calls. ``NMKERN_DENSE_CACHE=1`` keeps the dense copy as well
-  (faster dense calls, one more weight-sized form).
+  counts where dense measured faster, the dense path decodes the layout per call (``_decoded_dense``)
+  instead of keeping a dense copy, a block of output rows at a time into one small reused buffer
+  (:data:`DECODE_BLOCK_BYTES`): that costs the decode (2.6 ms for a 2048x2048 fp32 layer on a 2-core AMD
+  EPYC) on those calls. ``NMKERN_DENSE_CACHE=1`` keeps the dense copy as well (faster dense calls, one
+  more weight-sized form).
 * **the dense weight**, when every path it has taken is dense: the packed values are not held; the
   rest of the packed buffers (indices, BSR rows and columns) stay, and the values are gathered back
   from the dense weight when saved.
 * **the packed buffers**, otherwise (no decision yet, paths that read the buffers: reference, Triton,
   GPU devices, or ``NMKERN_TUNE=0``, which keeps the 0.1 behaviour: forms built as paths need them).
 
-At most one buffer is ever left out (the values); the module's ``_buffers`` holds ``None`` under its
-name while it is out, and :meth:`_ResidentForms.__getattr__` answers reads of it.
+At most two buffers are ever left out (the values, and an N:M layout's indices), named in ``_evicted``; the
+module's ``_buffers`` holds ``None`` under each name while it is out, and :meth:`_ResidentForms.__getattr__`
+answers reads of them.
 """
 
 from __future__ import annotations
@@ -32,16 +35,24 @@ import threading
 import time
 
 import torch
+import torch.nn.functional as F
 
 from .. import _cpu_layout, tuning
 from ..backend import Backend
 from ..memory import release_free_memory
+from ..reference.cpu_layouts import TILE_ROWS
 from ..reference.linear import conv_weight_from_rows
 from ..reference.nm_pack import unpack_words
 from ..spec import Pattern
 
 ENV_DENSE_CACHE = "NMKERN_DENSE_CACHE"
-_scratch = threading.local()  # the decode buffer of _decoded_weight, one per thread and dtype
+_scratch = threading.local()  # the decode buffer of _decoded_linear / _decoded_weight, one per thread and dtype
+# A linear's dense call decodes its layout a block of output rows at a time into a buffer of at most this many bytes,
+# each block's GEMM writing its output columns. Measured side by side against F.linear on a kept dense weight (2-core
+# AMD EPYC, fp32, 256 rows): 4 MB blocks 1.28-1.34x for 2048x2048 and 0.95-1.03x for 11008x4096, one whole-layer
+# decode 1.29x and 1.10x; 0.5-1 MB blocks 1.5-2x (a GEMM call per 64-256 rows). The whole-layer buffer held 16 MB
+# and 180 MB for those layers.
+DECODE_BLOCK_BYTES = 4 << 20
 
 
 def keep_dense_cache() -> bool:
@@ -71,11 +82,17 @@ class _ResidentForms:
         return "packed_values" if self.pattern is Pattern.NM else "bsr_values"
 
     def __getattr__(self, name: str):
-        if name == self.__dict__.get("_evicted") and name is not None:
-            return self._regenerated_values()
+        if name in (self.__dict__.get("_evicted") or ()):
+            return self._regenerated(name)
         return super().__getattr__(name)
 
-    # -- the left-out values, given back ---------------------------------------------------------
+    # -- the left-out buffers, given back --------------------------------------------------------
+    def _regenerated(self, name: str) -> torch.Tensor:
+        """The left-out buffer ``name``, rebuilt from the resident form (a new tensor, not kept)."""
+        if name == "packed_indices":  # left out only beside an N:M layout (_keep_cpu_layout)
+            return _cpu_layout.nm_indices_from_layout(self.__dict__["_cpu_cache"])
+        return self._regenerated_values()
+
     def _regenerated_values(self) -> torch.Tensor:
         """The packed values, rebuilt from the resident form (a new tensor, not kept)."""
         cpu_layout, dense = self.__dict__.get("_cpu_cache"), self.__dict__.get("_dense_cache")
@@ -101,37 +118,36 @@ class _ResidentForms:
         return blocks[block_row, :, col.to(torch.int64)].contiguous()
 
     def _restore_evicted(self) -> None:
-        """Hold the packed values again (before the caches they are rebuilt from go away)."""
-        name = self.__dict__.get("_evicted")
-        if name is None:
-            return
-        if name in self._buffers and self._buffers[name] is None:
-            self._buffers[name] = self._regenerated_values()
+        """Hold the left-out buffers again (before the caches they are rebuilt from go away)."""
+        names = self.__dict__.get("_evicted") or ()
+        for name in names:
+            if name in self._buffers and self._buffers[name] is None:
+                self._buffers[name] = self._regenerated(name)
         self.__dict__["_evicted"] = None
 
-    def _evict_values(self) -> None:
-        name = self._values_name()
-        if self.__dict__.get("_evicted") is None and self._buffers.get(name) is not None:
-            self._buffers[name] = None
-            self.__dict__["_evicted"] = name
+    def _evict(self, *names: str) -> None:
+        """Leave out ``names`` (each held now; at most once: a settled layer evicts nothing more)."""
+        if self.__dict__.get("_evicted") is None and all(self._buffers.get(name) is not None for name in names):
+            for name in names:
+                self._buffers[name] = None
+            self.__dict__["_evicted"] = names
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        name = self.__dict__.get("_evicted")
-        if name is None:
-            return super()._save_to_state_dict(destination, prefix, keep_vars)
-        self._buffers[name] = self._regenerated_values()  # in place, so the state's key order is the usual one
+        names = self.__dict__.get("_evicted") or ()
+        for name in names:  # in place, so the state's key order is the usual one
+            self._buffers[name] = self._regenerated(name)
         try:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
         finally:
-            self._buffers[name] = None
+            for name in names:
+                self._buffers[name] = None
 
     def _state_buffers(self) -> dict:
-        """``_buffers`` with the left-out values filled in (for pickling)."""
-        name = self.__dict__.get("_evicted")
-        if name is None:
-            return self._buffers
-        filled = self._buffers.copy()
-        filled[name] = self._regenerated_values()
+        """``_buffers`` with the left-out buffers filled in (for pickling)."""
+        names = self.__dict__.get("_evicted") or ()
+        filled = self._buffers.copy() if names else self._buffers
+        for name in names:
+            filled[name] = self._regenerated(name)
         return filled
 
     # -- settling on one form --------------------------------------------------------------------
@@ -162,7 +178,7 @@ class _ResidentForms:
             if self._cpu_cache is not None:
                 self._restore_evicted()  # rebuilt from the CPU layout while it is still here
                 self.__dict__["_cpu_cache"] = None
-            self._evict_values()
+            self._evict(self._values_name())
             self.__dict__["_resident"] = Backend.DENSE
             release_free_memory()
 
@@ -174,24 +190,37 @@ class _ResidentForms:
             self.__dict__["_dense_cache"] = None
             release_free_memory()
         self.__dict__["_decoded_dense"] = self._dense_cache is None and dense_taken
-        if self.pattern is Pattern.NM or len(self.weight_shape) == 4:  # a 1xN linear's layout shares the values
-            self._evict_values()
+        if self.pattern is Pattern.NM:
+            layout, indices = self._cpu_cached(), self._buffers.get("packed_indices")
+            exact = indices is not None and torch.equal(_cpu_layout.nm_indices_from_layout(layout), indices)
+            self._evict("packed_indices", "packed_values") if exact else self._evict("packed_values")
+        elif len(self.weight_shape) == 4:  # a 1xN linear's layout shares the values
+            self._evict("bsr_values")
         self.__dict__["_resident"] = Backend.CPU
+
+    def _decode_block_rows(self) -> int:
+        """Output rows per decoded block (a whole number of N:M tiles / 1xN blocks; at least one)."""
+        layout = self._cpu_cached()
+        align = TILE_ROWS if layout.kind is Pattern.NM else layout.block
+        rows = DECODE_BLOCK_BYTES // (layout.in_features * layout.tensors["values"].element_size())
+        return max(align, rows // align * align)
 
     def _decode_ms(self) -> float:
         """What decoding this layer's CPU layout costs (ms; the faster of two decodes after a first, measured once per
-        layout)."""
+        layout), block by block as :meth:`_decoded_linear` does."""
         ms = self.__dict__.get("_decode_cost")
         if ms is None:
-            layout = self._cpu_cached()
+            layout, block = self._cpu_cached(), self._decode_block_rows()
             # into a buffer of its own (the shared one is allocated only when a dense call decodes), touched once
             # first: page faults are not part of a decode into the reused buffer (2048x2048 fp32: 8 ms with them,
             # 2.6 ms without, here)
-            buf = torch.empty(layout.out_features * layout.in_features, dtype=layout.dtype)
+            buf = torch.empty(min(block, layout.out_features) * layout.in_features, dtype=layout.dtype)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                _cpu_layout.decode_rows(layout, 0, layout.out_features, out=buf, num_threads=torch.get_num_threads())
+                for row0 in range(0, layout.out_features, block):
+                    _cpu_layout.decode_rows(layout, row0, min(layout.out_features, row0 + block), out=buf,
+                                            num_threads=torch.get_num_threads())
                 times.append(time.perf_counter() - t0)
             ms = self.__dict__["_decode_cost"] = min(times[1:]) * 1e3
             del buf
@@ -220,3 +249,25 @@ class _ResidentForms:
         rows = _cpu_layout.decode_rows(layout, 0, layout.out_features, out=buf,
                                        num_threads=torch.get_num_threads())
         return conv_weight_from_rows(rows, self.weight_shape) if len(self.weight_shape) == 4 else rows
+
+    def _decoded_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` for a linear holding only the CPU layout: decoded a block of output rows at a
+        time into this thread's reused buffer (:data:`DECODE_BLOCK_BYTES`), each block's GEMM writing its output
+        columns. In one piece where the layer fits one block, or where autograd needs the weight or the call."""
+        bias = self.bias
+        block, out_features = self._decode_block_rows(), self.weight_shape[0]
+        grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if block >= out_features or grad:
+            return F.linear(x, self._decoded_weight(keep=grad and x.requires_grad), bias)
+        layout = self._cpu_cached()
+        x2d = x.reshape(-1, x.shape[-1])
+        y = torch.empty(x2d.shape[0], out_features, dtype=x2d.dtype)
+        buf = _scratch_buffer(layout.dtype, block * layout.in_features)
+        for row0 in range(0, out_features, block):
+            row1 = min(out_features, row0 + block)
+            w = _cpu_layout.decode_rows(layout, row0, row1, out=buf, num_threads=torch.get_num_threads())
+            if bias is None:
+                torch.mm(x2d, w.t(), out=y[:, row0:row1])
+            else:
+                torch.addmm(bias[row0:row1], x2d, w.t(), out=y[:, row0:row1])
+        return y.reshape(*x.shape[:-1], out_features)

@@ -210,7 +210,7 @@ class _SparseLayer(_PackedExecution, _ResidentForms, nn.Module):
             t = self._buffers.get(name)
             if t is not None:
                 return t
-            if name == self.__dict__.get("_evicted"):  # left out (nmkern.nn._forms): the resident form's tensor
+            if name in (self.__dict__.get("_evicted") or ()):  # left out (nmkern.nn._forms): the resident form's tensor
                 cpu_layout = self.__dict__.get("_cpu_cache")
                 return cpu_layout.tensors["values"] if cpu_layout is not None else self._dense_cache
         return self._parameters["weight"]

@@ -60,14 +60,20 @@ def nm_tiles_from_slots_ref(values: torch.Tensor, positions: torch.Tensor, m: in
     return values.reshape(-1), index
 
 
+def nm_tile_positions_ref(index: torch.Tensor, tile0: int, tile1: int, j: int, m: int) -> torch.Tensor:
+    """In-group positions ``(tile1 - tile0, J, 8)`` int64 of tiles ``[tile0, tile1)`` from the layout's index bytes
+    (``positions`` of :func:`nm_tiles_from_slots_ref`, tile by tile)."""
+    bits = index_bits(m)
+    field_bytes = index[tile0 * j * bits: tile1 * j * bits].to(torch.int64).reshape(tile1 - tile0, j, bits)
+    fields = (field_bytes << (torch.arange(bits) * 8)).sum(-1)  # (tiles, J)
+    return (fields.unsqueeze(-1) >> (torch.arange(TILE_ROWS) * bits)) & ((1 << bits) - 1)
+
+
 def nm_tile_unpack_ref(values: torch.Tensor, index: torch.Tensor, rows: int, k: int, n: int, m: int) -> torch.Tensor:
     """Dense ``(rows, k)`` from the row-tile layout (inverse of :func:`nm_tile_pack_ref`)."""
-    bits = index_bits(m)
     tiles = -(-rows // TILE_ROWS)
     j = k // m * n
-    field_bytes = index[: tiles * j * bits].to(torch.int64).reshape(tiles, j, bits)
-    fields = (field_bytes << (torch.arange(bits) * 8)).sum(-1)  # (tiles, J)
-    lanes = (fields.unsqueeze(-1) >> (torch.arange(TILE_ROWS) * bits)) & ((1 << bits) - 1)  # (tiles, J, 8)
+    lanes = nm_tile_positions_ref(index, 0, tiles, j, m)  # (tiles, J, 8)
     cols = lanes + (torch.arange(j) // n * m).view(1, j, 1)
     dense = torch.zeros(tiles, TILE_ROWS, k, dtype=values.dtype)
     dense.scatter_(2, cols.transpose(1, 2), values.reshape(tiles, j, TILE_ROWS).transpose(1, 2))
