@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 
 import pytest
 import torch
@@ -169,7 +170,7 @@ def test_dense_calls_of_a_mixed_linear_decode_block_by_block(tuned, pattern, bia
     layer = nmkern.SparseLinear.from_dense(dense, **PATTERNS[pattern]).pack()
     plain = _plain(layer)
     monkeypatch.setattr(_forms, "DECODE_BLOCK_BYTES", 64 * 4 * 6)  # 6 rows of 64 fp32: rounded down to 4
-    monkeypatch.setattr(_forms, "_scratch", __import__("threading").local())
+    monkeypatch.setattr(_forms, "_scratch", threading.local())
     tuned.set(dense=1.0, cpu=0.5)
     _decide(layer, torch.randn(1, 64))
     tuned.set(dense=0.5, cpu=1.0)

@@ -10,11 +10,11 @@ on, the default) a packed layer on the CPU keeps one:
   ``packed_values`` and ``packed_indices`` are then not held (the layout is built slot for slot from
   them and gives them back exactly, so ``state_dict``, ``.to()``, pickling and ``layer.packed_values``
   regenerate them on demand; the indices stay where the held words carry bits the layout does not,
-  such as set padding bits of a hand-made state). A 1xN linear's layout shares the ``bsr_values`` storage (a 1xN
+  such as padding bits set in place). A 1xN linear's layout shares the ``bsr_values`` storage (a 1xN
   conv's cannot: its BSR columns run in NCHW order, the kernel's in NHWC; its values are decoded back). At row
   counts where dense measured faster, the dense path decodes the layout per call (``_decoded_dense``)
   instead of keeping a dense copy, a block of output rows at a time into one small reused buffer
-  (:data:`DECODE_BLOCK_BYTES`): that costs the decode (2.6 ms for a 2048x2048 fp32 layer on a 2-core AMD
+  (:data:`DECODE_BLOCK_BYTES`): that costs the decode (2.6-3.7 ms for a 2048x2048 fp32 layer on a 2-core AMD
   EPYC) on those calls. ``NMKERN_DENSE_CACHE=1`` keeps the dense copy as well (faster dense calls, one
   more weight-sized form).
 * **the dense weight**, when every path it has taken is dense: the packed values are not held; the
@@ -167,8 +167,7 @@ class _ResidentForms:
         self.__dict__["_resident"] = None
         if not self._packed or self.device.type != "cpu" or not tuning.enabled() or torch.compiler.is_compiling():
             return
-        if not (decided | planned) <= {Backend.CPU, Backend.DENSE} or self.dtype not in (torch.float32,
-                                                                                         torch.bfloat16, torch.float16):
+        if not (decided | planned) <= {Backend.CPU, Backend.DENSE} or self.dtype not in _cpu_layout.cpu.KERNEL_DTYPES:
             self._restore_evicted()  # a path that reads the packed buffers
             return
         if Backend.CPU in decided or (not decided and Backend.CPU in planned):
@@ -183,7 +182,7 @@ class _ResidentForms:
             release_free_memory()
 
     def _keep_cpu_layout(self, dense_taken: bool) -> None:
-        self._cpu_cached()
+        layout = self._cpu_cached()
         if dense_taken and keep_dense_cache():
             self._dense_cached()
         elif self._dense_cache is not None:
@@ -191,7 +190,7 @@ class _ResidentForms:
             release_free_memory()
         self.__dict__["_decoded_dense"] = self._dense_cache is None and dense_taken
         if self.pattern is Pattern.NM:
-            layout, indices = self._cpu_cached(), self._buffers.get("packed_indices")
+            indices = self._buffers.get("packed_indices")
             exact = indices is not None and torch.equal(_cpu_layout.nm_indices_from_layout(layout), indices)
             self._evict("packed_indices", "packed_values") if exact else self._evict("packed_values")
         elif len(self.weight_shape) == 4:  # a 1xN linear's layout shares the values
@@ -210,22 +209,30 @@ class _ResidentForms:
         layout), block by block as :meth:`_decoded_linear` does."""
         ms = self.__dict__.get("_decode_cost")
         if ms is None:
-            layout, block = self._cpu_cached(), self._decode_block_rows()
-            # into a buffer of its own (the shared one is allocated only when a dense call decodes), touched once
-            # first: page faults are not part of a decode into the reused buffer (2048x2048 fp32: 8 ms with them,
-            # 2.6 ms without, here)
-            buf = torch.empty(min(block, layout.out_features) * layout.in_features, dtype=layout.dtype)
+            layout = self._cpu_cached()
+            # into a buffer of its own (the shared one is allocated only when a dense call decodes); the first
+            # decode is not counted: its page faults are not part of a decode into the reused buffer (2048x2048
+            # fp32 in one piece: 8 ms with them, 2.6 ms without, on a 2-core AMD EPYC)
+            buf = torch.empty(min(self._decode_block_rows(), layout.out_features) * layout.in_features,
+                              dtype=layout.dtype)
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                for row0 in range(0, layout.out_features, block):
-                    _cpu_layout.decode_rows(layout, row0, min(layout.out_features, row0 + block), out=buf,
-                                            num_threads=torch.get_num_threads())
+                for _block in self._decoded_blocks(buf):
+                    pass
                 times.append(time.perf_counter() - t0)
             ms = self.__dict__["_decode_cost"] = min(times[1:]) * 1e3
             del buf
             release_free_memory()
         return ms
+
+    def _decoded_blocks(self, buf: torch.Tensor):
+        """``(row0, row1, rows)`` for each block of :meth:`_decode_block_rows` output rows of the CPU layout, decoded
+        into ``buf`` in turn (each block valid until the next)."""
+        layout, block = self._cpu_cached(), self._decode_block_rows()
+        for row0 in range(0, layout.out_features, block):
+            row1 = min(layout.out_features, row0 + block)
+            yield row0, row1, _cpu_layout.decode_rows(layout, row0, row1, out=buf, num_threads=torch.get_num_threads())
 
     def _resident_path(self, decision) -> Backend:
         """The path a measured decision runs given the resident form: where dense won but this layer holds only
@@ -262,10 +269,7 @@ class _ResidentForms:
         layout = self._cpu_cached()
         x2d = x.reshape(-1, x.shape[-1])
         y = torch.empty(x2d.shape[0], out_features, dtype=x2d.dtype)
-        buf = _scratch_buffer(layout.dtype, block * layout.in_features)
-        for row0 in range(0, out_features, block):
-            row1 = min(out_features, row0 + block)
-            w = _cpu_layout.decode_rows(layout, row0, row1, out=buf, num_threads=torch.get_num_threads())
+        for row0, row1, w in self._decoded_blocks(_scratch_buffer(layout.dtype, block * layout.in_features)):
             if bias is None:
                 torch.mm(x2d, w.t(), out=y[:, row0:row1])
             else:
