@@ -125,12 +125,14 @@ def test_conv2d_matches_reference(isa, kind, n, m, block, stride, padding, dilat
     assert (y.double() - ref64).abs().max().item() <= _tolerance(ref32, ref64)
 
 
-@pytest.mark.parametrize("threading", ["openmp", "pool"])
+@pytest.mark.parametrize("threading", ["openmp", "pool", "auto"])
 def test_threading_modes_match(monkeypatch, threading):
     monkeypatch.setenv("NMKERN_CPU_THREADING", threading)
     _cpu._reset()
     try:
-        assert _cpu._load().nmkern_cpu_get_threading() == _cpu.THREADING_MODES[threading]
+        want = threading if threading != "auto" else ("openmp" if _cpu.shares_torch_openmp() else "pool")
+        assert _cpu.threading_mode() == want
+        assert _cpu._load().nmkern_cpu_get_threading() == _cpu.THREADING_MODES[want]
         g = torch.Generator().manual_seed(3)
         for kind, n, m, block in (("nm", 2, 4, 0), ("1xn", 0, 0, 4)):
             w0 = torch.randn(64, 96, generator=g)
@@ -144,6 +146,21 @@ def test_threading_modes_match(monkeypatch, threading):
     finally:
         monkeypatch.delenv("NMKERN_CPU_THREADING")
         _cpu._reset()
+
+
+_MAPS_LINE = "7f00-7f10 r-xp 00000000 08:01 42 {}"
+
+
+def test_openmp_runtimes_read_from_maps():
+    maps = "\n".join([_MAPS_LINE.format("/site-packages/torch/lib/libgomp.so.1"),
+                      _MAPS_LINE.format("/site-packages/torch/lib/libgomp.so.1"),  # one file, several mappings
+                      _MAPS_LINE.format("/usr/lib/libc.so.6"), "7f20-7f30 rw-p 00000000 00:00 0"])
+    assert _cpu.openmp_runtimes(maps) == {"/site-packages/torch/lib/libgomp.so.1"}
+    assert _cpu.shares_torch_openmp(maps) == ("OpenMP" in torch.__config__.parallel_info())
+    # torch's bundled runtime under a hashed name beside the system one nmkern loaded: two teams, so "auto" -> pool
+    two = maps + "\n" + _MAPS_LINE.format("/usr/lib/x86_64-linux-gnu/libgomp.so.1")
+    assert len(_cpu.openmp_runtimes(two)) == 2 and not _cpu.shares_torch_openmp(two)
+    assert not _cpu.shares_torch_openmp(_MAPS_LINE.format("/usr/lib/libc.so.6"))
 
 
 def test_bad_threading_env_warns(monkeypatch):
