@@ -157,7 +157,7 @@ def test_openmp_runtimes_read_from_maps():
                       _MAPS_LINE.format("/usr/lib/libc.so.6"), "7f20-7f30 rw-p 00000000 00:00 0"])
     assert _cpu.openmp_runtimes(maps) == {"/site-packages/torch/lib/libgomp.so.1"}
     assert _cpu.shares_torch_openmp(maps) == ("OpenMP" in torch.__config__.parallel_info())
-    # torch's bundled runtime under a hashed name beside the system one nmkern loaded: two teams, so "auto" -> pool
+    # a second runtime (torch bundling its own under a hashed name, nmkern then loading the system's): two teams
     two = maps + "\n" + _MAPS_LINE.format("/usr/lib/x86_64-linux-gnu/libgomp.so.1")
     assert len(_cpu.openmp_runtimes(two)) == 2 and not _cpu.shares_torch_openmp(two)
     assert not _cpu.shares_torch_openmp(_MAPS_LINE.format("/usr/lib/libc.so.6"))
