@@ -37,8 +37,13 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _warm_up(pattern: str, nmkern, nn, torch) -> None:
+def _warm_up(pattern: str) -> None:
     """The tiny model of ``--warmup`` through the stages of ``child``, then dropped."""
+    import torch
+    import torch.nn as nn
+
+    import nmkern
+
     tiny = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).eval()
     inputs = [torch.randn(batch, 64) for batch in (1, 16, 256)]
     if pattern != "dense":
@@ -58,7 +63,7 @@ def child(pattern: str, width: int, warmup: bool = False) -> dict:
 
     torch.set_num_threads(2)
     if warmup:
-        _warm_up(pattern, nmkern, nn, torch)
+        _warm_up(pattern)
     base = _rss_mb()
     stages = []
 
@@ -104,8 +109,9 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as cache:  # measured afresh, not read from this machine's cache
             env = {**os.environ, "NMKERN_CACHE_DIR": cache, "NMKERN_DENSE_CACHE": "1" if option == "cache" else "0"}
             cmd = [sys.executable, __file__, "--child", pattern, "--width", str(args.width)]
-            out = subprocess.run(cmd + ["--warmup"] * args.warmup, stdout=subprocess.PIPE, text=True, check=True,
-                                 env=env).stdout
+            if args.warmup:
+                cmd.append("--warmup")
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=env).stdout
         results.append(dict(json.loads(out.strip().splitlines()[-1]), pattern=case))
     dense = {s["stage"]: s["rss_mb"] for s in results[0]["stages"]} if results[0]["pattern"] == "dense" else {}
     above = "a tiny model's warm-up" if args.warmup else "`import torch, nmkern`"

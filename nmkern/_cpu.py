@@ -8,8 +8,8 @@ accumulate in fp32 whatever the storage.
 and ``generic``; :func:`available` loads the best one the running CPU supports
 (asked through the generic library's cpuid query), or the one named by
 ``NMKERN_CPU_ISA=avx512|avx2|generic``; ``NMKERN_CPU_THREADING=auto|pool|openmp``
-picks the threading of the C kernels (see ``ENV_THREADING`` and :func:`threading_mode`). A missing or broken library makes
-:func:`available` return False with one warning; nothing here raises at import.
+picks the threading of the C kernels (see ``ENV_THREADING`` and :func:`threading_mode`). A missing or
+broken library makes :func:`available` return False with one warning; nothing here raises at import.
 
 Every pointer handed to C comes from a tensor this module checked (dtype, device,
 shape) and made contiguous; the C side re-checks its scalar arguments.
@@ -175,9 +175,12 @@ def openmp_runtimes(maps: str | None = None) -> set[str]:
             maps = Path("/proc/self/maps").read_text()
         except OSError:
             return set()
-    names = ("libgomp", "libiomp", "libomp")
-    return {line.split(None, 5)[5] for line in maps.splitlines()
-            if len(line.split(None, 5)) == 6 and any(n in line.rsplit("/", 1)[-1] for n in names)}
+    found = set()
+    for line in maps.splitlines():
+        fields = line.split(None, 5)  # address, perms, offset, dev, inode, path (absent for anonymous maps)
+        if len(fields) == 6 and any(n in fields[5].rsplit("/", 1)[-1] for n in ("libgomp", "libiomp", "libomp")):
+            found.add(fields[5])
+    return found
 
 
 def shares_torch_openmp(maps: str | None = None) -> bool:

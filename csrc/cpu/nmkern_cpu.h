@@ -51,8 +51,9 @@ const char* nmkern_cpu_isa(void);
 // cpuid: 1 if the running CPU (and OS) support the instruction set, else 0.
 int nmkern_cpu_supports_avx2(void);
 int nmkern_cpu_supports_avx512(void);
-// Threading: 0 = nmkern's work-claiming pool (default; the caller never waits for
-// a worker that has not started), 1 = OpenMP parallel for. Returns 0 or EBADARG.
+// Threading: 0 = nmkern's work-claiming pool (the initial mode; the caller never waits for
+// a worker that has not started), 1 = OpenMP parallel for (what nmkern/_cpu.py picks when
+// the library shares torch's OpenMP runtime). Returns 0 or EBADARG.
 int nmkern_cpu_set_threading(int mode);
 int nmkern_cpu_get_threading(void);
 

@@ -1,5 +1,7 @@
 // parallel_for for the nmkern CPU kernels: a small work-claiming thread pool
-// (default) or an OpenMP `parallel for` (nmkern_cpu_set_threading(1)).
+// (nmkern_cpu_set_threading(0), the library's initial mode) or an OpenMP `parallel for`
+// (nmkern_cpu_set_threading(1)); nmkern/_cpu.py sets the mode at load (NMKERN_CPU_THREADING:
+// by default OpenMP when the library shares torch's OpenMP runtime, so it runs on torch's team).
 //
 // Why a pool: an OpenMP region ends in a barrier that waits for every thread of
 // the team, including one the OS has not scheduled yet. On the shared 2-core
