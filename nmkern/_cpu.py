@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import hashlib
 import os
 import platform
 import threading
@@ -28,12 +29,13 @@ from pathlib import Path
 import torch
 
 from . import _validate as v
+from ._openmp import openmp_runtimes, shares_torch_openmp  # noqa: F401  (re-exported)
 from .reference.cpu_layouts import bsr_1xn_pack_ref, nm_tile_pack_ref
 from .reference.linear import conv_out_size, fold_rows_nchw, unfold_nhwc
 from .reference.nm_pack import first_overfull_group_ref
 from .spec import Pattern, pattern_in
 
-ABI_VERSION = 3  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
+ABI_VERSION = 4  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
 ENV_ISA = "NMKERN_CPU_ISA"
 # Threading of the C kernels (NMKERN_CPU_THREADING; README, "CPU kernels"): "openmp", an OpenMP parallel
@@ -70,9 +72,12 @@ class Algo(enum.IntEnum):
     AUTO = 0
     SMALL_BATCH = 1
     LARGE_BATCH = 2
+    AMX = 3  # bf16 2:4 / 1:4 with K % 32 == 0 on AMX-BF16 tiles (see amx_available())
 
 
-_ERRORS = {1: "invalid argument", 2: "out of memory"}
+_ERRORS = {1: "invalid argument", 2: "out of memory",
+           3: "Algo.AMX needs bf16, m = 4 with n <= 2, in_features % 32 == 0 and a CPU with AMX-BF16 "
+              "(nmkern._cpu.amx_available())"}
 # Below this many multiply-adds per call the kernel runs on one thread: ~0.1 ms of
 # single-core work, less than an OpenMP wake-up on a busy 2-core machine
 # (1536x384 2:4 at batch 1: 0.08 ms on 1 thread, 0.15 ms median on 2).
@@ -91,7 +96,7 @@ def _declare(lib) -> None:
     lib.nmkern_cpu_abi_version.argtypes = []
     lib.nmkern_cpu_isa.restype = ctypes.c_char_p
     lib.nmkern_cpu_isa.argtypes = []
-    for name in ("nmkern_cpu_supports_avx2", "nmkern_cpu_supports_avx512"):
+    for name in ("nmkern_cpu_supports_avx2", "nmkern_cpu_supports_avx512", "nmkern_cpu_supports_amx_bf16"):
         getattr(lib, name).restype = c_int
         getattr(lib, name).argtypes = []
     lib.nmkern_cpu_set_threading.restype = c_int
@@ -168,26 +173,6 @@ def _load():
         return _state["lib"]
 
 
-def openmp_runtimes(maps: str | None = None) -> set[str]:
-    """The OpenMP runtime files mapped in this process (``/proc/self/maps``; empty where there is none)."""
-    if maps is None:
-        try:
-            maps = Path("/proc/self/maps").read_text()
-        except OSError:
-            return set()
-    found = set()
-    for line in maps.splitlines():
-        fields = line.split(None, 5)  # address, perms, offset, dev, inode, path (absent for anonymous maps)
-        if len(fields) == 6 and any(n in fields[5].rsplit("/", 1)[-1] for n in ("libgomp", "libiomp", "libomp")):
-            found.add(fields[5])
-    return found
-
-
-def shares_torch_openmp(maps: str | None = None) -> bool:
-    """True when torch runs its ops on OpenMP and nmkern's loaded library uses that same runtime (one mapped)."""
-    return "OpenMP" in torch.__config__.parallel_info() and len(openmp_runtimes(maps)) == 1
-
-
 def threading_mode() -> str | None:
     """"openmp" or "pool": how the loaded library runs its threads (None when unavailable)."""
     if not available():
@@ -213,6 +198,31 @@ def available() -> bool:
 def isa() -> CpuIsa | None:
     """The instruction set of the loaded library, None when unavailable."""
     return _state["isa"] if available() else None
+
+
+def library_id() -> str | None:
+    """The loaded library's identity: its ISA build and the first 16 hex digits of its file's SHA-256 (None when
+    unavailable). Measured dispatch keys its cache file with it: a rebuilt kernel is measured again, not judged
+    by the timings of the one it replaced (a cache written before the AMX kernel kept bf16 at 64 rows dense)."""
+    if not available():
+        return None
+    if "library_id" not in _state:
+        digest = hashlib.sha256(_lib_path(_state["isa"]).read_bytes()).hexdigest()[:16]
+        _state["library_id"] = f"{_state['isa'].value}-{digest}"
+    return _state["library_id"]
+
+
+def amx_available() -> bool:
+    """True when the loaded library can run bf16 N:M on AMX tiles (Algo.AMX): the CPU has AMX-BF16 and
+    Linux granted this process the tile state. Never raises."""
+    return available() and bool(_state["lib"].nmkern_cpu_supports_amx_bf16())
+
+
+def amx_runs(kind, n: int, m: int, in_features: int, dtype: torch.dtype) -> bool:
+    """True where ``Algo.AMX`` (and AUTO from 8 rows) runs this layer: bf16 N:M with m = 4, n <= 2 and
+    ``in_features % 32 == 0`` (csrc/cpu/nm_linear_amx.cpp), on a CPU with AMX-BF16."""
+    return (kind is Pattern.NM and dtype == torch.bfloat16 and m == 4 and n in (1, 2) and in_features % 32 == 0
+            and amx_available())
 
 
 def _require(op: str):
@@ -303,6 +313,12 @@ class CpuLinear:
     def __repr__(self) -> str:
         pat = f"{self.n}:{self.m}" if self.kind is Pattern.NM else f"1x{self.block}"
         return f"CpuLinear({pat}, out={self.out_features}, in={self.in_features}, nbytes={self.nbytes})"
+
+    @property
+    def algos(self) -> tuple[Algo, ...]:
+        """The kernel choices this layer runs on this machine (AMX only where :func:`amx_runs`)."""
+        amx = amx_runs(self.kind, self.n, self.m, self.in_features, self.dtype)
+        return tuple(a for a in Algo if a is not Algo.AMX or amx)
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -535,65 +551,5 @@ def prepare_cpu_conv2d(dense_masked_weight: torch.Tensor, kind, n: int = 0, m: i
     return CpuConv2d(tuple(w.shape), _prepare_rows(op, rows, kind, n, m, block))
 
 
-# ---------------------------------------------------------------- dispatch decision
-# Measured crossovers: the largest batch (rows of x) at which the sparse kernel's
-# median time stayed below dense F.linear at 4096x4096 and at the MiniLM shapes
-# 384x1536 / 1536x384, on the 2-core AMD EPYC (Zen 3, AVX2) CI machine, shared with
-# other jobs, with
-#   python bench/cpu_ratio_table.py --minilm --batches 1,16,64,256 --threads 1
-#   python bench/cpu_ratio_table.py --minilm --batches 1,4,16,64,128,256      (2 threads)
-# The 1-thread run compares the kernels alone (no thread wake-ups); ratios:
-#   2:4   4096^2: 0.83 (b1) 0.43 (b16) 0.70 (b64) 0.92 (b256);
-#         MiniLM: 0.75-0.80 (b1), 0.73-0.78 (b8), 0.99-1.03 (b32), 1.06-1.18 (b128, b512)
-#         -> <= 16 rows below 4M weights, <= 128 rows above.
-#   1:4   4096^2: 0.41 .. 0.58 (b256); MiniLM 0.45 .. 0.80 (b512)          -> 512 rows.
-#   1x4 @ 75%: 4096^2 0.28 .. 0.74 (b256); MiniLM 0.44 .. 0.87 (b512)       -> 512 rows.
-# Denser classes were not measured: they get the conservative limits below.
-_MAX_ROWS = (  # (kind, highest density of the class, largest batch that wins, same above 4M weights)
-    (Pattern.NM, 0.25, 512, 512),
-    (Pattern.NM, 0.50, 16, 128),
-    (Pattern.BLOCK, 0.25, 512, 512),
-    (Pattern.BLOCK, 0.50, 16, 16),
-)
-LARGE_WEIGHTS = 1 << 22
-# bf16 / fp16: the sparse kernel won only at decode batches (bench/cpu_half_ratio.py, 4096x4096, 2
-# threads, AVX-512 Xeon with AMX: batch 1 ratios 0.14-0.73; batch 16 1.2-2.3 for bf16, whose dense
-# GEMM runs on AMX, 0.6-2.0 for fp16): at most this many rows, within the fp32 limits above.
-HALF_MAX_ROWS = 8
-# Below ~256K weights a dense GEMV takes a few microseconds and the ctypes call plus
-# packing of x costs about as much: stay dense.
-MIN_WEIGHTS = 1 << 18
-
-
-def cpu_beats_dense(kind, n: int, m: int, block: int, sparsity: float, batch: int, out_features: int,
-                    in_features: int, dtype: torch.dtype = torch.float32) -> bool:
-    """True where the CPU kernel measured faster than dense ``F.linear`` for this layer and batch.
-
-    ``batch`` is the number of rows of the GEMM (tokens, or B*OH*OW for a conv);
-    ``in_features`` is K (``I*kh*kw`` for a conv). Conservative: False for anything
-    the table above does not cover, for the portable (non-SIMD) library, for a ``dtype``
-    the kernels do not take, and when the library is unavailable; bf16 / fp16 stop at
-    ``HALF_MAX_ROWS`` rows.
-    """
-    kind = pattern_in(kind.value if isinstance(kind, enum.Enum) else str(kind), _KINDS)
-    if kind is None:
-        return False
-    if not available() or _state["isa"] not in (CpuIsa.AVX2, CpuIsa.AVX512):
-        return False
-    if batch < 1 or out_features * in_features < MIN_WEIGHTS or dtype not in KERNEL_DTYPES:
-        return False
-    if dtype != torch.float32 and batch > HALF_MAX_ROWS:
-        return False
-    if kind is Pattern.NM:
-        if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m <= 16):
-            return False
-        density = n / m
-    else:
-        if not isinstance(block, int) or block < 4 or block % 4 or out_features % block:
-            return False  # blocks of 1-3 rows run the scalar path
-        density = 1.0 - float(sparsity)
-    large = out_features * in_features >= LARGE_WEIGHTS
-    for k, max_density, max_rows, max_rows_large in _MAX_ROWS:
-        if k is kind and density <= max_density + 1e-9:
-            return batch <= (max_rows_large if large else max_rows)
-    return False
+# The static dispatch rules (NMKERN_TUNE=0) live in _cpu_rules.py; imported last, as they read this module.
+from ._cpu_rules import AMX_MAX_ROWS, HALF_MAX_ROWS, LARGE_WEIGHTS, MIN_WEIGHTS, cpu_beats_dense  # noqa: E402,F401

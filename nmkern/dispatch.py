@@ -261,7 +261,9 @@ def _cusparselt_rows(layer, x2d: torch.Tensor) -> torch.Tensor:
     # NaN/Inf rule (see nmkern.ops): cuSPARSELt skips pruned weights, so an input holding NaN/Inf
     # runs the dense op on the decompressed weight. The check is a host sync; it is not a
     # registered op, so under torch.compile (which cannot trace the branch) it is skipped.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(x2d).all()):
+    from .ops import _finite  # ops imports this module: not at import time
+
+    if not torch.compiler.is_compiling() and not _finite(x2d):
         return F.linear(x2d, layer._gemm_rows_weight().to(x2d.dtype), layer.bias)
     return F.linear(x2d, layer._cslt_cached(), layer.bias)
 

@@ -32,7 +32,7 @@ weight is a frozen base; weight gradients are not supported).
 
 NaN/Inf: non-finite inputs propagate exactly as the dense op on the masked weight does
 (``0 * inf = NaN``). The sparse kernels (Triton, CPU, CUDA) skip pruned weights, so
-each checks its input first (``torch.isfinite(x).all()``) and runs that call as the
+each checks its input first (a finite ``x.sum()``, see ``_finite``) and runs that call as the
 dense op on the decompressed weight when it holds NaN/Inf; the reference ops are that
 dense op already. The result then does not depend on which path dispatch picks.
 
@@ -91,8 +91,15 @@ def _conv_fake(x, weight_shape, stride, padding, dilation):
 
 def _finite(x: torch.Tensor) -> bool:
     """Whether ``x`` holds no NaN/Inf. One reduction over the input; on CUDA also a host sync
-    (the price of giving the dense op's NaN/Inf on every path; the dense path does not pay it)."""
-    return bool(torch.isfinite(x).all())
+    (the price of giving the dense op's NaN/Inf on every path; the dense path does not pay it).
+
+    A sum, not ``isfinite(x).all()``: a NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum
+    proves a finite input; a finite input whose sum overflows only sends that call to the dense op, which
+    is right too. fp16 sums in fp32 (an fp16 result overflows at 65504: 256x4096 activations of mean 0.5
+    would). Measured, 2-core Xeon, 2 threads: bf16 64x576 61 -> 10 us, fp32 256x4096 1.44 ms -> 48 us
+    (isfinite().all() then cost a quarter of the bf16 kernel at 64 rows)."""
+    total = x.sum(dtype=torch.float32) if x.dtype == torch.float16 else x.sum()
+    return bool(torch.isfinite(total))
 
 
 def _triton(name: str, module: str, fn: str, contiguous: bool = False):

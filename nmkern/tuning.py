@@ -11,7 +11,7 @@ dense by at least :data:`MIN_GAIN` (3%); otherwise dense.
 The winner is remembered for the process and written to a small JSON file in the user cache
 folder (``$NMKERN_CACHE_DIR``, else ``~/.cache/nmkern``; an empty ``NMKERN_CACHE_DIR`` keeps it in
 memory only). The file's name and header carry the machine (CPU model, flags, nmkern's CPU
-library build; or GPU name, capability and driver), torch's and nmkern's versions: a file
+library build and a hash of its file; or GPU name, capability and driver), torch's and nmkern's versions: a file
 written elsewhere, or one that does not parse, is ignored with a warning and rewritten.
 
 The key holds the cache state too: a model whose weights fit in the last-level cache reads them
@@ -171,7 +171,8 @@ class Decision:
 
 
 def _fingerprint(device: str) -> dict:
-    """What a timing depends on besides the layer: the machine, torch and nmkern."""
+    """What a timing depends on besides the layer: the machine, torch, nmkern and, on the CPU, the build of
+    nmkern's kernel library loaded (:func:`nmkern._cpu.library_id`)."""
     from . import __version__
 
     machine: dict = {"device": device}
@@ -183,8 +184,18 @@ def _fingerprint(device: str) -> dict:
         except (AttributeError, RuntimeError):
             machine["driver"] = None
     else:
-        machine.update(cpu=timing.cpu_name(), flags=timing.cpu_flags(), isa=timing._nmkern_cpu_isa())
+        machine.update(cpu=timing.cpu_name(), flags=timing.cpu_flags(), isa=timing._nmkern_cpu_isa(),
+                       library=_cpu_library_id())
     return {"machine": machine, "torch": torch.__version__, "nmkern": __version__}
+
+
+def _cpu_library_id() -> str | None:
+    try:
+        from . import _cpu
+
+        return _cpu.library_id()
+    except Exception:  # noqa: BLE001 - an unreadable library file: keyed as None, like a missing library
+        return None
 
 
 class DispatchCache:

@@ -15,7 +15,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SRC = ROOT / "csrc" / "cpu"
-ISA_FLAGS = {"generic": [], "avx2": ["-mavx2", "-mfma", "-mf16c"]}
+ISA_FLAGS = {"generic": [], "avx2": ["-mavx2", "-mfma", "-mf16c"],
+             # setup.py's avx512 flags: the AMX kernel (nm_linear_amx.cpp) is compiled only here.
+             "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                        "-mamx-tile", "-mamx-bf16"]}
 
 pytestmark = pytest.mark.aot
 
@@ -24,12 +27,12 @@ def _cxx() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _cpu_has_avx2() -> bool:
+def _cpu_has(*names: str) -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return all(f" {name}" in flags for name in names)
 
 
 @pytest.mark.parametrize("isa", list(ISA_FLAGS))
@@ -37,8 +40,10 @@ def test_kernels_clean_under_asan(isa, tmp_path):
     cxx = _cxx()
     if cxx is None:
         pytest.skip("no C++ compiler")
-    if isa == "avx2" and not _cpu_has_avx2():
+    if isa == "avx2" and not _cpu_has("avx2", "fma"):
         pytest.skip("this CPU has no AVX2")
+    if isa == "avx512" and not _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq"):
+        pytest.skip("this CPU has no AVX-512")
     exe = tmp_path / f"asan_{isa}"
     sources = sorted(str(p) for p in CPU_SRC.glob("*.cpp")) + [str(CPU_SRC / "test_driver" / "asan_main.cpp")]
     cmd = [cxx, "-std=c++17", "-O0", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-fopenmp",

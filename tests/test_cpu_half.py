@@ -30,7 +30,7 @@ def _check(layer, w, x, bias, what: str) -> None:
     ref32 = F.linear(x.float(), w.float(), None if bias is None else bias.float())
     err_torch = (F.linear(x, w, bias).float() - ref32).abs().max().item()
     atol = 1e-5 * max(1.0, ref32.abs().max().item())
-    for algo in _cpu.Algo:
+    for algo in layer.algos:
         y = layer(x, bias, algo=algo)
         assert y.dtype == x.dtype and y.shape == ref32.shape
         err = (y.float() - ref32).abs().max().item()
@@ -92,7 +92,7 @@ def test_1xn_linear_half(isa, dtype, block, out_f, in_f, sparsity):
 def test_1xn_half_all_zero_and_empty_batch(isa, dtype):
     layer = _cpu.prepare_cpu_linear(torch.zeros(8, 12, dtype=dtype), "1xn", block=4)
     bias = torch.arange(8).to(dtype)
-    for algo in _cpu.Algo:
+    for algo in layer.algos:
         assert torch.equal(layer(torch.randn(3, 12).to(dtype), bias, algo=algo), bias.expand(3, 8))
     assert layer(torch.randn(0, 12).to(dtype)).shape == (0, 8)
 
@@ -120,7 +120,7 @@ def test_half_output_rounds_like_torch(isa, dtype, w_scale, x_scale, kind):
     layer = _cpu.prepare_cpu_linear(w, kind, 2, 4, 4)
     for batch in (1, 3, 50):
         expect = F.linear(x[:batch].float(), w.float(), bias.float()).to(dtype)  # exact in fp32, rounded once
-        for algo in _cpu.Algo:
+        for algo in layer.algos:
             y = layer(x[:batch], bias, algo=algo)
             assert torch.equal(y.view(torch.int16), expect.view(torch.int16)), f"batch {batch} algo {algo.name}"
 
@@ -198,7 +198,12 @@ def test_cpu_beats_dense_half_decode_only():
     beats = _cpu.cpu_beats_dense
     for dtype in HALF:
         assert beats("nm", 2, 4, 0, 0.5, 1, 4096, 4096, dtype) and beats("1xn", 0, 0, 8, 0.75, 8, 4096, 4096, dtype)
-        assert not beats("nm", 1, 4, 0, 0.75, 16, 4096, 4096, dtype)  # fp32 wins here; halves measured slower
+        # Past 8 rows only the AMX kernel beat dense (bf16 2:4 / 1:4); the FMA kernels measured slower.
+        amx = dtype == torch.bfloat16 and _cpu.amx_available()
+        assert beats("nm", 1, 4, 0, 0.75, 16, 4096, 4096, dtype) == amx
+        assert not beats("nm", 1, 4, 0, 0.75, 16, 4096, 4096 + 4, dtype)  # K % 32 != 0: no AMX kernel
+        assert not beats("nm", 2, 8, 0, 0.75, 16, 4096, 4096, dtype) and not beats("nm", 2, 4, 0, 0.5, 256, 4096,
+                                                                                  4096, dtype)
     assert beats("nm", 1, 4, 0, 0.75, 16, 4096, 4096)  # fp32 (the default) unchanged
     assert not beats("nm", 2, 4, 0, 0.5, 1, 4096, 4096, torch.float64)
 
@@ -243,3 +248,40 @@ def test_packed_layers_run_half_on_the_cpu_path(dtype, spec):
     assert y.dtype == dtype
     err = (y.float() - ref32).abs().max().item()
     assert err <= 2 * err_torch + 1e-5 * ref32.abs().max().item(), (err, err_torch)
+
+
+AMX_SHAPES = [(8, 32), (13, 96), (24, 64), (37, 1024), (300, 1024)]  # 300: several strip groups of 8 blocks
+
+
+@pytest.mark.skipif(not _cpu.amx_available(), reason="this CPU (or OS) has no AMX-BF16")
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("out_f,in_f", AMX_SHAPES)
+def test_amx_kernel_matches_reference(n, out_f, in_f):
+    # Batches below one 16-row tile, ragged 16-row blocks, the fused path (<= 64 rows) and the strip path.
+    g = torch.Generator().manual_seed(out_f + in_f + n)
+    w = nmkern.apply_nm(torch.randn(out_f, in_f, generator=g), n, 4).to(torch.bfloat16)
+    layer = _cpu.prepare_cpu_linear(w, "nm", n, 4)
+    assert _cpu.Algo.AMX in layer.algos
+    for batch in (1, 7, 16, 17, 64, 65, 130):
+        for threads in (1, 2):
+            x, b = _data(g, out_f, in_f, batch, torch.bfloat16, batch % 2 == 1)
+            ref32 = F.linear(x.float(), w.float(), None if b is None else b.float())
+            err_torch = (F.linear(x, w, b).float() - ref32).abs().max().item()
+            y = layer(x, b, algo=_cpu.Algo.AMX, num_threads=threads)
+            err = (y.float() - ref32).abs().max().item()
+            assert err <= 2 * err_torch + 1e-5 * max(1.0, ref32.abs().max().item()), (
+                f"{n}:4 {out_f}x{in_f} batch {batch} threads {threads}: err {err:.3g} vs torch {err_torch:.3g}")
+
+
+def test_amx_refusal_names_what_it_needs():
+    g = torch.Generator().manual_seed(5)
+    cases = [(torch.float16, 2, 4, 64), (torch.bfloat16, 2, 8, 64), (torch.bfloat16, 3, 4, 64),
+             (torch.bfloat16, 2, 4, 48), (torch.float32, 2, 4, 64)]
+    if not _cpu.amx_available():
+        cases.append((torch.bfloat16, 2, 4, 64))
+    for dtype, n, m, in_f in cases:
+        layer = _cpu.prepare_cpu_linear(nmkern.apply_nm(torch.randn(16, in_f, generator=g), n, m).to(dtype), "nm",
+                                        n, m)
+        assert _cpu.Algo.AMX not in layer.algos
+        with pytest.raises(RuntimeError, match=r"Algo.AMX needs bf16, m = 4 with n <= 2, in_features % 32 == 0"):
+            layer(torch.randn(2, in_f).to(dtype), algo=_cpu.Algo.AMX)

@@ -424,3 +424,18 @@ def test_pack_nm_round_trip_keeps_kept_values_bitwise_and_drops_the_sign_of_drop
         back = nmkern.unpack_nm(nmkern.pack_nm(w, 2, 4, backend=backend), backend=backend)
         assert torch.equal(torch.signbit(back), torch.tensor([[False] * 4 + [True] + [False] * 5 + [True, False]]))
         assert torch.equal(back.nan_to_num(7.0), w.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finite_check_finds_every_nan_and_inf(dtype):
+    """ops._finite (a sum, see its docstring): one NaN, +Inf, -Inf or +Inf with -Inf anywhere is caught;
+    large finite fp16 inputs whose fp16 sum would overflow are still finite."""
+    for where in [(0, 0), (5, 63), (17, 1000)]:
+        for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+            x = torch.randn(18, 1024, generator=_gen(18)).to(dtype)
+            x[where] = bad[0]
+            if len(bad) > 1:
+                x[0, 1] = bad[1]
+            assert not ops._finite(x), (where, bad)
+    assert ops._finite(torch.randn(18, 1024, generator=_gen(19)).to(dtype))
+    assert ops._finite(torch.full((256, 4096), 60000.0, dtype=dtype))  # fp16 sum: 6.3e10 > 65504

@@ -183,6 +183,19 @@ def test_a_corrupted_or_foreign_cache_is_ignored_with_a_warning_and_rewritten(tu
 
 
 @needs_cpu_kernels
+def test_a_rebuilt_kernel_library_is_measured_again(tuned, monkeypatch):
+    from nmkern import _cpu
+
+    library = _cpu.library_id()
+    assert library.startswith(f"{_cpu.isa().value}-") and len(library.split("-")[-1]) == 16
+    assert tuning._fingerprint("cpu")["machine"]["library"] == library
+    directory = tuning.cache_dir()
+    before = tuning.DispatchCache(directory, "cpu").path.name
+    monkeypatch.setitem(_cpu._state, "library_id", f"{_cpu.isa().value}-0123456789abcdef")  # another build
+    assert tuning.DispatchCache(directory, "cpu").path.name != before
+
+
+@needs_cpu_kernels
 def test_tune_off_follows_the_static_rules_and_measures_nothing(tuned, monkeypatch):
     monkeypatch.setenv("NMKERN_TUNE", "0")
     sl, _ = _packed()

@@ -273,6 +273,7 @@ int bsr_linear_run(const typename E::T* x, int64_t batch, int64_t k, const typen
                    const typename E::T* bias, typename E::T* y, int nthreads, int algo) {
   if (!x || !rowptr || !y || batch < 1 || k < 1 || out_features < 1 || block < 1 || nnzb < 0) return NMKERN_EBADARG;
   if (out_features % block != 0 || (nnzb > 0 && (!values || !col))) return NMKERN_EBADARG;
+  if (algo == NMKERN_ALGO_AMX) return NMKERN_EUNSUPPORTED;  // N:M only (nm_linear_amx.cpp)
   if (algo < NMKERN_ALGO_AUTO || algo > NMKERN_ALGO_LARGE_BATCH) return NMKERN_EBADARG;
   if (rowptr[0] != 0 || rowptr[out_features / block] != nnzb) return NMKERN_EBADARG;
   const int nt = resolve_threads(nthreads);

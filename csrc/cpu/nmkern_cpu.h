@@ -30,16 +30,21 @@
 #include <cstdint>
 
 // 2: the _bf16 / _f16 linear entry points. 3: nmkern_nm_decode / nmkern_bsr_decode.
-#define NMKERN_CPU_ABI_VERSION 3
+// 4: NMKERN_ALGO_AMX, nmkern_cpu_supports_amx_bf16, NMKERN_EUNSUPPORTED.
+#define NMKERN_CPU_ABI_VERSION 4
 
 #define NMKERN_OK 0
 #define NMKERN_EBADARG 1
 #define NMKERN_ENOMEM 2
+#define NMKERN_EUNSUPPORTED 3  // NMKERN_ALGO_AMX asked of a library, CPU, dtype or shape without it
 
 // Kernel choice for the linear entry points.
 #define NMKERN_ALGO_AUTO 0
 #define NMKERN_ALGO_SMALL_BATCH 1  // x read in (B, K) order; best for batch 1..~8
 #define NMKERN_ALGO_LARGE_BATCH 2  // x transposed into (K, batch-tile) panels; batch >= ~8
+// bf16 N:M with m = 4, n <= 2, K % 32 == 0 on AMX-BF16 (nm_linear_amx.cpp): the weight decoded per
+// 16 output rows into tiles. AUTO picks it from 8 rows where it is usable.
+#define NMKERN_ALGO_AMX 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -51,6 +56,9 @@ const char* nmkern_cpu_isa(void);
 // cpuid: 1 if the running CPU (and OS) support the instruction set, else 0.
 int nmkern_cpu_supports_avx2(void);
 int nmkern_cpu_supports_avx512(void);
+// 1 if this library has the AMX kernel and the CPU and OS let it run (cpuid AMX-TILE and AMX-BF16,
+// and Linux granted the tile state to this process: the first call asks for it), else 0.
+int nmkern_cpu_supports_amx_bf16(void);
 // Threading: 0 = nmkern's work-claiming pool (the initial mode; the caller never waits for
 // a worker that has not started), 1 = OpenMP parallel for (what nmkern/_cpu.py picks when
 // the library shares torch's OpenMP runtime). Returns 0 or EBADARG.
