@@ -35,7 +35,7 @@ LARGE_WEIGHTS = 1 << 22
 # GEMM runs on AMX, 0.6-2.0 for fp16): at most this many rows, within the fp32 limits above.
 HALF_MAX_ROWS = 8
 # bf16 2:4 / 1:4 on the AMX kernel (amx_runs) at 4096x4096, same machine, 2 threads: bench/cpu_half_ratio.py
-# at 16 rows 0.76 / 0.54 (warm), at 256 rows 1.09 / 1.01; a side-by-side run at 8-64 rows 0.67-0.82 / 0.51-0.61:
+# at 16 rows 0.73 / 0.52 (warm), at 256 rows 1.11 / 1.01; a side-by-side run at 8-64 rows 0.67-0.82 / 0.50-0.58:
 # at most this many rows (above, dense and the kernel do the same tile work).
 AMX_MAX_ROWS = 64
 # Below ~256K weights a dense GEMV takes a few microseconds and the ctypes call plus

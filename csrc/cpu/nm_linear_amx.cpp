@@ -75,7 +75,7 @@ void load_tile_config(int rows) {
 }
 
 struct DecodeConsts {
-  __m512i shift[2], base[2], column[2], three;
+  __m512i shift[2], base[2], column[2], three, three_pair;
   DecodeConsts() {
     alignas(64) uint32_t sh[2][16];
     alignas(64) uint16_t bs[2][32], col[2][32];
@@ -91,6 +91,7 @@ struct DecodeConsts {
       column[i] = _mm512_load_si512(col[i]);
     }
     three = _mm512_set1_epi32(3);
+    three_pair = _mm512_set1_epi32(0x00030003);
   }
 };
 
@@ -120,6 +121,29 @@ inline void decode_group(const DecodeConsts& dc, const uint16_t* v0, const uint1
       row = _mm512_mask_permutexvar_epi16(row, _mm512_cmpeq_epi16_mask(idx[1], dc.column[p]), dc.base[1], src);
     _mm512_store_si512(out + 32 * p, row);
   }
+}
+
+// 1:4 only: groups g and g + 1 at once (128 words). One slot per row leaves half of a zmm empty in
+// decode_group<1>; here the two groups' values fill it (16 consecutive words per tile) and one 32-bit
+// index word per tile holds both groups' fields (bits 0-15 group g, 16-31 group g + 1), so a shift and a
+// mask give every row's index for both groups, one per word. Per group: 2 vpcmpeqw + 2 vpermw on port 5
+// and ~4 other uops, against ~6 port-5 uops in decode_group<1>.
+inline void decode_group_pair_n1(const DecodeConsts& dc, const uint16_t* v0, const uint16_t* v1, uint32_t w0,
+                                 uint32_t w1, uint16_t* out) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0));
+  const __m256i hi = v1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1)) : _mm256_setzero_si256();
+  const __m512i src = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);  // words: tile * 16 + 8 h + row
+  const __m512i fields = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(w0)), 0xFF00,
+                                                static_cast<int>(w1));
+  // word 0 of lane d: row d's index in group g; word 1: in group g + 1
+  const __m512i both = _mm512_and_si512(_mm512_srlv_epi32(fields, dc.shift[0]), dc.three_pair);
+  const __m512i idx[2] = {_mm512_mask_blend_epi16(0xAAAAAAAAu, both, _mm512_slli_epi32(both, 16)),
+                          _mm512_mask_blend_epi16(0x55555555u, both, _mm512_srli_epi32(both, 16))};
+  for (int h = 0; h < 2; ++h)
+    for (int p = 0; p < 2; ++p) {
+      const __mmask32 at = _mm512_cmpeq_epi16_mask(idx[h], dc.column[p]);
+      _mm512_store_si512(out + 64 * h + 32 * p, _mm512_maskz_permutexvar_epi16(at, dc.base[h], src));
+    }
 }
 
 struct AmxArgs {
@@ -164,6 +188,12 @@ inline void decode_btile(const AmxArgs& a, const DecodeConsts& dc, int64_t nb, i
   const uint16_t* v1 = t1 < tiles ? a.values + t1 * J * 8 : nullptr;
   const uint8_t* i0 = a.index_bytes + t0 * J * 2;
   const uint8_t* i1 = a.index_bytes + t1 * J * 2;  // read only when tile t1 exists
+  if constexpr (N == 1) {
+    for (int64_t g = 8 * kt; g < 8 * kt + 8; g += 2)
+      decode_group_pair_n1(dc, v0 + g * 8, v1 ? v1 + g * 8 : nullptr, load_u32(i0 + g * 2),
+                           v1 ? load_u32(i1 + g * 2) : 0u, out + (g - 8 * kt) * 64);
+    return;
+  }
   for (int64_t g = 8 * kt; g < 8 * kt + 8; ++g)
     decode_group<N>(dc, v0 + g * N * 8, v1 ? v1 + g * N * 8 : nullptr, load_u32(i0 + g * N * 2),
                     v1 ? load_u32(i1 + g * N * 2) : 0u, out + (g - 8 * kt) * 64);
@@ -220,14 +250,31 @@ void multiply_blocks(const AmxArgs& a, const DecodeConsts& dc, int64_t nb, int64
   }
 }
 
-// y rows of row blocks xb0 .. (up to 4 blocks) for output block nb, from the C tiles in cbuf.
+// 16 fp32 -> bf16 exactly as f32_to_bf16 (elem.h): round to nearest even, NaN stays a quiet NaN.
+inline __m256i bf16x16_from_f32(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+
+// y rows of row blocks xb0 .. (up to 4 blocks) for output block nb, from the C tiles in cbuf, plus bias,
+// rounded to bf16 16 columns at a time (against a scalar loop, 4096x4096 1:4, two runs side by side:
+// 0.55 -> 0.52x dense at 64 rows, 1.03 -> 0.99x at 256).
 inline void store_blocks(const AmxArgs& a, int64_t nb, int64_t xb0, const float* cbuf) {
   const int64_t o0 = nb * 16, cols = std::min<int64_t>(16, a.out_features - o0);
   const int64_t r0 = xb0 * a.rows, rows = std::min<int64_t>(4 * a.rows, a.batch - r0);
+  const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1u);
+  const __m512 bias = a.bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                   _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, a.bias + o0)), 16))
+                             : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
-    uint16_t* yr = a.y + (r0 + r) * a.out_features + o0;
     const float* cr = cbuf + (r / a.rows) * 256 + (r % a.rows) * 16;
-    for (int64_t c = 0; c < cols; ++c) yr[c] = BF16::from_f32(cr[c] + (a.bias ? BF16::to_f32(a.bias[o0 + c]) : 0.f));
+    const __m256i out = bf16x16_from_f32(_mm512_add_ps(_mm512_load_ps(cr), bias));
+    _mm256_mask_storeu_epi16(a.y + (r0 + r) * a.out_features + o0, keep, out);
   }
 }
 
@@ -254,7 +301,8 @@ void output_blocks(const AmxArgs& a, const DecodeConsts& dc, int64_t nb0, int64_
   for (int64_t g0 = nb0; g0 < nb1; g0 += group) {
     const int64_t g1 = std::min(nb1, g0 + group);
     for (int64_t nb = g0; nb < g1; ++nb)
-      for (int64_t kt = 0; kt < a.ktiles(); ++kt) decode_btile<N>(a, dc, nb, kt, strips + (nb - g0) * strip_words + kt * 512);
+      for (int64_t kt = 0; kt < a.ktiles(); ++kt)
+        decode_btile<N>(a, dc, nb, kt, strips + (nb - g0) * strip_words + kt * 512);
     for (int64_t xb0 = 0; xb0 < xblocks; xb0 += 4) {
       const int blocks = static_cast<int>(std::min<int64_t>(4, xblocks - xb0));
       for (int64_t nb = g0; nb < g1; ++nb) {
