@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference.cpu_layouts import nm_tile_unpack_ref
-from .reference.linear import bsr_dense_ref, conv_weight_from_rows
+from .reference.linear import bsr_dense_ref, conv2d_dense, conv_weight_from_rows
 from .reference.nm_pack import unpack_nm_ref
 from .reference.semi24 import decompress_24_ref
 
@@ -77,7 +77,7 @@ def dense_op(op_name: str, *args) -> torch.Tensor:
     bias = args[spec.bias_at]
     if spec.conv:
         stride, padding, dilation = args[-3:]
-        return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+        return conv2d_dense(x, w, bias, stride, padding, dilation)  # CPU half precision in fp32: see there
     return F.linear(x, w, bias)
 
 

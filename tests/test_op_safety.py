@@ -439,3 +439,15 @@ def test_the_finite_check_finds_every_nan_and_inf(dtype):
             assert not ops._finite(x), (where, bad)
     assert ops._finite(torch.randn(18, 1024, generator=_gen(19)).to(dtype))
     assert ops._finite(torch.full((256, 4096), 60000.0, dtype=dtype))  # fp16 sum: 6.3e10 > 65504
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_half_conv_is_right_where_torch_cpu_conv_is_not(dtype):
+    """The reference convs compute CPU bf16 / fp16 in fp32 (reference.linear.conv2d_dense): torch 2.13's oneDNN
+    conv returned garbage for this shape on an AMX CPU, every call. Within one rounding of the fp64 result."""
+    x = torch.randn(2, 4, 8, 5, generator=_gen(20)).to(dtype)
+    w = apply_nm_ref(torch.randn(3, 4, 2, 3, generator=_gen(21)), 2, 4, dim=1).to(dtype)
+    y = ops.nm_conv2d(x, nmkern.pack_nm(w, 2, 4, dim=1), stride=(1, 2), dilation=2, backend="reference")
+    ref = F.conv2d(x.double(), w.double(), stride=(1, 2), dilation=2)
+    assert y.dtype == dtype
+    assert torch.equal(y, ref.to(dtype)) or (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max()

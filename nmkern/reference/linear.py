@@ -77,11 +77,25 @@ def conv_weight_from_rows(w_rows: torch.Tensor, weight_shape) -> torch.Tensor:
     return from_rows(w_rows, torch.Size(weight_shape), 1).clone(memory_format=torch.contiguous_format)
 
 
+def conv2d_dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, padding,
+                 dilation) -> torch.Tensor:
+    """``F.conv2d``, except that bf16 / fp16 on the CPU is computed in fp32 and rounded once.
+
+    Why: torch 2.13's CPU conv (oneDNN) on a CPU with AMX returned garbage (1e34, NaN) for small bf16 inputs with
+    stride (1, 2), on every call (x 2x4x8x5, weight 3x4x2x3, dilation 2: 10 of 10 calls wrong against fp64;
+    right with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` or oneDNN off), and the reference ops must be right.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        b32 = None if bias is None else bias.float()
+        return F.conv2d(x.float(), w.float(), b32, tuple(stride), tuple(padding), tuple(dilation)).to(x.dtype)
+    return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+
+
 def nm_conv2d_ref(x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, weight_shape,
                   bias: torch.Tensor | None = None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> torch.Tensor:
     """``conv2d(x, W, b)`` with W unpacked from N:M groups along input channels (NHWC rows)."""
     w = conv_weight_from_rows(nm_dense_rows_ref(values, indices, n, m), weight_shape)
-    return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+    return conv2d_dense(x, w, bias, stride, padding, dilation)
 
 
 def bsr_conv2d_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, weight_shape,
@@ -90,7 +104,7 @@ def bsr_conv2d_ref(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, value
     o = weight_shape[0]
     k = int(torch.Size(weight_shape).numel()) // o
     w = bsr_dense_ref(crow, col, values, o, k).reshape(weight_shape)
-    return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+    return conv2d_dense(x, w, bias, stride, padding, dilation)
 
 
 def unfold_nhwc(x: torch.Tensor, kernel_size, stride, padding, dilation) -> tuple[torch.Tensor, tuple[int, int, int]]:
