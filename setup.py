@@ -41,7 +41,8 @@ ORDERED_METADATA_MIN_CUDA = (12, 5)
 
 # Flags per CPU instruction-set variant; the run time chooses among them.
 CPU_ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mamx-tile", "-mamx-bf16"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-mamx-tile", "-mamx-bf16"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
 }

@@ -298,6 +298,16 @@ def _nmkern_cpu_isa() -> str | None:
     return None if isa is None else str(isa)
 
 
+def _nmkern_cpu_library() -> str | None:
+    """:func:`nmkern._cpu.library_id`, or None where the library or its file cannot be read."""
+    try:
+        from . import _cpu
+
+        return _cpu.library_id()
+    except Exception:  # the library failed to load, or its file went away: recorded as None
+        return None
+
+
 def machine_info(device: str | torch.device | None = None) -> dict:
     """What a timing ran on. Keys: ``cpu``, ``cpu_flags``, ``cpu_isa`` (the build nmkern's CPU library
     loaded: ``nmkern._cpu.isa()``, None without it), ``torch_cpu_capability``, ``cores``, ``threads``

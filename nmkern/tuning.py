@@ -185,17 +185,8 @@ def _fingerprint(device: str) -> dict:
             machine["driver"] = None
     else:
         machine.update(cpu=timing.cpu_name(), flags=timing.cpu_flags(), isa=timing._nmkern_cpu_isa(),
-                       library=_cpu_library_id())
+                       library=timing._nmkern_cpu_library())
     return {"machine": machine, "torch": torch.__version__, "nmkern": __version__}
-
-
-def _cpu_library_id() -> str | None:
-    try:
-        from . import _cpu
-
-        return _cpu.library_id()
-    except Exception:  # noqa: BLE001 - an unreadable library file: keyed as None, like a missing library
-        return None
 
 
 class DispatchCache:

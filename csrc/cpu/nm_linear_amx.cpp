@@ -95,40 +95,32 @@ struct DecodeConsts {
   }
 };
 
-// The 64 words of group g for the 16 rows of tiles t0 and t1 (t1 absent: rows 8-15 are zero).
-template <int N>
-inline void decode_group(const DecodeConsts& dc, const uint16_t* v0, const uint16_t* v1, uint32_t w0, uint32_t w1,
-                         uint16_t* out) {
-  __m256i lo, hi = _mm256_setzero_si256();
-  if constexpr (N == 2) {
-    lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0));
-    if (v1) hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1));
-  } else {
-    lo = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v0)));
-    if (v1) hi = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v1)));
-  }
+// 2:4: the 64 words of group g for the 16 rows of tiles t0 and t1 (t1 absent: rows 8-15 are zero).
+inline void decode_group_24(const DecodeConsts& dc, const uint16_t* v0, const uint16_t* v1, uint32_t w0,
+                            uint32_t w1, uint16_t* out) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0));
+  const __m256i hi = v1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1)) : _mm256_setzero_si256();
   const __m512i src = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
   const __m512i fields = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(w0)), 0xFF00,
                                                 static_cast<int>(w1));
-  __m512i idx[N];
-  for (int s = 0; s < N; ++s) {
+  __m512i idx[2];
+  for (int s = 0; s < 2; ++s) {
     const __m512i i = _mm512_and_si512(_mm512_srlv_epi32(fields, dc.shift[s]), dc.three);
     idx[s] = _mm512_or_si512(i, _mm512_slli_epi32(i, 16));  // both words of a row's dword
   }
   for (int p = 0; p < 2; ++p) {
     __m512i row = _mm512_maskz_permutexvar_epi16(_mm512_cmpeq_epi16_mask(idx[0], dc.column[p]), dc.base[0], src);
-    if constexpr (N == 2)
-      row = _mm512_mask_permutexvar_epi16(row, _mm512_cmpeq_epi16_mask(idx[1], dc.column[p]), dc.base[1], src);
+    row = _mm512_mask_permutexvar_epi16(row, _mm512_cmpeq_epi16_mask(idx[1], dc.column[p]), dc.base[1], src);
     _mm512_store_si512(out + 32 * p, row);
   }
 }
 
-// 1:4 only: groups g and g + 1 at once (128 words). One slot per row leaves half of a zmm empty in
-// decode_group<1>; here the two groups' values fill it (16 consecutive words per tile) and one 32-bit
-// index word per tile holds both groups' fields (bits 0-15 group g, 16-31 group g + 1), so a shift and a
-// mask give every row's index for both groups, one per word. Per group: 2 vpcmpeqw + 2 vpermw on port 5
-// and ~4 other uops, against ~6 port-5 uops in decode_group<1>.
-inline void decode_group_pair_n1(const DecodeConsts& dc, const uint16_t* v0, const uint16_t* v1, uint32_t w0,
+// 1:4: groups g and g + 1 at once (128 words). Decoded one group at a time like 2:4, one slot per row
+// left half of a zmm empty; here the two groups' values fill it (16 consecutive words per tile) and one
+// 32-bit index word per tile holds both groups' fields (bits 0-15 group g, 16-31 group g + 1), so a shift
+// and a mask give every row's index for both groups, one per word. Per group: 2 vpcmpeqw + 2 vpermw on
+// port 5 and ~4 other uops, against ~6 port-5 uops one group at a time (1:4 at 16 rows: ~3% faster).
+inline void decode_group_pair_14(const DecodeConsts& dc, const uint16_t* v0, const uint16_t* v1, uint32_t w0,
                                  uint32_t w1, uint16_t* out) {
   const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0));
   const __m256i hi = v1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1)) : _mm256_setzero_si256();
@@ -190,13 +182,13 @@ inline void decode_btile(const AmxArgs& a, const DecodeConsts& dc, int64_t nb, i
   const uint8_t* i1 = a.index_bytes + t1 * J * 2;  // read only when tile t1 exists
   if constexpr (N == 1) {
     for (int64_t g = 8 * kt; g < 8 * kt + 8; g += 2)
-      decode_group_pair_n1(dc, v0 + g * 8, v1 ? v1 + g * 8 : nullptr, load_u32(i0 + g * 2),
+      decode_group_pair_14(dc, v0 + g * 8, v1 ? v1 + g * 8 : nullptr, load_u32(i0 + g * 2),
                            v1 ? load_u32(i1 + g * 2) : 0u, out + (g - 8 * kt) * 64);
-    return;
+  } else {
+    for (int64_t g = 8 * kt; g < 8 * kt + 8; ++g)
+      decode_group_24(dc, v0 + g * 16, v1 ? v1 + g * 16 : nullptr, load_u32(i0 + g * 4),
+                      v1 ? load_u32(i1 + g * 4) : 0u, out + (g - 8 * kt) * 64);
   }
-  for (int64_t g = 8 * kt; g < 8 * kt + 8; ++g)
-    decode_group<N>(dc, v0 + g * N * 8, v1 ? v1 + g * N * 8 : nullptr, load_u32(i0 + g * N * 2),
-                    v1 ? load_u32(i1 + g * N * 2) : 0u, out + (g - 8 * kt) * 64);
 }
 
 // C tiles of NB row blocks xb0 .. xb0 + NB - 1 for output block nb over the whole K, stored to cbuf.
