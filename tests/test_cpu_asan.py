@@ -6,6 +6,7 @@ runs every kernel path on odd shapes with exactly sized buffers. Any ASan report
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,10 +16,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SRC = ROOT / "csrc" / "cpu"
-ISA_FLAGS = {"generic": [], "avx2": ["-mavx2", "-mfma", "-mf16c"],
-             # setup.py's avx512 flags: the AMX kernel (nm_linear_amx.cpp) is compiled only here.
-             "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-                        "-mamx-tile", "-mamx-bf16"]}
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("nmkern_setup_for_asan", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() runs only under __main__
+    return module
+
+
+# The flags setup.py builds each library with (the AMX kernel, nm_linear_amx.cpp, is compiled only in avx512).
+ISA_FLAGS = _setup_module().CPU_ISA_FLAGS
 
 pytestmark = pytest.mark.aot
 
