@@ -159,6 +159,43 @@ def test_mixed_winners_keep_the_layout_and_decode_for_dense_calls(tuned, make, p
     assert "dense_cache" not in _forms(layer)
 
 
+@pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
+def test_a_narrow_kernel_win_does_not_outweigh_a_loss_elsewhere(tuned, make, monkeypatch):
+    """The kernel wins by 10% at 1 row and loses 3x at 256: holding the layout, the 256-row calls would pay the
+    kernel (3.0 ms) or a decode plus dense (1.0 + 2.0 ms), so the layer holds the dense weight and runs dense at
+    both row counts (1.0 + 1.0 ms against 0.9 + 3.0 ms)."""
+    from nmkern.nn._forms import _ResidentForms
+    monkeypatch.setattr(_ResidentForms, "_decode_ms", lambda self: 2.0)
+    layer, _ = make("2:4")
+    plain = _plain(layer)
+    small, large = _rows_x(layer, 1), _rows_x(layer, 256)
+    tuned.set(dense=1.0e-3, cpu=0.9e-3)
+    assert _decide(layer, small) is Backend.CPU  # the only row count met so far: the kernel's layout
+    assert "cpu_layout" in _forms(layer)
+    tuned.set(dense=1.0e-3, cpu=3.0e-3)
+    assert _decide(layer, large) is Backend.DENSE
+    assert layer._decide(small, layer._gemm_rows(small))[0] is Backend.DENSE  # its kernel win is not taken
+    forms = _forms(layer)
+    assert "cpu_layout" not in forms and "dense_cache" in forms and not layer._decoded_dense, forms
+    with torch.no_grad():
+        assert torch.equal(layer(large), plain(large)) and torch.equal(layer(small), plain(small))
+    assert _forms(layer) == forms  # running the small batch built no layout again
+
+
+def test_a_kernel_win_recorded_by_another_layer_does_not_decide_this_ones_form(tuned):
+    """Two layers of one shape: the first meets 1 row, where the kernel wins; the second meets only 64 rows, where
+    dense wins. The second holds the dense weight only (MiniLM-L6's pooler and its attention layers: the recorded
+    1-row win once kept every 384x384 layer on the kernel's layout, 1.63x dense at 1 sentence)."""
+    torch.manual_seed(6)
+    first, second = (nmkern.SparseLinear.from_dense(nn.Linear(64, 64), n=2, m=4).pack() for _ in range(2))
+    tuned.set(dense=1.0e-3, cpu=0.5e-3)
+    assert _decide(first, torch.randn(1, 64)) is Backend.CPU
+    tuned.set(dense=0.5e-3, cpu=1.0e-3)
+    assert _decide(second, torch.randn(64, 64)) is Backend.DENSE
+    assert second._resident is Backend.DENSE and "cpu_layout" not in _forms(second)
+    assert first._resident is Backend.CPU and "dense_cache" not in _forms(first)
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_dense_calls_of_a_mixed_linear_decode_block_by_block(tuned, pattern, bias, monkeypatch):

@@ -116,6 +116,7 @@ class _PackedExecution:
                 memo.clear()
             memo[key] = (path, None)
             if decision.source in (tuning.Source.MEASURED, tuning.Source.CACHE):
+                self._note_medians(rows, decision)
                 self._build_compile_plan()  # the plan (traces, the dense binding) now holds the measured winner
                 self._drop_unused_forms(x.device.type)  # one resident form (may forget the other remembered paths)
                 path = self._resident_path(decision)

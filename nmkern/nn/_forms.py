@@ -6,7 +6,9 @@ the decoded dense weight of the dense path. Holding all three cost 1.9x a dense 
 for eight 2048x2048 2:4 fp32 layers (bench/memory_rss.py). Under measured dispatch (:mod:`nmkern.tuning`
 on, the default) a packed layer on the CPU keeps one:
 
-* **the CPU layout**, when a path it takes (or its compile plan names) is the CPU kernel. The N:M
+* **the CPU layout**, when the row counts it has met cost less in all with it than with the dense weight
+  (``_form_by_cost``: one call per row count, each running the faster of the kernel and a decode plus dense;
+  before any is measured: when a path it takes, or its compile plan names, is the CPU kernel). The N:M
   ``packed_values`` and ``packed_indices`` are then not held (the layout is built slot for slot from
   them and gives them back exactly, so ``state_dict``, ``.to()``, pickling and ``layer.packed_values``
   regenerate them on demand; the indices stay where the held words carry bits the layout does not,
@@ -17,7 +19,8 @@ on, the default) a packed layer on the CPU keeps one:
   (:data:`DECODE_BLOCK_BYTES`): that costs the decode (2.6-3.7 ms for a 2048x2048 fp32 layer on a 2-core AMD
   EPYC) on those calls. ``NMKERN_DENSE_CACHE=1`` keeps the dense copy as well (faster dense calls, one
   more weight-sized form).
-* **the dense weight**, when every path it has taken is dense: the packed values are not held; the
+* **the dense weight**, when every path it has taken is dense, or the kernel's wins are outweighed by its
+  losses at other row counts (those calls then run dense too): the packed values are not held; the
   rest of the packed buffers (indices, BSR rows and columns) stay, and the values are gathered back
   from the dense weight when saved.
 * **the packed buffers**, otherwise (no decision yet, paths that read the buffers: reference, Triton,
@@ -170,9 +173,13 @@ class _ResidentForms:
         if not (decided | planned) <= {Backend.CPU, Backend.DENSE} or self.dtype not in _cpu_layout.cpu.KERNEL_DTYPES:
             self._restore_evicted()  # a path that reads the packed buffers
             return
-        if Backend.CPU in decided or (not decided and Backend.CPU in planned):
+        form = self._form_by_cost()
+        if form is None:  # no row count measured on this layer yet: the paths taken, else the plan's
+            form = (Backend.CPU if Backend.CPU in decided or (not decided and Backend.CPU in planned)
+                    else Backend.DENSE if decided == {Backend.DENSE} else None)
+        if form is Backend.CPU:
             self._keep_cpu_layout(dense_taken=Backend.DENSE in decided)
-        elif decided == {Backend.DENSE}:  # dense at every row count met: the plan's other rows trace dense too
+        elif form is Backend.DENSE:  # the plan's other rows trace dense too
             self._dense_cached()
             if self._cpu_cache is not None:
                 self._restore_evicted()  # rebuilt from the CPU layout while it is still here
@@ -180,6 +187,39 @@ class _ResidentForms:
             self._evict(self._values_name())
             self.__dict__["_resident"] = Backend.DENSE
             release_free_memory()
+
+    def _form_by_cost(self) -> Backend | None:
+        """The form (CPU layout or dense weight) whose calls cost less in all, one call per row count this layer has
+        met with both paths measured (``_seen_medians``); None when there are none, or one lacks a median.
+
+        Holding the CPU layout, a row count runs the faster of the kernel and the decode plus dense GEMM
+        (:meth:`_resident_path`); holding the dense weight, it runs dense. The layout is kept only when that saves at
+        least ``tuning.MIN_GAIN`` of the dense form's total. Why totals, not "the kernel won somewhere": MiniLM-L6's
+        384x384 bf16 layers on a 2-core Xeon (AMX) met 32 and 304 rows, where dense won (0.08 vs 0.19 ms, 0.18 vs
+        0.26 ms), while the pooler of the same shape had recorded a kernel win at 1 row; kept as layouts, every
+        layer paid the kernel, and the encoder ran at 1.63x dense at 1 sentence.
+        """
+        seen = self.__dict__.get("_seen_medians")
+        if not seen:
+            return None
+        pairs = [(m.get(Backend.CPU.value), m.get(Backend.DENSE.value)) for m in seen.values()]
+        if any(cpu is None or dense is None for cpu, dense in pairs):
+            return None
+        dense_total = sum(dense for _, dense in pairs)
+        if all(cpu >= (1.0 - tuning.MIN_GAIN) * dense for cpu, dense in pairs):
+            return Backend.DENSE  # the kernel wins nowhere: no decode to time
+        if keep_dense_cache() or all(cpu <= dense for cpu, dense in pairs):
+            return Backend.CPU  # each row count runs its own winner (no dense call decodes)
+        decode = self._decode_ms()
+        cpu_total = sum(min(cpu, dense + decode) for cpu, dense in pairs)
+        return Backend.CPU if cpu_total <= (1.0 - tuning.MIN_GAIN) * dense_total else Backend.DENSE
+
+    def _note_medians(self, rows: int, decision) -> None:
+        """Remember the medians ``decision`` was made on for ``rows`` (its row bucket), for :meth:`_form_by_cost`."""
+        seen = self.__dict__.get("_seen_medians")
+        if seen is None:
+            seen = self.__dict__["_seen_medians"] = {}
+        seen[tuning.row_bucket(rows)] = dict(decision.medians_ms)
 
     def _keep_cpu_layout(self, dense_taken: bool) -> None:
         layout = self._cpu_cached()
@@ -239,6 +279,8 @@ class _ResidentForms:
         the CPU layout, a dense call pays the decode too, so the kernel runs instead whenever its measured median
         is below dense's plus the decode (a decode-sized batch: SmolLM2's 576x576 bf16 layers at 1 row measured
         the kernel slower than a kept dense weight, and far faster than decoding one per token)."""
+        if decision.path is Backend.CPU and self.__dict__.get("_resident") is Backend.DENSE:
+            return Backend.DENSE  # _form_by_cost kept the dense weight: this row count's kernel win cost more elsewhere
         if decision.path is not Backend.DENSE or not self.__dict__.get("_decoded_dense"):
             return decision.path
         cpu_ms, dense_ms = decision.medians_ms.get(Backend.CPU.value), decision.medians_ms.get(Backend.DENSE.value)

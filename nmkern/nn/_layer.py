@@ -103,7 +103,8 @@ def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Patter
 
 # Per-module caches, rebuilt on demand; cleared by pack/load/.to()/.half() and never saved.
 _CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache", "_info_cache", "_path_cache",
-           "_plan_cache", "_fast_dense", "_decoded_dense", "_resident", "_decode_cost")
+           "_plan_cache", "_fast_dense", "_decoded_dense", "_resident", "_decode_cost",
+           "_seen_medians")
 
 
 class _SparseLayer(_PackedExecution, _ResidentForms, nn.Module):
