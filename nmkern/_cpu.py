@@ -35,7 +35,7 @@ from .reference.linear import conv_out_size, fold_rows_nchw, unfold_nhwc
 from .reference.nm_pack import first_overfull_group_ref
 from .spec import Pattern, pattern_in
 
-ABI_VERSION = 4  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
+ABI_VERSION = 5  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
 ENV_ISA = "NMKERN_CPU_ISA"
 # Threading of the C kernels (NMKERN_CPU_THREADING; README, "CPU kernels"): "openmp", an OpenMP parallel
@@ -75,7 +75,9 @@ class Algo(enum.IntEnum):
     AMX = 3  # bf16 2:4 / 1:4 with K % 32 == 0 on AMX-BF16 tiles (see amx_available())
 
 
-_ERRORS = {1: "invalid argument", 2: "out of memory",
+# NMKERN_FLAG_CHECK_FINITE (OR'ed into algo) and the status it returns when x holds a NaN or an Inf.
+CHECK_FINITE, NONFINITE = 0x100, 4
+_ERRORS = {1: "invalid argument", 2: "out of memory", NONFINITE: "x holds a NaN or an Inf",
            3: "Algo.AMX needs bf16, m = 4 with n <= 2, in_features % 32 == 0 and a CPU with AMX-BF16 "
               "(nmkern._cpu.amx_available())"}
 # Below this many multiply-adds per call the kernel runs on one thread: ~0.1 ms of
@@ -161,7 +163,7 @@ def _load():
             if threading_name not in (*THREADING_MODES, "auto"):
                 raise OSError(f"{ENV_THREADING}={threading_name!r} is not one of {['auto', *THREADING_MODES]}")
             if threading_name == "auto":
-                threading_name = "openmp" if shares_torch_openmp() else "pool"
+                threading_name = "openmp" if shares_torch_openmp(lib=lib) else "pool"
             lib.nmkern_cpu_set_threading(THREADING_MODES[threading_name])
             _state.update(lib=lib, isa=isa)
         except OSError as e:
@@ -380,15 +382,19 @@ def _threads(macs: int, num_threads: int | None) -> int:
     return 1 if macs < SINGLE_THREAD_MACS else torch.get_num_threads()
 
 
-def _run_kernel(x: torch.Tensor, out_features: int, macs_per_row: int, num_threads: int | None, launch) -> torch.Tensor:
-    """y ``(B, out_features)`` in x's dtype from ``launch(lib, y, threads)``, the C call returning its status."""
+def _run_kernel(x: torch.Tensor, out_features: int, macs_per_row: int, num_threads: int | None, launch,
+                check_finite: bool = False) -> torch.Tensor | None:
+    """y ``(B, out_features)`` in x's dtype from ``launch(lib, y, threads, flags)``, the C call returning its status;
+    None where ``check_finite`` and x holds a NaN or an Inf (the kernel's own scan)."""
     op = "nmkern cpu sparse linear"
     lib = _require(op)
     y = torch.empty(x.shape[0], out_features, dtype=x.dtype)
     if x.shape[0] == 0:
         return y
     with torch.no_grad():
-        rc = launch(lib, y, _threads(macs_per_row * x.shape[0], num_threads))
+        rc = launch(lib, y, _threads(macs_per_row * x.shape[0], num_threads), CHECK_FINITE if check_finite else 0)
+    if rc == NONFINITE and check_finite:
+        return None
     _check_status(op, rc)
     return y
 
@@ -399,30 +405,36 @@ def _entry(lib, name: str, dtype: torch.dtype):
 
 
 def nm_linear(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, n: int, m: int, out_features: int,
-              bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO, num_threads: int | None = None) -> torch.Tensor:
+              bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO, num_threads: int | None = None,
+              check_finite: bool = False) -> torch.Tensor | None:
     """``x @ W.T + bias`` with W in the CPU N:M tile layout (``CpuLinear.tensors``), in x's dtype.
 
     x: contiguous ``(B, K)`` on the CPU in the values' dtype (fp32, bf16 or fp16); bias the same
     dtype ``(out_features,)`` or None. The caller (:class:`CpuLinear`, the registered op
-    ``nmkern::cpu_nm_linear``) checked them with :func:`check_rows_input`.
+    ``nmkern::cpu_nm_linear``) checked them with :func:`check_rows_input`. ``check_finite``: the kernel scans x
+    first and the call returns None when it holds a NaN or an Inf (the registered op then runs the dense op).
     """
     batch, k = x.shape
-    return _run_kernel(x, out_features, out_features * k * n // m, num_threads, lambda lib, y, threads: (
+    return _run_kernel(x, out_features, out_features * k * n // m, num_threads, lambda lib, y, threads, flags: (
         _entry(lib, "nm_linear", x.dtype)(_ptr(x), batch, k, _ptr(values), _ptr(index), out_features, n, m,
-                                          _ptr(bias), _ptr(y), threads, int(algo))))
+                                          _ptr(bias), _ptr(y), threads, int(algo) | flags)), check_finite)
 
 
 def bsr_linear(x: torch.Tensor, values: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, block: int,
                out_features: int, bias: torch.Tensor | None = None, *, algo: Algo = Algo.AUTO,
-               num_threads: int | None = None) -> torch.Tensor:
+               num_threads: int | None = None, check_finite: bool = False) -> torch.Tensor | None:
     """``x @ W.T + bias`` with W in the CPU 1xN layout (``CpuLinear.tensors``), in x's dtype; checked by the
     caller as for :func:`nm_linear`."""
     batch, k = x.shape
-    return _run_kernel(x, out_features, values.numel(), num_threads, lambda lib, y, threads: (
-        _entry(lib, "bsr_linear", x.dtype)(_ptr(x), batch, k, _ptr(values) if values.numel() else None,
-                                           _ptr(rowptr), _ptr(col) if col.numel() else None, col.element_size(),
-                                           col.numel(), out_features, block, _ptr(bias), _ptr(y), threads,
-                                           int(algo))))
+    return _run_kernel(x, out_features, values.numel(), num_threads, lambda lib, y, threads, flags: (
+        _entry(lib, "bsr_linear", x.dtype)(_ptr(x), batch, k, *_bsr_args(values, rowptr, col), out_features, block,
+                                           _ptr(bias), _ptr(y), threads, int(algo) | flags)), check_finite)
+
+
+def _bsr_args(values: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor) -> tuple:
+    """The 1xN layout's arguments of the C entry points, values to nnzb (empty tensors as NULL)."""
+    return (_ptr(values) if values.numel() else None, _ptr(rowptr), _ptr(col) if col.numel() else None,
+            col.element_size(), col.numel())
 
 
 def nm_linear_f32(x, values, index, n, m, out_features, bias=None, **kwargs) -> torch.Tensor:
