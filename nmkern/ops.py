@@ -32,7 +32,8 @@ weight is a frozen base; weight gradients are not supported).
 
 NaN/Inf: non-finite inputs propagate exactly as the dense op on the masked weight does
 (``0 * inf = NaN``). The sparse kernels (Triton, CPU, CUDA) skip pruned weights, so
-each checks its input first (a finite ``x.sum()``, see ``_finite``) and runs that call as the
+each checks its input first (Triton, CUDA: a finite ``x.sum()``, see ``_finite``; CPU: the C kernel
+scans x itself, ``NMKERN_FLAG_CHECK_FINITE``) and runs that call as the
 dense op on the decompressed weight when it holds NaN/Inf; the reference ops are that
 dense op already. The result then does not depend on which path dispatch picks.
 
@@ -141,19 +142,21 @@ for _name, _ref_fn, _triton_fn, _fake in _GEMMS:
 def _cpu_nm_linear(x, values, index, n, m, in_features, out_features, bias):
     cpu = _module("_cpu")
     x, bias = cpu.check_rows_input("nmkern::cpu_nm_linear", x, bias, in_features, out_features, values.dtype)
-    if not _finite(x):  # see _triton
-        return _op_autograd.dense_op("cpu_nm_linear", x, values, index, n, m, in_features, out_features, bias)
     run = cpu.nm_linear_f32 if x.dtype == torch.float32 else cpu.nm_linear  # fp32 | bf16, fp16
-    return run(x, values, index, n, m, out_features, bias)
+    y = run(x, values, index, n, m, out_features, bias, check_finite=True)  # None: x holds a NaN / Inf
+    if y is None:  # see _triton
+        return _op_autograd.dense_op("cpu_nm_linear", x, values, index, n, m, in_features, out_features, bias)
+    return y
 
 
 def _cpu_bsr_linear(x, values, rowptr, col, block, in_features, out_features, bias):
     cpu = _module("_cpu")
     x, bias = cpu.check_rows_input("nmkern::cpu_bsr_linear", x, bias, in_features, out_features, values.dtype)
-    if not _finite(x):  # see _triton
-        return _op_autograd.dense_op("cpu_bsr_linear", x, values, rowptr, col, block, in_features, out_features, bias)
     run = cpu.bsr_linear_f32 if x.dtype == torch.float32 else cpu.bsr_linear
-    return run(x, values, rowptr, col, block, out_features, bias)
+    y = run(x, values, rowptr, col, block, out_features, bias, check_finite=True)
+    if y is None:  # see _triton
+        return _op_autograd.dense_op("cpu_bsr_linear", x, values, rowptr, col, block, in_features, out_features, bias)
+    return y
 
 
 def _cuda_sparse24_linear(x, values, meta, bias):

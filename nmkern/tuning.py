@@ -462,8 +462,8 @@ def _forward(op: str, model: torch.nn.Module, inputs) -> None:
                         f"{type(inputs).__name__}")
 
 
-def _tune_input(op: str, model: torch.nn.Module, inputs, layers: list, sink: list) -> None:
-    """Forward ``inputs`` until no layer is measuring any more, then once more to collect the decisions."""
+def _tune_input(op: str, model: torch.nn.Module, inputs, layers: list) -> None:
+    """Forward ``inputs`` until no layer is measuring any more."""
     for _ in range(MAX_TUNE_PASSES):
         for layer in layers:  # every layer decides afresh (a bound dense op would skip the decision)
             layer._forget_decisions()
@@ -474,6 +474,12 @@ def _tune_input(op: str, model: torch.nn.Module, inputs, layers: list, sink: lis
     else:
         warnings.warn(f"{op}: {len(_tuning.pending)} measurement(s) not finished after {MAX_TUNE_PASSES} passes; "
                       "they finish during later calls", RuntimeWarning, stacklevel=3)
+
+
+def _collect(op: str, model: torch.nn.Module, inputs, layers: list, sink: list) -> None:
+    """Forward ``inputs`` once more, every layer deciding afresh, into ``sink``: the paths the calls take now (after
+    every input was tuned: a later row count can change a layer's resident form, and with it an earlier one's
+    path)."""
     for layer in layers:
         layer._forget_decisions()
     _recording.sink = sink
@@ -533,7 +539,9 @@ def tune(model: torch.nn.Module, example_inputs, *, force: bool = False) -> Tune
     try:
         with torch.no_grad():
             for inputs in batches:
-                _tune_input(op, model, inputs, [m for _, m in packed], sink)
+                _tune_input(op, model, inputs, [m for _, m in packed])
+            for inputs in batches:
+                _collect(op, model, inputs, [m for _, m in packed], sink)
         fresh = set(_tuning.fresh)
     finally:
         _tuning.fresh, _tuning.force, _tuning.pending, _state_override.bytes = None, False, None, None

@@ -130,7 +130,8 @@ def test_threading_modes_match(monkeypatch, threading):
     monkeypatch.setenv("NMKERN_CPU_THREADING", threading)
     _cpu._reset()
     try:
-        want = threading if threading != "auto" else ("openmp" if _cpu.shares_torch_openmp() else "pool")
+        want = threading if threading != "auto" else ("openmp" if _cpu.shares_torch_openmp(lib=_cpu._load()) else
+                                                      "pool")
         assert _cpu.threading_mode() == want
         assert _cpu._load().nmkern_cpu_get_threading() == _cpu.THREADING_MODES[want]
         g = torch.Generator().manual_seed(3)
@@ -161,6 +162,31 @@ def test_openmp_runtimes_read_from_maps():
     two = maps + "\n" + _MAPS_LINE.format("/usr/lib/x86_64-linux-gnu/libgomp.so.1")
     assert len(_cpu.openmp_runtimes(two)) == 2 and not _cpu.shares_torch_openmp(two)
     assert not _cpu.shares_torch_openmp(_MAPS_LINE.format("/usr/lib/libc.so.6"))
+
+
+_SECOND_RUNTIME = """
+import ctypes, shutil, sys, tempfile, torch
+from pathlib import Path
+torch.ones(64, 64) @ torch.ones(64, 64)  # torch's runtime is up
+(gomp,) = [p for p in __import__("nmkern._openmp").\
+    _openmp.openmp_runtimes() if Path(p).name.startswith("libgomp")]
+copy = Path(tempfile.mkdtemp()) / "libgomp-0123abcd.so.1"
+shutil.copy(gomp, copy)
+ctypes.CDLL(str(copy))  # a second runtime mapped, as scikit-learn's wheel maps one
+from nmkern import _cpu
+print(len(_cpu.openmp_runtimes()), _cpu.threading_mode())
+"""
+
+
+@pytest.mark.skipif("OpenMP" not in torch.__config__.parallel_info(), reason="torch without OpenMP")
+def test_a_second_openmp_runtime_mapped_does_not_split_the_teams():
+    """scikit-learn (imported by transformers) maps its own libgomp under a hashed name before nmkern's library
+    loads: nmkern's library still binds torch's libgomp.so.1, so "auto" must still pick torch's team."""
+    env = {k: v for k, v in os.environ.items() if k != "NMKERN_CPU_THREADING"}
+    out = subprocess.run([sys.executable, "-c", _SECOND_RUNTIME], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "openmp"], out.stdout
 
 
 def test_bad_threading_env_warns(monkeypatch):
@@ -346,3 +372,38 @@ def test_c_side_rejects_bad_scalars():
     rowptr = torch.tensor([0, 5], dtype=torch.int32)
     assert lib.nmkern_bsr_linear_f32(p, 1, 8, p, rowptr.data_ptr(), p, 2, 4, 4, 4, None, p, 1, 0) == 1  # nnzb != rowptr
     assert lib.nmkern_bsr_linear_f32(p, 1, 8, p, rowptr.data_ptr(), p, 3, 5, 4, 4, None, p, 1, 0) == 1  # col_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["nm", "1xn"])
+def test_check_finite_flag_refuses_nan_and_inf_without_writing(isa, dtype, kind):
+    """NMKERN_FLAG_CHECK_FINITE: the kernel scans x and returns NMKERN_ENONFINITE, y untouched, for one NaN, +Inf
+    or -Inf anywhere (first element, inside a 256-element block, the ragged tail); finite x runs as without it.
+    The largest finite value of each dtype is finite."""
+    torch.manual_seed(11)
+    out_f, in_f, batch = 16, 100, 7  # 700 elements: two whole 256-blocks and a tail of 188
+    w = (torch.randn(out_f, in_f) * (torch.rand(out_f, in_f) < 0.5)).to(dtype)
+    if kind == "nm":
+        w = nmkern.functional.apply_nm(w.float(), 2, 4).to(dtype)
+    layer = _cpu.prepare_cpu_linear(w, kind, 2, 4, 4) if kind == "nm" else _cpu.prepare_cpu_linear(w, kind, block=4)
+    t = layer.tensors
+    run = _cpu.nm_linear if kind == "nm" else _cpu.bsr_linear
+    args = (t["values"], t["index"], 2, 4) if kind == "nm" else (t["values"], t["rowptr"], t["col"], 4)
+    x = torch.randn(batch, in_f).to(dtype)
+    plain = run(x, *args, out_f)
+    assert torch.equal(run(x, *args, out_f, check_finite=True), plain)
+    big = x.clone()
+    big[3, 7] = torch.finfo(dtype).max
+    assert run(big, *args, out_f, check_finite=True) is not None
+    for where in [(0, 0), (2, 60), (6, 99)]:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            xb = x.clone()
+            xb[where] = bad
+            y = torch.full((batch, out_f), 7.0, dtype=dtype)
+            entry = getattr(_cpu._load(), f"nmkern_{'nm' if kind == 'nm' else 'bsr'}_linear_{_cpu._SUFFIX[dtype]}")
+            c_args = ((t["values"].data_ptr(), t["index"].data_ptr(), out_f, 2, 4) if kind == "nm" else
+                      (*_cpu._bsr_args(t["values"], t["rowptr"], t["col"]), out_f, 4))
+            rc = entry(xb.data_ptr(), batch, in_f, *c_args, None, y.data_ptr(), 1, _cpu.CHECK_FINITE)
+            assert rc == _cpu.NONFINITE and torch.equal(y, torch.full_like(y, 7.0)), (where, bad)
+            assert run(xb, *args, out_f, check_finite=True) is None
+            assert run(xb, *args, out_f) is not None  # without the flag the kernel runs (and skips pruned weights)

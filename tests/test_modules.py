@@ -238,7 +238,7 @@ def test_dispatch_hooks_reach_the_native_cpu_kernel(monkeypatch):
             self.out_features, self.in_features = w.shape
             self.tensors = {"values": w, "index": torch.zeros(0, dtype=torch.int32)}
 
-    def fake_nm_linear_f32(x, values, index, n, m, out_features, bias):
+    def fake_nm_linear_f32(x, values, index, n, m, out_features, bias, check_finite=False):
         calls.append(("run", tuple(x.shape)))
         return F.linear(x, values, bias)
 

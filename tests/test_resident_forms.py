@@ -182,6 +182,22 @@ def test_a_narrow_kernel_win_does_not_outweigh_a_loss_elsewhere(tuned, make, mon
     assert _forms(layer) == forms  # running the small batch built no layout again
 
 
+def test_tune_reports_the_paths_taken_after_every_input(tuned, monkeypatch):
+    """tune() collects the paths after all its inputs: the 256-row input, tuned second, moves the layer to the dense
+    weight, so its 1-row calls run dense too, and the report says so."""
+    from nmkern.nn._forms import _ResidentForms
+    monkeypatch.setattr(_ResidentForms, "_decode_ms", lambda self: 2.0)
+    layer, _ = _linear("2:4")
+    small, large = torch.randn(1, 64), torch.randn(256, 64)
+    tuned.set(dense=1.0e-3, cpu=0.9e-3)
+    with torch.no_grad():
+        nmkern.tune(nn.Sequential(layer), small)  # the kernel's 1-row win recorded first
+        tuned.set(dense=1.0e-3, cpu=3.0e-3)
+        report = nmkern.tune(nn.Sequential(layer), [small, large])
+    assert {r["rows"]: r["path"] for r in report.rows} == {1: "dense", 256: "dense"}
+    assert layer._resident is Backend.DENSE
+
+
 def test_a_kernel_win_recorded_by_another_layer_does_not_decide_this_ones_form(tuned):
     """Two layers of one shape: the first meets 1 row, where the kernel wins; the second meets only 64 rows, where
     dense wins. The second holds the dense weight only (MiniLM-L6's pooler and its attention layers: the recorded

@@ -273,9 +273,12 @@ int bsr_linear_run(const typename E::T* x, int64_t batch, int64_t k, const typen
                    const typename E::T* bias, typename E::T* y, int nthreads, int algo) {
   if (!x || !rowptr || !y || batch < 1 || k < 1 || out_features < 1 || block < 1 || nnzb < 0) return NMKERN_EBADARG;
   if (out_features % block != 0 || (nnzb > 0 && (!values || !col))) return NMKERN_EBADARG;
+  const bool check_finite = (algo & NMKERN_FLAG_CHECK_FINITE) != 0;
+  algo &= ~NMKERN_FLAG_CHECK_FINITE;
   if (algo == NMKERN_ALGO_AMX) return NMKERN_EUNSUPPORTED;  // N:M only (nm_linear_amx.cpp)
   if (algo < NMKERN_ALGO_AUTO || algo > NMKERN_ALGO_LARGE_BATCH) return NMKERN_EBADARG;
   if (rowptr[0] != 0 || rowptr[out_features / block] != nnzb) return NMKERN_EBADARG;
+  if (check_finite && !all_finite<E>(x, batch * k)) return NMKERN_ENONFINITE;
   const int nt = resolve_threads(nthreads);
   if (col_bytes == 2) {
     if (k > 65536) return NMKERN_EBADARG;

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(NMKERN_ISA_AVX2) || defined(NMKERN_ISA_AVX512)
 #include <immintrin.h>
@@ -116,6 +117,26 @@ struct F16 {
   static uint16_t from_f32(float v) { return f32_to_f16_portable(v); }
 #endif
 };
+
+// Whether x[0, count) holds no NaN or Inf: no element whose exponent bits are all ones (fp32 0x7f800000,
+// bf16 0x7f80, fp16 0x7c00). Branch-free over blocks of 256 elements (the compiler vectorises the inner
+// loop), so a finite input is read once at memory speed.
+template <class E>
+inline bool all_finite(const typename E::T* x, int64_t count) {
+  using U = std::conditional_t<E::kIsF32, uint32_t, uint16_t>;
+  const U mask = E::kIsF32 ? U(0x7f800000u) : std::is_same_v<E, BF16> ? U(0x7f80u) : U(0x7c00u);
+  for (int64_t i0 = 0; i0 < count; i0 += 256) {
+    const int64_t i1 = count - i0 < 256 ? count : i0 + 256;
+    U bad = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      U b;
+      std::memcpy(&b, x + i, sizeof(U));  // the bits of one element (no aliasing of a float as an integer)
+      bad |= static_cast<U>((b & mask) == mask);
+    }
+    if (bad) return false;
+  }
+  return true;
+}
 
 // dst[0, count) = src widened to fp32.
 template <class E>

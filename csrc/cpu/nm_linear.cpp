@@ -393,7 +393,10 @@ int nm_linear_run(const typename E::T* x, int64_t batch, int64_t k, const typena
                   typename E::T* y, int nthreads, int algo) {
   if (!x || !values || !index_bytes || !y || batch < 1 || k < 1 || out_features < 1) return NMKERN_EBADARG;
   if (m < 2 || m > 16 || n < 1 || n >= m || k % m != 0) return NMKERN_EBADARG;
+  const bool check_finite = (algo & NMKERN_FLAG_CHECK_FINITE) != 0;
+  algo &= ~NMKERN_FLAG_CHECK_FINITE;
   if (algo < NMKERN_ALGO_AUTO || algo > NMKERN_ALGO_AMX) return NMKERN_EBADARG;
+  if (check_finite && !all_finite<E>(x, batch * k)) return NMKERN_ENONFINITE;
   if constexpr (std::is_same_v<E, BF16>) {
     const bool amx = amx_nm_shape_supported(k, n, m) && amx_bf16_usable();
     if (algo == NMKERN_ALGO_AMX && !amx) return NMKERN_EUNSUPPORTED;

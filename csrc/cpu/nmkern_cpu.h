@@ -31,12 +31,14 @@
 
 // 2: the _bf16 / _f16 linear entry points. 3: nmkern_nm_decode / nmkern_bsr_decode.
 // 4: NMKERN_ALGO_AMX, nmkern_cpu_supports_amx_bf16, NMKERN_EUNSUPPORTED.
-#define NMKERN_CPU_ABI_VERSION 4
+// 5: NMKERN_FLAG_CHECK_FINITE, NMKERN_ENONFINITE.
+#define NMKERN_CPU_ABI_VERSION 5
 
 #define NMKERN_OK 0
 #define NMKERN_EBADARG 1
 #define NMKERN_ENOMEM 2
 #define NMKERN_EUNSUPPORTED 3  // NMKERN_ALGO_AMX asked of a library, CPU, dtype or shape without it
+#define NMKERN_ENONFINITE 4    // NMKERN_FLAG_CHECK_FINITE was set and x holds a NaN or an Inf (y not written)
 
 // Kernel choice for the linear entry points.
 #define NMKERN_ALGO_AUTO 0
@@ -45,6 +47,11 @@
 // bf16 N:M with m = 4, n <= 2, K % 32 == 0 on AMX-BF16 (nm_linear_amx.cpp): the weight decoded per
 // 16 output rows into tiles. AUTO picks it from 8 rows where it is usable.
 #define NMKERN_ALGO_AMX 3
+// OR'ed into algo: scan x first and return NMKERN_ENONFINITE when it holds a NaN or an Inf. Why: a sparse
+// kernel never multiplies x by the weights it dropped, so a NaN there would not reach y as it does through
+// dense 0 * NaN; the caller then runs the dense op instead. The scan reads x once (B x K elements, 8-32 per
+// vector compare), where the caller's own torch reduction cost ~5 us per call even at 1 row.
+#define NMKERN_FLAG_CHECK_FINITE 0x100
 
 #ifdef __cplusplus
 extern "C" {

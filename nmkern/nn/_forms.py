@@ -164,6 +164,7 @@ class _ResidentForms:
             # the next call of each row count asks again (nmkern.tuning's record, then _resident_path)
             self.__dict__["_path_cache"] = None
             self.__dict__["_fast_dense"] = None
+            self.__dict__["_fast_rows"] = None
 
     def _settle_forms_now(self, decided: set, planned: set) -> None:
         self.__dict__["_decoded_dense"] = False

@@ -104,7 +104,7 @@ def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Patter
 # Per-module caches, rebuilt on demand; cleared by pack/load/.to()/.half() and never saved.
 _CACHES = ("_dense_cache", "_semi24_cache", "_cslt_cache", "_cpu_cache", "_info_cache", "_path_cache",
            "_plan_cache", "_fast_dense", "_decoded_dense", "_resident", "_decode_cost",
-           "_seen_medians")
+           "_seen_medians", "_fast_rows", "_entry_cache")
 
 
 class _SparseLayer(_PackedExecution, _ResidentForms, nn.Module):
@@ -176,6 +176,8 @@ class _SparseLayer(_PackedExecution, _ResidentForms, nn.Module):
         return state
 
     def __setstate__(self, state):
+        for name in _CACHES:  # a module pickled by an nmkern without some of today's caches
+            state.setdefault(name, None)
         super().__setstate__(state)
         self._prepare_native()  # unpickled / deep-copied: the layouts and the compile plan, in eager mode
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._cpu_layout import bound_kernel
 from ..dispatch import LayerOp
 from ..reference.srste import DEFAULT_LAMBDA_W
 from ._layer import _SparseLayer, fit_reason
@@ -77,6 +78,42 @@ class SparseLinear(_SparseLayer):
 
     def _gemm_rows(self, x: torch.Tensor) -> int:
         return x.numel() // self.in_features
+
+    def _rows_call(self, x: torch.Tensor):
+        """The call ``_decide`` bound for x's GEMM row count (``_fast_rows``; :meth:`_kernel_entry`,
+        :meth:`_dense_entry`), or None: none bound for these rows, or the bound call steps aside for x. The
+        caller then takes the checked path, which raises the usual messages."""
+        k = self.in_features
+        if x.dim() == 0 or x.shape[-1] != k:
+            return None
+        call = self._fast_rows.get(x.numel() // k)
+        return None if call is None else call(x)
+
+    def _kernel_entry(self, layout):
+        """The bound call of nmkern's CPU kernel on ``layout`` (:func:`~nmkern._cpu_layout.bound_kernel`). Steps aside
+        (None) for x not a contiguous CPU tensor of the layout's dtype, a strided bias, autograd through the call, a
+        layout no longer resident, or x holding a NaN / Inf (the kernel's own scan: the dense op's result then)."""
+        run, k, out, dtype = bound_kernel(layout), self.in_features, self.out_features, layout.dtype
+
+        def call(x: torch.Tensor):
+            if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous() or self._cpu_cache is not layout:
+                return None
+            bias = self.bias
+            if (bias is not None and not bias.is_contiguous()) or (torch.is_grad_enabled() and (
+                    x.requires_grad or (bias is not None and bias.requires_grad))):
+                return None
+            y = run(x.view(-1, k), bias)
+            return None if y is None else y.view(*x.shape[:-1], out)
+        return call
+
+    def _dense_entry(self, weight: torch.Tensor):
+        """The bound dense call on the kept dense ``weight`` (steps aside for another dtype or device, or once the
+        weight is no longer kept)."""
+        def call(x: torch.Tensor):
+            if x.dtype is not weight.dtype or not x.is_cpu or self._dense_cache is not weight:
+                return None
+            return F.linear(x, weight, self.bias)
+        return call
 
     def _dense_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, self.bias)

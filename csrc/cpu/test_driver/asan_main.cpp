@@ -148,6 +148,24 @@ bool returned_ok(const char* what, int rc, bool refuse) {
   return rc == NMKERN_OK && !refuse;
 }
 
+// Every kernel choice, and AUTO / AMX with the non-finite scan in front (NMKERN_FLAG_CHECK_FINITE).
+constexpr int kAlgos[] = {NMKERN_ALGO_AUTO, NMKERN_ALGO_SMALL_BATCH, NMKERN_ALGO_LARGE_BATCH, NMKERN_ALGO_AMX,
+                          NMKERN_FLAG_CHECK_FINITE, NMKERN_ALGO_AMX | NMKERN_FLAG_CHECK_FINITE};
+
+// The scan refuses x with a NaN in its last element (NMKERN_ENONFINITE) and writes nothing to y.
+template <typename Call>
+void check_nan_refused(const char* kind, Dt dt, std::vector<float> x, int64_t y_size, Call call) {
+  x.back() = NAN;
+  std::vector<float> y(y_size, NAN);
+  const int rc = call(x, y, 2, NMKERN_FLAG_CHECK_FINITE);
+  const bool untouched = std::all_of(y.begin(), y.end(), [](float v) { return std::isnan(v); });
+  if (rc != NMKERN_ENONFINITE || !untouched) {
+    std::printf("FAIL %s %s NaN in x: rc %d (expected %d), y untouched %d\n", kind, kDtName[dt], rc,
+                NMKERN_ENONFINITE, untouched);
+    ++failures;
+  }
+}
+
 void run_nm(Dt dt, int n, int m, int64_t rows, int64_t k, int64_t batch, bool with_bias) {
   int bits = 1;
   while ((1 << bits) < m) ++bits;
@@ -197,22 +215,27 @@ void run_nm(Dt dt, int n, int m, int64_t rows, int64_t k, int64_t batch, bool wi
     });
   // NMKERN_ALGO_AMX runs bf16 2:4 / 1:4 with K % 32 == 0 where the CPU has AMX, and must refuse the rest.
   const bool amx = dt == kBF16 && m == 4 && n <= 2 && k % 32 == 0 && nmkern_cpu_supports_amx_bf16();
-  for (int algo = 0; algo <= NMKERN_ALGO_AMX; ++algo) {
+  auto call = [&](const std::vector<float>& xs, std::vector<float>& y, int threads, int algo) {
+    return run_in(dt, xs, values, bias, with_bias, y, [&](auto* xp, auto* vp, auto* bp, auto* yp) {
+      if constexpr (std::is_same_v<std::remove_const_t<std::remove_pointer_t<decltype(xp)>>, float>)
+        return nmkern_nm_linear_f32(xp, batch, k, vp, ei.p, rows, n, m, bp, yp, threads, algo);
+      else
+        return (dt == kBF16 ? nmkern_nm_linear_bf16 : nmkern_nm_linear_f16)(xp, batch, k, vp, ei.p, rows, n, m, bp,
+                                                                          yp, threads, algo);
+    });
+  };
+  for (int algo : kAlgos) {
     for (int threads : {1, 2}) {
       std::vector<float> y(batch * rows, NAN);
-      const int rc = run_in(dt, x, values, bias, with_bias, y, [&](auto* xp, auto* vp, auto* bp, auto* yp) {
-        if constexpr (std::is_same_v<std::remove_const_t<std::remove_pointer_t<decltype(xp)>>, float>)
-          return nmkern_nm_linear_f32(xp, batch, k, vp, ei.p, rows, n, m, bp, yp, threads, algo);
-        else
-          return (dt == kBF16 ? nmkern_nm_linear_bf16 : nmkern_nm_linear_f16)(xp, batch, k, vp, ei.p, rows, n, m, bp,
-                                                                            yp, threads, algo);
-      });
+      const int rc = call(x, y, threads, algo);
       char what[192];
-      std::snprintf(what, sizeof what, "nm %s %d:%d rows %ld k %ld batch %ld algo %d threads %d", kDtName[dt], n, m,
+      std::snprintf(what, sizeof what, "nm %s %d:%d rows %ld k %ld batch %ld algo %#x threads %d", kDtName[dt], n, m,
                     (long)rows, (long)k, (long)batch, algo, threads);
-      if (returned_ok(what, rc, algo == NMKERN_ALGO_AMX && !amx)) compare(what, dt, ref, y);
+      const bool refuse = (algo & ~NMKERN_FLAG_CHECK_FINITE) == NMKERN_ALGO_AMX && !amx;
+      if (returned_ok(what, rc, refuse)) compare(what, dt, ref, y);
     }
   }
+  check_nan_refused("nm", dt, x, batch * rows, call);
 }
 
 template <typename CT>
@@ -254,23 +277,28 @@ void run_bsr(Dt dt, int block, int64_t rows, int64_t k, int64_t batch, double ke
       return nmkern_bsr_decode(vp, erp.p, cp, sizeof(CT), bytes, rows, k, block, r0, rows, out, threads);
     });
   const bool amx = false;  // NMKERN_ALGO_AMX is N:M only: 1xN must refuse it
-  for (int algo = 0; algo <= NMKERN_ALGO_AMX; ++algo) {
+  auto call = [&](const std::vector<float>& xs, std::vector<float>& y, int threads, int algo) {
+    return run_in(dt, xs, values, bias, with_bias, y, [&](auto* xp, auto* vp, auto* bp, auto* yp) {
+      if constexpr (std::is_same_v<std::remove_const_t<std::remove_pointer_t<decltype(xp)>>, float>)
+        return nmkern_bsr_linear_f32(xp, batch, k, vp, erp.p, cp, sizeof(CT), nnzb, rows, block, bp, yp, threads,
+                                     algo);
+      else
+        return (dt == kBF16 ? nmkern_bsr_linear_bf16 : nmkern_bsr_linear_f16)(
+            xp, batch, k, vp, erp.p, cp, sizeof(CT), nnzb, rows, block, bp, yp, threads, algo);
+    });
+  };
+  for (int algo : kAlgos) {
     for (int threads : {1, 2}) {
       std::vector<float> y(batch * rows, NAN);
-      const int rc = run_in(dt, x, values, bias, with_bias, y, [&](auto* xp, auto* vp, auto* bp, auto* yp) {
-        if constexpr (std::is_same_v<std::remove_const_t<std::remove_pointer_t<decltype(xp)>>, float>)
-          return nmkern_bsr_linear_f32(xp, batch, k, vp, erp.p, cp, sizeof(CT), nnzb, rows, block, bp, yp, threads,
-                                       algo);
-        else
-          return (dt == kBF16 ? nmkern_bsr_linear_bf16 : nmkern_bsr_linear_f16)(
-              xp, batch, k, vp, erp.p, cp, sizeof(CT), nnzb, rows, block, bp, yp, threads, algo);
-      });
+      const int rc = call(x, y, threads, algo);
       char what[192];
-      std::snprintf(what, sizeof what, "1x%d %s rows %ld k %ld batch %ld algo %d threads %d col %zu B", block,
+      std::snprintf(what, sizeof what, "1x%d %s rows %ld k %ld batch %ld algo %#x threads %d col %zu B", block,
                     kDtName[dt], (long)rows, (long)k, (long)batch, algo, threads, sizeof(CT));
-      if (returned_ok(what, rc, algo == NMKERN_ALGO_AMX && !amx)) compare(what, dt, ref, y);
+      const bool refuse = (algo & ~NMKERN_FLAG_CHECK_FINITE) == NMKERN_ALGO_AMX && !amx;
+      if (returned_ok(what, rc, refuse)) compare(what, dt, ref, y);
     }
   }
+  check_nan_refused("1xn", dt, x, batch * rows, call);
 }
 
 }  // namespace
