@@ -168,13 +168,17 @@ _SECOND_RUNTIME = """
 import ctypes, shutil, sys, tempfile, torch
 from pathlib import Path
 torch.ones(64, 64) @ torch.ones(64, 64)  # torch's runtime is up
-(gomp,) = [p for p in __import__("nmkern._openmp").\
-    _openmp.openmp_runtimes() if Path(p).name.startswith("libgomp")]
+gomps = [p for p in __import__("nmkern._openmp")._openmp.openmp_runtimes() if Path(p).name.startswith("libgomp")]
+if len(gomps) != 1:
+    print("skip", gomps)
+    sys.exit(0)
 copy = Path(tempfile.mkdtemp()) / "libgomp-0123abcd.so.1"
+gomp = gomps[0]
 shutil.copy(gomp, copy)
 ctypes.CDLL(str(copy))  # a second runtime mapped, as scikit-learn's wheel maps one
 from nmkern import _cpu
 print(len(_cpu.openmp_runtimes()), _cpu.threading_mode())
+shutil.rmtree(copy.parent)  # mapped still: Linux keeps the file's pages until the process exits
 """
 
 
@@ -186,6 +190,8 @@ def test_a_second_openmp_runtime_mapped_does_not_split_the_teams():
     out = subprocess.run([sys.executable, "-c", _SECOND_RUNTIME], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("skip"):
+        pytest.skip(f"torch's OpenMP runtime is not one libgomp here: {out.stdout.strip()}")
     assert out.stdout.split() == ["2", "openmp"], out.stdout
 
 
