@@ -109,6 +109,13 @@ def test_it_follows_bias_state_and_dtype_changes(checked_calls):
         torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
         layer.bias.data = torch.full((24,), -1.0)  # new storage under the same Parameter: read per call
         torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
+        for bad in (torch.zeros(24, dtype=torch.float64), torch.zeros(3)):
+            layer.bias.data = bad  # under the Parameter: no __setattr__, the bound call must not read it blindly
+            with pytest.raises((TypeError, ValueError), match="bias"):
+                layer(x)
+        layer.bias.data = torch.arange(48.0)[::2]  # strided: the checked path copies it
+        torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias))
+        layer.bias = nn.Parameter(torch.full((24,), -1.0))
         layer.to(torch.bfloat16)
         xb = x.bfloat16()
         assert torch.equal(layer(xb), _checked(layer, xb)) and layer(xb).dtype == torch.bfloat16

@@ -227,7 +227,11 @@ class _PackedExecution:
                 self._check_input(x)  # raises the message naming the layer, shapes and dtypes
                 raise
         if self._fast_rows is not None and not _is_compiling():
-            y = self._rows_call(x)
+            try:
+                y = self._rows_call(x)
+            except (RuntimeError, TypeError):
+                self._check_input(x)  # as for _fast_dense
+                raise
             if y is not None:
                 return y
         self._check_input(x)

@@ -91,16 +91,19 @@ class SparseLinear(_SparseLayer):
 
     def _kernel_entry(self, layout):
         """The bound call of nmkern's CPU kernel on ``layout`` (:func:`~nmkern._cpu_layout.bound_kernel`). Steps aside
-        (None) for x not a contiguous CPU tensor of the layout's dtype, a strided bias, autograd through the call, a
-        layout no longer resident, or x holding a NaN / Inf (the kernel's own scan: the dense op's result then)."""
+        (None) for x not a contiguous CPU tensor of the layout's dtype, a bias that is not a contiguous CPU tensor of
+        that dtype and out_features elements, autograd through the call, a layout no longer resident, or x holding a
+        NaN / Inf (the kernel's own scan: the dense op's result then)."""
         run, k, out, dtype = bound_kernel(layout), self.in_features, self.out_features, layout.dtype
 
         def call(x: torch.Tensor):
             if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous() or self._cpu_cache is not layout:
                 return None
             bias = self.bias
-            if (bias is not None and not bias.is_contiguous()) or (torch.is_grad_enabled() and (
-                    x.requires_grad or (bias is not None and bias.requires_grad))):
+            if bias is not None and (bias.dtype is not dtype or not bias.is_cpu or not bias.is_contiguous()
+                                     or bias.numel() != out or (torch.is_grad_enabled() and bias.requires_grad)):
+                return None  # the C call reads bias as out values of x's dtype (bias.data may have been swapped)
+            if torch.is_grad_enabled() and x.requires_grad:
                 return None
             y = run(x.view(-1, k), bias)
             return None if y is None else y.view(*x.shape[:-1], out)
