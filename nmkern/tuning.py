@@ -63,6 +63,9 @@ ENV_CACHE_DIR = "NMKERN_CACHE_DIR"
 MIN_GAIN = 0.03
 MAX_BUCKET = 1 << 16
 CACHE_FORMAT = 1
+# What a sample times, in the cache file's fingerprint: winners timed another way are measured again. 2: a
+# linear's CPU kernel called as its bound calls run it (1 timed the checked op, ~20 us a call more).
+MEASUREMENT = 2
 # Timed calls per candidate path before a decision (their median decides), taken in blocks of BLOCK
 # consecutive calls of one path whose first call is not counted (see Trial).
 SAMPLES = 7
@@ -186,7 +189,7 @@ def _fingerprint(device: str) -> dict:
     else:
         machine.update(cpu=timing.cpu_name(), flags=timing.cpu_flags(), isa=timing._nmkern_cpu_isa(),
                        library=timing._nmkern_cpu_library())
-    return {"machine": machine, "torch": torch.__version__, "nmkern": __version__}
+    return {"machine": machine, "torch": torch.__version__, "nmkern": __version__, "measurement": MEASUREMENT}
 
 
 class DispatchCache:
@@ -554,7 +557,7 @@ def tune(model: torch.nn.Module, example_inputs, *, force: bool = False) -> Tune
     return TuneReport(rows, next(iter(sorted(files)), None))
 
 
-__all__ = ["CACHE_FORMAT", "CANDIDATES", "Decision", "DispatchCache", "ENV_CACHE_DIR", "ENV_TUNE", "MIN_GAIN",
+__all__ = ["CACHE_FORMAT", "CANDIDATES", "MEASUREMENT", "Decision", "DispatchCache", "ENV_CACHE_DIR", "ENV_TUNE", "MIN_GAIN",
            "BLOCK", "SAMPLES", "Source", "Trial", "TuneReport", "cache_dir", "cache_state", "candidates", "decide", "dispatch_cache", "enabled",
            "forget", "key_of", "lookup", "model_weight_bytes", "note_packed", "pick", "row_bucket",
            "tune", "working_set_bytes"]

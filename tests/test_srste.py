@@ -205,11 +205,14 @@ def test_srste_term_moves_pruned_weights_toward_zero():
 # ---- DistributedDataParallel on 2 gloo ranks ---------------------------------------------
 
 
-def _ddp_worker(rank: int, world: int, port: int, outdir: str):
+def _ddp_worker(rank: int, world: int, outdir: str):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file store in the run's own folder: a port picked free beforehand could be taken by another process before
+    # rank 0 bound it (this test failed once in a full local run, and passed alone).
+    store = os.path.join(outdir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model = _mlp(0)
         apply_srste(model, "2:4", lambda_w=0.01)
@@ -229,14 +232,6 @@ def _ddp_worker(rank: int, world: int, port: int, outdir: str):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_gloo_ranks_agree():
     import torch.multiprocessing as mp
 
@@ -244,7 +239,7 @@ def test_ddp_two_gloo_ranks_agree():
         # spawn, not fork: by this point of the suite the process runs threads (torch's OpenMP team, nmkern's CPU
         # kernel pool), and a forked rank could inherit a lock one of them held: it then waited on a futex for
         # ever (seen twice at 96% of CI, never alone). Re-importing torch/nmkern costs the workers ~10-30 s.
-        mp.start_processes(_ddp_worker, args=(2, _free_port(), d), nprocs=2, join=True, start_method="spawn")
+        mp.start_processes(_ddp_worker, args=(2, d), nprocs=2, join=True, start_method="spawn")
         r0, r1 = (torch.load(os.path.join(d, f"rank{r}.pt")) for r in (0, 1))
     initial = dict(_mlp(0).named_parameters())
     for k in r0["dense"]:

@@ -322,3 +322,13 @@ def test_a_real_measurement_picks_a_path_that_computes_the_layer(tmp_path, monke
         torch.testing.assert_close(sl(x), _reference(lin, x))
     finally:
         tuning.forget()
+
+
+def test_winners_timed_another_way_are_measured_again(tuned, monkeypatch):
+    """The fingerprint carries tuning.MEASUREMENT: a file written when samples timed something else (the checked
+    op, before bound calls) is another file, so its winners are not read."""
+    directory = tuning.cache_dir()
+    before = tuning.DispatchCache(directory, "cpu").path.name
+    assert tuning._fingerprint("cpu")["measurement"] == tuning.MEASUREMENT
+    monkeypatch.setattr(tuning, "MEASUREMENT", tuning.MEASUREMENT - 1)
+    assert tuning.DispatchCache(directory, "cpu").path.name != before
