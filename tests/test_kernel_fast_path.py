@@ -147,3 +147,26 @@ def test_both_paths_of_a_mixed_layer_are_bound(tuned, monkeypatch):
         assert torch.equal(layer(large), F.linear(large, layer._dense_cache, layer.bias))
     assert checks == []
     torch.testing.assert_close(layer(large), F.linear(large, w, layer.bias))
+
+
+def test_a_dropped_form_is_freed_not_kept_by_a_bound_call(tuned, monkeypatch):
+    """The measurement times the kernel through its bound call, then dense wins: the layer drops the layout, and
+    nothing bound keeps its memory (bench/memory_rss.py once held 1.6x the dense model's bytes that way)."""
+    import gc
+    import weakref
+
+    from nmkern import _cpu_layout
+    built = []
+    real = _cpu_layout.layout_from_nm_packed
+    monkeypatch.setattr(_cpu_layout, "layout_from_nm_packed",
+                        lambda *a: built.append(weakref.ref(out := real(*a))) or out)
+    layer, _ = _layer("2:4")
+    layer.backend = "auto"
+    tuned.set(dense=0.5e-3, cpu=1.0e-3)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        for _ in range(40):
+            layer(x)
+    assert layer._resident is nmkern.Backend.DENSE and layer._cpu_cache is None and built
+    gc.collect()
+    assert all(ref() is None for ref in built)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 
 import torch
 
@@ -272,8 +273,8 @@ class _PackedExecution:
         if not isinstance(layout, _cpu_layout.cpu.CpuLinear):
             return None
         made = self._entry_cache
-        if made is None or made[0] is not layout:
-            made = self.__dict__["_entry_cache"] = (layout, self._kernel_entry(layout))
+        if made is None or made[0]() is not layout:  # held weakly: a dropped layout is freed
+            made = self.__dict__["_entry_cache"] = (weakref.ref(layout), self._kernel_entry(layout))
         return made[1]
 
     def __setattr__(self, name: str, value) -> None:

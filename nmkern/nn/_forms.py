@@ -6,9 +6,9 @@ the decoded dense weight of the dense path. Holding all three cost 1.9x a dense 
 for eight 2048x2048 2:4 fp32 layers (bench/memory_rss.py). Under measured dispatch (:mod:`nmkern.tuning`
 on, the default) a packed layer on the CPU keeps one:
 
-* **the CPU layout**, when the row counts it has met cost less in all with it than with the dense weight
-  (``_form_by_cost``: one call per row count, each running the faster of the kernel and a decode plus dense;
-  before any is measured: when a path it takes, or its compile plan names, is the CPU kernel). The N:M
+* **the CPU layout**, when the kernel won at the row counts this layer has met, or at some of them without
+  costing more at the others (``_form_of_row_counts_met``; before any is measured: when a path it takes, or its
+  compile plan names, is the CPU kernel). The N:M
   ``packed_values`` and ``packed_indices`` are then not held (the layout is built slot for slot from
   them and gives them back exactly, so ``state_dict``, ``.to()``, pickling and ``layer.packed_values``
   regenerate them on demand; the indices stay where the held words carry bits the layout does not,
@@ -19,8 +19,8 @@ on, the default) a packed layer on the CPU keeps one:
   (:data:`DECODE_BLOCK_BYTES`): that costs the decode (2.6-3.7 ms for a 2048x2048 fp32 layer on a 2-core AMD
   EPYC) on those calls. ``NMKERN_DENSE_CACHE=1`` keeps the dense copy as well (faster dense calls, one
   more weight-sized form).
-* **the dense weight**, when every path it has taken is dense, or the kernel's wins are outweighed by its
-  losses at other row counts (those calls then run dense too): the packed values are not held; the
+* **the dense weight**, when dense won at every row count it has met, or the kernel's wins are outweighed (those
+  row counts then run dense too): the packed values are not held; the
   rest of the packed buffers (indices, BSR rows and columns) stay, and the values are gathered back
   from the dense weight when saved.
 * **the packed buffers**, otherwise (no decision yet, paths that read the buffers: reference, Triton,
@@ -33,6 +33,7 @@ answers reads of them.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -174,7 +175,7 @@ class _ResidentForms:
         if not (decided | planned) <= {Backend.CPU, Backend.DENSE} or self.dtype not in _cpu_layout.cpu.KERNEL_DTYPES:
             self._restore_evicted()  # a path that reads the packed buffers
             return
-        form = self._form_by_cost()
+        form = self._form_of_row_counts_met()
         if form is None:  # no row count measured on this layer yet: the paths taken, else the plan's
             form = (Backend.CPU if Backend.CPU in decided or (not decided and Backend.CPU in planned)
                     else Backend.DENSE if decided == {Backend.DENSE} else None)
@@ -189,34 +190,40 @@ class _ResidentForms:
             self.__dict__["_resident"] = Backend.DENSE
             release_free_memory()
 
-    def _form_by_cost(self) -> Backend | None:
-        """The form (CPU layout or dense weight) whose calls cost less in all, one call per row count this layer has
-        met with both paths measured (``_seen_medians``); None when there are none, or one lacks a median.
+    def _form_of_row_counts_met(self) -> Backend | None:
+        """The form the row counts this layer has met (``_seen_medians``, both paths measured) ask for; None when
+        there are none, or one lacks a median (then the paths taken and the plan decide).
 
-        Holding the CPU layout, a row count runs the faster of the kernel and the decode plus dense GEMM
-        (:meth:`_resident_path`); holding the dense weight, it runs dense. The layout is kept only when that saves at
-        least ``tuning.MIN_GAIN`` of the dense form's total. Why totals, not "the kernel won somewhere": MiniLM-L6's
-        384x384 bf16 layers on a 2-core Xeon (AMX) met 32 and 304 rows, where dense won (0.08 vs 0.19 ms, 0.18 vs
-        0.26 ms), while the pooler of the same shape had recorded a kernel win at 1 row; kept as layouts, every
-        layer paid the kernel, and the encoder ran at 1.63x dense at 1 sentence.
+        The dense weight where dense won at every one of them; the CPU layout where the kernel won at every one;
+        in between, the layout unless it costs more, row counts weighed alike: the geometric mean over them of
+        (what a call costs holding the layout) / dense must be below ``1 - tuning.MIN_GAIN``. Holding the layout,
+        a row count where dense won runs the faster of the kernel and a decode plus dense (:meth:`_resident_path`).
+        Why a mean of ratios, not of times: the issue's model (eight 2048x2048 fp32 layers at 1, 16 and 256 rows;
+        kernel 0.74 and 0.82 of dense, decode plus dense 1.32 at 256 rows) keeps the layout (0.93), where summed
+        times, ruled by the 256-row calls, kept dense weights (1.12x the dense model's memory against 0.68x);
+        MiniLM-L6's fp32 1:4 384x384 layers (0.92 at 32 rows, 1.14 at 304) keep dense weights, where the kernel's
+        one win kept the layout and the 8-sentence encoder ran at 1.09-1.11x dense.
+
+        Only this layer's own row counts count: MiniLM-L6's pooler (one row per sentence) recorded a kernel win
+        for 384x384 at 1 row, and every 384x384 bf16 layer once held the layout for it and ran the kernel at 32 and
+        304 rows, where dense had won (1.63x dense at 1 sentence).
         """
         seen = self.__dict__.get("_seen_medians")
         if not seen:
             return None
         pairs = [(m.get(Backend.CPU.value), m.get(Backend.DENSE.value)) for m in seen.values()]
-        if any(cpu is None or dense is None for cpu, dense in pairs):
+        if any(cpu is None or dense is None or not dense > 0 for cpu, dense in pairs):
             return None
-        dense_total = sum(dense for _, dense in pairs)
-        if all(cpu >= (1.0 - tuning.MIN_GAIN) * dense for cpu, dense in pairs):
-            return Backend.DENSE  # the kernel wins nowhere: no decode to time
-        if keep_dense_cache() or all(cpu <= dense for cpu, dense in pairs):
-            return Backend.CPU  # each row count runs its own winner (no dense call decodes)
+        wins = [cpu <= (1.0 - tuning.MIN_GAIN) * dense for cpu, dense in pairs]
+        if not any(wins) or all(wins):
+            return Backend.CPU if any(wins) else Backend.DENSE
         decode = self._decode_ms()
-        cpu_total = sum(min(cpu, dense + decode) for cpu, dense in pairs)
-        return Backend.CPU if cpu_total <= (1.0 - tuning.MIN_GAIN) * dense_total else Backend.DENSE
+        log_ratio = sum(math.log(min(cpu, dense + decode) / dense) for cpu, dense in pairs) / len(pairs)
+        return Backend.CPU if math.exp(log_ratio) <= 1.0 - tuning.MIN_GAIN else Backend.DENSE
 
     def _note_medians(self, rows: int, decision) -> None:
-        """Remember the medians ``decision`` was made on for ``rows`` (its row bucket), for :meth:`_form_by_cost`."""
+        """Remember the medians ``decision`` was made on for ``rows`` (its row bucket), for
+        :meth:`_form_of_row_counts_met`."""
         seen = self.__dict__.get("_seen_medians")
         if seen is None:
             seen = self.__dict__["_seen_medians"] = {}
@@ -281,7 +288,7 @@ class _ResidentForms:
         is below dense's plus the decode (a decode-sized batch: SmolLM2's 576x576 bf16 layers at 1 row measured
         the kernel slower than a kept dense weight, and far faster than decoding one per token)."""
         if decision.path is Backend.CPU and self.__dict__.get("_resident") is Backend.DENSE:
-            return Backend.DENSE  # _form_by_cost kept the dense weight: this row count's kernel win cost more elsewhere
+            return Backend.DENSE  # the kernel's wins were outweighed (_form_of_row_counts_met): this row count too
         if decision.path is not Backend.DENSE or not self.__dict__.get("_decoded_dense"):
             return decision.path
         cpu_ms, dense_ms = decision.medians_ms.get(Backend.CPU.value), decision.medians_ms.get(Backend.DENSE.value)

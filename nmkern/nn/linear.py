@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn as nn
@@ -95,9 +96,13 @@ class SparseLinear(_SparseLayer):
         that dtype and out_features elements, autograd through the call, a layout no longer resident, or x holding a
         NaN / Inf (the kernel's own scan: the dense op's result then)."""
         run, k, out, dtype = bound_kernel(layout), self.in_features, self.out_features, layout.dtype
+        layout_ref = weakref.ref(layout)  # a dropped layout is freed, not kept by this call
 
         def call(x: torch.Tensor):
-            if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous() or self._cpu_cache is not layout:
+            if x.dtype is not dtype or not x.is_cpu or not x.is_contiguous():
+                return None
+            held = layout_ref()
+            if held is None or self._cpu_cache is not held:  # run reads the layout's memory: only while it is held
                 return None
             bias = self.bias
             if bias is not None and (bias.dtype is not dtype or not bias.is_cpu or not bias.is_contiguous()
@@ -111,11 +116,14 @@ class SparseLinear(_SparseLayer):
 
     def _dense_entry(self, weight: torch.Tensor):
         """The bound dense call on the kept dense ``weight`` (steps aside for another dtype or device, or once the
-        weight is no longer kept)."""
+        weight is no longer kept: it holds the weight weakly, so a dropped dense weight is freed)."""
+        weight_ref, dtype = weakref.ref(weight), weight.dtype
+
         def call(x: torch.Tensor):
-            if x.dtype is not weight.dtype or not x.is_cpu or self._dense_cache is not weight:
+            held = weight_ref()
+            if x.dtype is not dtype or not x.is_cpu or held is None or self._dense_cache is not held:
                 return None
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, held, self.bias)
         return call
 
     def _dense_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
