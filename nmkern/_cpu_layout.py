@@ -119,8 +119,8 @@ def bound_kernel(layout: cpu.CpuLinear):
     Checks nothing: x2d must be a contiguous ``(B, in_features)`` CPU tensor of the layout's dtype with B >= 1,
     bias None or a contiguous ``(out_features,)`` tensor of that dtype (the caller checks both per call, with a
     few attribute reads), and ``layout`` alive: ``run`` holds the addresses of its tensors, not the tensors (a
-    layer that drops the layout must not keep its memory through a bound call). Returns ``(B, out_features)``, or None when x holds a NaN or an Inf (the kernel's own
-    scan: the caller runs the dense op). Why: the checked path (registered op implementation, ``nm_linear``)
+    layer that drops the layout must not keep its memory through a bound call). Returns ``(B, out_features)``, or
+    None when x holds a NaN or an Inf (the kernel's own scan: the caller runs the dense op). Why: the checked path (registered op implementation, ``nm_linear``)
     cost ~25 us per call above the C call (384x384 fp32 at 1 row on a 2-core Xeon: 33 us against 8 us), which
     MiniLM's and SmolLM2's small layers pay on every call.
     """
@@ -137,9 +137,8 @@ def bound_kernel(layout: cpu.CpuLinear):
     def run(x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         batch = x2d.shape[0]
         y = torch.empty(batch, out, dtype=dtype)
-        threads = 1 if macs * batch < cpu.SINGLE_THREAD_MACS else torch.get_num_threads()
-        rc = fn(x2d.data_ptr(), batch, k, *mid, None if bias is None else bias.data_ptr(), y.data_ptr(), threads,
-                flags)
+        rc = fn(x2d.data_ptr(), batch, k, *mid, None if bias is None else bias.data_ptr(), y.data_ptr(),
+                cpu._threads(macs * batch, None), flags)
         if rc:
             if rc == cpu.NONFINITE:
                 return None

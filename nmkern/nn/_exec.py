@@ -32,15 +32,6 @@ _is_compiling = torch.compiler.is_compiling
 _PLAN_ROWS = tuple(2 ** i for i in range(17))
 
 
-def _kernel_as_bound(layer, x: torch.Tensor) -> torch.Tensor:
-    """What a measurement of a linear's CPU path times: the kernel called as a bound layer calls it later (its
-    decision made: ``_bind_rows``), so the samples do not count the checks those calls skip (~20 us a call, 10%
-    of a 384x384 bf16 layer at 304 rows), else the checked path (autograd, a NaN in x)."""
-    entry = layer._kernel_entry_cached()
-    y = entry(x) if entry is not None else None
-    return y if y is not None else dispatch.callable_for(Backend.CPU, layer._op)(layer, x)
-
-
 def _onnx_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """A packed layer under ``torch.onnx.export(dynamo=True)`` (a trace, so never on the eager path)."""
     return layer._dense_op(x, layer._graph_weight())
@@ -120,9 +111,7 @@ class _PackedExecution:
             decision = tuning.decide(self, call)
             if isinstance(decision, tuning.Trial):  # measuring: this call takes a candidate, timed; nothing remembered
                 path = decision.next_path()
-                timed = (_kernel_as_bound if path is Backend.CPU and self._op is LayerOp.LINEAR
-                         else dispatch.measured_callable(path, self._op))
-                return path, functools.partial(decision.run, path, timed)
+                return path, functools.partial(decision.run, path, dispatch.measured_callable(path, self._op))
             path = decision.path
             if len(memo) >= _PATH_MEMO_SIZE:
                 memo.clear()
@@ -141,7 +130,8 @@ class _PackedExecution:
             self._path_cache[key] = hit
             if path is Backend.DENSE:
                 self._bind_fast_dense(x)
-            self._bind_rows(x, rows, path)
+            if self._fast_dense is None:  # bound for every row count already otherwise
+                self._bind_rows(x, rows, path)
         return hit
 
     def _paths_taken(self, device: str) -> tuple[set, set]:

@@ -106,9 +106,9 @@ class SparseLinear(_SparseLayer):
                 return None
             bias = self.bias
             if bias is not None and (bias.dtype is not dtype or not bias.is_cpu or not bias.is_contiguous()
-                                     or bias.numel() != out or (torch.is_grad_enabled() and bias.requires_grad)):
+                                     or bias.numel() != out):
                 return None  # the C call reads bias as out values of x's dtype (bias.data may have been swapped)
-            if torch.is_grad_enabled() and x.requires_grad:
+            if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
                 return None
             y = run(x.view(-1, k), bias)
             return None if y is None else y.view(*x.shape[:-1], out)
@@ -123,7 +123,7 @@ class SparseLinear(_SparseLayer):
             held = weight_ref()
             if x.dtype is not dtype or not x.is_cpu or held is None or self._dense_cache is not held:
                 return None
-            return F.linear(x, held, self.bias)
+            return self._dense_op(x, held)
         return call
 
     def _dense_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
