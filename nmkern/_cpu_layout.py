@@ -120,9 +120,9 @@ def bound_kernel(layout: cpu.CpuLinear):
     bias None or a contiguous ``(out_features,)`` tensor of that dtype (the caller checks both per call, with a
     few attribute reads), and ``layout`` alive: ``run`` holds the addresses of its tensors, not the tensors (a
     layer that drops the layout must not keep its memory through a bound call). Returns ``(B, out_features)``, or
-    None when x holds a NaN or an Inf (the kernel's own scan: the caller runs the dense op). Why: the checked path (registered op implementation, ``nm_linear``)
-    cost ~25 us per call above the C call (384x384 fp32 at 1 row on a 2-core Xeon: 33 us against 8 us), which
-    MiniLM's and SmolLM2's small layers pay on every call.
+    None when x holds a NaN or an Inf (the kernel's own scan: the caller runs the dense op). Why: the checked path
+    (registered op implementation, ``nm_linear``) cost ~25 us per call above the C call (384x384 fp32 at 1 row on
+    a 2-core Xeon: 33 us against 8 us), which MiniLM's and SmolLM2's small layers pay on every call.
     """
     lib, t = cpu._require("nmkern cpu sparse linear"), layout.tensors
     dtype, k, out, macs = layout.dtype, layout.in_features, layout.out_features, layout.kept_macs_per_row
