@@ -2,9 +2,7 @@
 
 The side-by-side for nmkern.prune_oneshot: the same SmolLM2-135M GGUF, the same 128 calibration windows
 of Twelfth Night (seed 0) and the same 16 Hamlet windows, each row in its own process. Run it in its
-own virtual environment (llmcompressor pulls its own transformers and compressed-tensors), from a
-folder outside this repository (its ``kernels/`` folder would shadow the ``kernels`` package
-transformers imports):
+own virtual environment (llmcompressor pulls its own transformers and compressed-tensors):
 
     python -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 && \\
         /tmp/llmc/bin/pip install llmcompressor==0.14.0.1 gguf && \\

@@ -19,7 +19,7 @@ import pytest
 from nmkern.aot import parse_resource_usage
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_DIR = REPO / "kernels"
+KERNEL_DIR = REPO / "nmkern" / "kernels"
 
 
 def _env(interpret: bool) -> dict:
@@ -31,7 +31,7 @@ def _env(interpret: bool) -> dict:
 
 
 def kernel_files_with_specs() -> list[str]:
-    """Module names of kernels/*.py that assign AOT_SPECS (read from the source, not imported)."""
+    """Module names of nmkern/kernels/*.py that assign AOT_SPECS (read from the source, not imported)."""
     names = []
     for path in sorted(KERNEL_DIR.glob("*.py")):
         tree = ast.parse(path.read_text())
@@ -61,7 +61,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     assert {"nm_mask", "compress_24", "decompress_24", "pack_nm", "unpack_nm", "block_1xn"} <= set(modules)
     for module in modules:
         names = spec_names(module)
-        assert names, f"kernels/{module}.py has an empty AOT_SPECS"
+        assert names, f"nmkern/kernels/{module}.py has an empty AOT_SPECS"
         for name in names:
             for arch in (80, 90):
                 assert (module, name, arch) in compiled, f"{module}:{name} missing or failing for sm_{arch}"

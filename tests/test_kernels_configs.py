@@ -1,5 +1,5 @@
 """Kernel configurations as data: each kernel file's ``*_configs()`` feeds its launcher,
-its AOT_SPECS and the optional ``triton.autotune`` wrapper (kernels/_configs.py).
+its AOT_SPECS and the optional ``triton.autotune`` wrapper (nmkern/kernels/_configs.py).
 
 Pure Python except the last test, which runs nm_linear through the autotune path (on the
 CPU under TRITON_INTERPRET=1 with a stand-in benchmarker, or on a GPU).

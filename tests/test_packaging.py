@@ -24,8 +24,8 @@ def test_wheel_contains_kernels_package(tmp_path):
     assert proc.returncode == 0, proc.stderr
     wheel = next(tmp_path.glob("nmkern-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    kernel_files = sorted(p.name for p in (ROOT / "kernels").glob("*.py"))
-    assert kernel_files, "kernels/ is empty"
+    kernel_files = sorted(p.name for p in (ROOT / "nmkern" / "kernels").glob("*.py"))
+    assert kernel_files, "nmkern/kernels/ is empty"
     for name in kernel_files:
         assert f"nmkern/kernels/{name}" in names
     # every module of every subpackage (nmkern/nn/, methods/, cli/, reference/ ...): pyproject lists packages by hand
@@ -44,3 +44,15 @@ def test_build_requirements_exclude_torch():
     from packaging.requirements import Requirement
 
     assert Requirement(torch_req).specifier.contains("2.13.0")
+
+
+def test_no_top_level_folder_of_the_checkout_shadows_another_package():
+    """`python -m pytest` and `python -c` from the checkout put its root first on sys.path, so a top-level
+    folder named like an installed package hides it: a top-level `kernels/` hid Hugging Face's `kernels`,
+    which transformers 5.25 requires, and every transformers test failed on import."""
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()
+    folders = [p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "nmkern"]
+    shadowing = sorted(f for f in folders if (ROOT / f / "__init__.py").exists() or f in installed)
+    assert not shadowing, f"top-level folders {shadowing} shadow packages of the same name; move them into nmkern/"

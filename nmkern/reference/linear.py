@@ -1,7 +1,7 @@
 """Reference sparse linear and conv over packed weights: decompress, then the dense op.
 
-These are the semantics the Triton kernels (``kernels/nm_linear.py``,
-``kernels/bsr_linear.py``, ``kernels/sparse_conv2d.py``) must reproduce; tests and
+These are the semantics the Triton kernels (``nmkern/kernels/nm_linear.py``,
+``nmkern/kernels/bsr_linear.py``, ``nmkern/kernels/sparse_conv2d.py``) must reproduce; tests and
 benchmarks import them. No input checks (the public ops validate first).
 
 Weight layouts:
