@@ -72,13 +72,13 @@ class Algo(enum.IntEnum):
     AUTO = 0
     SMALL_BATCH = 1
     LARGE_BATCH = 2
-    AMX = 3  # bf16 2:4 / 1:4 with K % 32 == 0 on AMX-BF16 tiles (see amx_available())
+    AMX = 3  # bf16 / fp16 2:4 / 1:4 with K % 32 == 0 on AMX-BF16 tiles (fp16 as bf16 hi + lo; amx_available())
 
 
 # NMKERN_FLAG_CHECK_FINITE (OR'ed into algo) and the status it returns when x holds a NaN or an Inf.
 CHECK_FINITE, NONFINITE = 0x100, 4
 _ERRORS = {1: "invalid argument", 2: "out of memory", NONFINITE: "x holds a NaN or an Inf",
-           3: "Algo.AMX needs bf16, m = 4 with n <= 2, in_features % 32 == 0 and a CPU with AMX-BF16 "
+           3: "Algo.AMX needs bf16 or fp16, m = 4 with n <= 2, in_features % 32 == 0 and a CPU with AMX-BF16 "
               "(nmkern._cpu.amx_available())"}
 # Below this many multiply-adds per call the kernel runs on one thread: ~0.1 ms of
 # single-core work, less than an OpenMP wake-up on a busy 2-core machine
@@ -215,15 +215,16 @@ def library_id() -> str | None:
 
 
 def amx_available() -> bool:
-    """True when the loaded library can run bf16 N:M on AMX tiles (Algo.AMX): the CPU has AMX-BF16 and
+    """True when the loaded library can run bf16 / fp16 N:M on AMX tiles (Algo.AMX): the CPU has AMX-BF16 and
     Linux granted this process the tile state. Never raises."""
     return available() and bool(_state["lib"].nmkern_cpu_supports_amx_bf16())
 
 
 def amx_runs(kind, n: int, m: int, in_features: int, dtype: torch.dtype) -> bool:
-    """True where ``Algo.AMX`` (and AUTO from 8 rows) runs this layer: bf16 N:M with m = 4, n <= 2 and
-    ``in_features % 32 == 0`` (csrc/cpu/nm_linear_amx.cpp), on a CPU with AMX-BF16."""
-    return (kind is Pattern.NM and dtype == torch.bfloat16 and m == 4 and n in (1, 2) and in_features % 32 == 0
+    """True where ``Algo.AMX`` (and AUTO from 8 rows) runs this layer: bf16 or fp16 N:M with m = 4, n <= 2 and
+    ``in_features % 32 == 0`` (csrc/cpu/nm_linear_amx.cpp; fp16 as exact bf16 hi + lo parts), on a CPU with
+    AMX-BF16."""
+    return (kind is Pattern.NM and dtype in (torch.bfloat16, torch.float16) and m == 4 and n in (1, 2) and in_features % 32 == 0
             and amx_available())
 
 

@@ -4,6 +4,7 @@ the crossovers measured on the CI machines, per pattern class, batch and dtype."
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 
@@ -36,8 +37,10 @@ LARGE_WEIGHTS = 1 << 22
 HALF_MAX_ROWS = 8
 # bf16 2:4 / 1:4 on the AMX kernel (amx_runs) at 4096x4096, same machine, 2 threads: bench/cpu_half_ratio.py
 # at 16 rows 0.73 / 0.52 (warm), at 256 rows 1.11 / 1.01; a side-by-side run at 8-64 rows 0.67-0.82 / 0.50-0.58:
-# at most this many rows (above, dense and the kernel do the same tile work).
-AMX_MAX_ROWS = 64
+# at most this many rows (above, dense and the kernel do the same tile work). fp16 on the AMX kernel has
+# no such limit: dense fp16 runs on AVX512-FP16 FMAs, and the kernel's three bf16 tile products per fp16
+# product still beat it (side by side, 2:4 / 1:4: 0.49 / 0.33 at 16 rows, 0.35 / 0.28 at 64, 0.53 / 0.54 at 256).
+AMX_MAX_ROWS = {torch.bfloat16: 64, torch.float16: math.inf}
 # Below ~256K weights a dense GEMV takes a few microseconds and the ctypes call plus
 # packing of x costs about as much: stay dense.
 MIN_WEIGHTS = 1 << 18
@@ -51,7 +54,7 @@ def cpu_beats_dense(kind, n: int, m: int, block: int, sparsity: float, batch: in
     ``in_features`` is K (``I*kh*kw`` for a conv). Conservative: False for anything
     the table above does not cover, for the portable (non-SIMD) library, for a ``dtype``
     the kernels do not take, and when the library is unavailable; bf16 / fp16 stop at
-    ``HALF_MAX_ROWS`` rows.
+    ``HALF_MAX_ROWS`` rows, except on the AMX kernel (bf16 up to ``AMX_MAX_ROWS``, fp16 at any batch).
     """
     kind = pattern_in(kind.value if isinstance(kind, enum.Enum) else str(kind), _cpu._KINDS)
     if kind is None:
@@ -61,7 +64,7 @@ def cpu_beats_dense(kind, n: int, m: int, block: int, sparsity: float, batch: in
     if batch < 1 or out_features * in_features < MIN_WEIGHTS or dtype not in _cpu.KERNEL_DTYPES:
         return False
     if dtype != torch.float32 and batch > HALF_MAX_ROWS:
-        return batch <= AMX_MAX_ROWS and out_features * in_features >= LARGE_WEIGHTS and _cpu.amx_runs(
+        return batch <= AMX_MAX_ROWS[dtype] and out_features * in_features >= LARGE_WEIGHTS and _cpu.amx_runs(
             kind, n, m, in_features, dtype)
     if kind is Pattern.NM:
         if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m <= 16):

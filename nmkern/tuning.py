@@ -64,8 +64,9 @@ MIN_GAIN = 0.03
 MAX_BUCKET = 1 << 16
 CACHE_FORMAT = 1
 # What a sample times, in the cache file's fingerprint: winners timed another way are measured again. 2: a
-# linear's CPU kernel called as its bound calls run it (1 timed the checked op, ~20 us a call more).
-MEASUREMENT = 2
+# linear's CPU kernel called as its bound calls run it (1 timed the checked op, ~20 us a call more). 3: fp16
+# 2:4 / 1:4 from 8 rows on the AMX kernel (dense won those rows against the FMA kernels).
+MEASUREMENT = 3
 # Timed calls per candidate path before a decision (their median decides), taken in blocks of BLOCK
 # consecutive calls of one path whose first call is not counted (see Trial).
 SAMPLES = 7

@@ -66,3 +66,5 @@ def test_kernels_clean_under_asan(isa, tmp_path):
     assert "AddressSanitizer" not in run.stderr and "LeakSanitizer" not in run.stderr, report
     assert run.returncode == 0, report
     assert f"isa {isa}" in run.stdout and "OK (0 failures)" in run.stdout, report
+    if isa == "avx512" and _cpu_has("amx_tile", "amx_bf16"):
+        assert "amx 1" in run.stdout, report  # the bf16 and fp16 AMX paths ran, not only their refusals

@@ -198,12 +198,13 @@ def test_cpu_beats_dense_half_decode_only():
     beats = _cpu.cpu_beats_dense
     for dtype in HALF:
         assert beats("nm", 2, 4, 0, 0.5, 1, 4096, 4096, dtype) and beats("1xn", 0, 0, 8, 0.75, 8, 4096, 4096, dtype)
-        # Past 8 rows only the AMX kernel beat dense (bf16 2:4 / 1:4); the FMA kernels measured slower.
-        amx = dtype == torch.bfloat16 and _cpu.amx_available()
+        # Past 8 rows only the AMX kernel beat dense (2:4 / 1:4); the FMA kernels measured slower.
+        amx = _cpu.amx_available()
         assert beats("nm", 1, 4, 0, 0.75, 16, 4096, 4096, dtype) == amx
         assert not beats("nm", 1, 4, 0, 0.75, 16, 4096, 4096 + 4, dtype)  # K % 32 != 0: no AMX kernel
-        assert not beats("nm", 2, 8, 0, 0.75, 16, 4096, 4096, dtype) and not beats("nm", 2, 4, 0, 0.5, 256, 4096,
-                                                                                  4096, dtype)
+        assert not beats("nm", 2, 8, 0, 0.75, 16, 4096, 4096, dtype)
+        # At 256 rows bf16 dense runs on AMX too and wins; fp16 dense runs on FMAs and the AMX kernel wins.
+        assert beats("nm", 2, 4, 0, 0.5, 256, 4096, 4096, dtype) == (amx and dtype == torch.float16)
     assert beats("nm", 1, 4, 0, 0.75, 16, 4096, 4096)  # fp32 (the default) unchanged
     assert not beats("nm", 2, 4, 0, 0.5, 1, 4096, 4096, torch.float64)
 
@@ -254,17 +255,18 @@ AMX_SHAPES = [(8, 32), (13, 96), (24, 64), (37, 1024), (300, 1024)]  # 300: seve
 
 
 @pytest.mark.skipif(not _cpu.amx_available(), reason="this CPU (or OS) has no AMX-BF16")
+@pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("out_f,in_f", AMX_SHAPES)
-def test_amx_kernel_matches_reference(n, out_f, in_f):
+def test_amx_kernel_matches_reference(dtype, n, out_f, in_f):
     # Batches below one 16-row tile, ragged 16-row blocks, the fused path (<= 64 rows) and the strip path.
     g = torch.Generator().manual_seed(out_f + in_f + n)
-    w = nmkern.apply_nm(torch.randn(out_f, in_f, generator=g), n, 4).to(torch.bfloat16)
+    w = nmkern.apply_nm(torch.randn(out_f, in_f, generator=g), n, 4).to(dtype)
     layer = _cpu.prepare_cpu_linear(w, "nm", n, 4)
     assert _cpu.Algo.AMX in layer.algos
     for batch in (1, 7, 16, 17, 64, 65, 130):
         for threads in (1, 2):
-            x, b = _data(g, out_f, in_f, batch, torch.bfloat16, batch % 2 == 1)
+            x, b = _data(g, out_f, in_f, batch, dtype, batch % 2 == 1)
             ref32 = F.linear(x.float(), w.float(), None if b is None else b.float())
             err_torch = (F.linear(x, w, b).float() - ref32).abs().max().item()
             y = layer(x, b, algo=_cpu.Algo.AMX, num_threads=threads)
@@ -275,7 +277,7 @@ def test_amx_kernel_matches_reference(n, out_f, in_f):
 
 def test_amx_refusal_names_what_it_needs():
     g = torch.Generator().manual_seed(5)
-    cases = [(torch.float16, 2, 4, 64), (torch.bfloat16, 2, 8, 64), (torch.bfloat16, 3, 4, 64),
+    cases = [(torch.float16, 2, 8, 64), (torch.bfloat16, 2, 8, 64), (torch.bfloat16, 3, 4, 64),
              (torch.bfloat16, 2, 4, 48), (torch.float32, 2, 4, 64)]
     if not _cpu.amx_available():
         cases.append((torch.bfloat16, 2, 4, 64))
@@ -283,5 +285,5 @@ def test_amx_refusal_names_what_it_needs():
         layer = _cpu.prepare_cpu_linear(nmkern.apply_nm(torch.randn(16, in_f, generator=g), n, m).to(dtype), "nm",
                                         n, m)
         assert _cpu.Algo.AMX not in layer.algos
-        with pytest.raises(RuntimeError, match=r"Algo.AMX needs bf16, m = 4 with n <= 2, in_features % 32 == 0"):
+        with pytest.raises(RuntimeError, match=r"Algo.AMX needs bf16 or fp16, m = 4 with n <= 2, in_features % 32 == 0"):
             layer(torch.randn(2, in_f).to(dtype), algo=_cpu.Algo.AMX)

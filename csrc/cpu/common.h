@@ -54,12 +54,12 @@ struct WidenedRows {
   }
 };
 
-// nm_linear_amx.cpp: the bf16 AMX kernel (NMKERN_EUNSUPPORTED without AMX in this library).
+// nm_linear_amx.cpp: the AMX kernel, bf16 or (f16) fp16 split into bf16 planes (NMKERN_EUNSUPPORTED
+// without AMX in this library).
 bool amx_bf16_usable();
 bool amx_nm_shape_supported(int64_t k, int n, int m);
-int nm_linear_bf16_amx(const uint16_t* x, int64_t batch, int64_t k, const uint16_t* values,
-                       const uint8_t* index_bytes, int64_t out_features, int n, const uint16_t* bias, uint16_t* y,
-                       int nthreads);
+int nm_linear_amx(const uint16_t* x, int64_t batch, int64_t k, const uint16_t* values, const uint8_t* index_bytes,
+                  int64_t out_features, int n, bool f16, const uint16_t* bias, uint16_t* y, int nthreads);
 
 inline int resolve_threads(int nthreads) { return nthreads > 0 ? nthreads : omp_get_max_threads(); }
 

@@ -390,8 +390,9 @@ int nm_large(const NMArgs<E>& a) {
 namespace nmkern {
 namespace {
 
-// AUTO runs the AMX kernel from this many rows (bf16, where it is usable): at 4096x4096 on a 2-thread
-// Xeon it beats the FMA kernels from 8 rows (2:4 0.67 vs 1.33x dense, 1:4 0.51 vs 0.79x); at 4 rows 1:4 loses.
+// AUTO runs the AMX kernel from this many rows (bf16 or fp16, where it is usable): at 4096x4096 on a 2-thread
+// Xeon bf16 beats the FMA kernels from 8 rows (2:4 0.67 vs 1.33x dense, 1:4 0.51 vs 0.79x; at 4 rows 1:4 loses);
+// fp16 ties them at 8 rows (2:4 0.57 both, 1:4 0.40 vs 0.36x) and wins from 16 (0.49 vs 1.12x, 0.33 vs 0.75x).
 constexpr int64_t kAmxMinBatch = 8;
 
 template <class E>
@@ -404,11 +405,12 @@ int nm_linear_run(const typename E::T* x, int64_t batch, int64_t k, const typena
   algo &= ~NMKERN_FLAG_CHECK_FINITE;
   if (algo < NMKERN_ALGO_AUTO || algo > NMKERN_ALGO_AMX) return NMKERN_EBADARG;
   if (check_finite && !all_finite<E>(x, batch * k)) return NMKERN_ENONFINITE;
-  if constexpr (std::is_same_v<E, BF16>) {
+  if constexpr (!E::kIsF32) {
     const bool amx = amx_nm_shape_supported(k, n, m) && amx_bf16_usable();
     if (algo == NMKERN_ALGO_AMX && !amx) return NMKERN_EUNSUPPORTED;
     if (algo == NMKERN_ALGO_AMX || (algo == NMKERN_ALGO_AUTO && amx && batch >= kAmxMinBatch))
-      return nm_linear_bf16_amx(x, batch, k, values, index_bytes, out_features, n, bias, y, resolve_threads(nthreads));
+      return nm_linear_amx(x, batch, k, values, index_bytes, out_features, n, std::is_same_v<E, F16>, bias, y,
+                           resolve_threads(nthreads));
   } else if (algo == NMKERN_ALGO_AMX) {
     return NMKERN_EUNSUPPORTED;
   }

@@ -213,8 +213,8 @@ void run_nm(Dt dt, int n, int m, int64_t rows, int64_t k, int64_t batch, bool wi
       return nmkern_nm_decode(bytes == 4 ? static_cast<const void*>(ev32.p) : ev16.p, ei.p, bytes, rows, k, n, m, r0,
                               rows, out, threads);
     });
-  // NMKERN_ALGO_AMX runs bf16 2:4 / 1:4 with K % 32 == 0 where the CPU has AMX, and must refuse the rest.
-  const bool amx = dt == kBF16 && m == 4 && n <= 2 && k % 32 == 0 && nmkern_cpu_supports_amx_bf16();
+  // NMKERN_ALGO_AMX runs bf16 / fp16 2:4 / 1:4 with K % 32 == 0 where the CPU has AMX, and must refuse the rest.
+  const bool amx = dt != kF32 && m == 4 && n <= 2 && k % 32 == 0 && nmkern_cpu_supports_amx_bf16();
   auto call = [&](const std::vector<float>& xs, std::vector<float>& y, int threads, int algo) {
     return run_in(dt, xs, values, bias, with_bias, y, [&](auto* xp, auto* vp, auto* bp, auto* yp) {
       if constexpr (std::is_same_v<std::remove_const_t<std::remove_pointer_t<decltype(xp)>>, float>)
