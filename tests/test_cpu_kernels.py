@@ -92,6 +92,21 @@ def test_1xn_linear_matches_reference(isa, block, out_f, in_f, batch, sparsity, 
         _check_linear(layer, w, x, bias, algo)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_large_batch_kernel_every_panel_tail_and_output_stride(isa, n):
+    """The large-batch N:M kernel's panel tails (16, 32 and 48 columns run the zmm tile with the 2-bit index
+    offsets known at compile time, other widths the ymm one) and outputs whose rows lie a multiple of 4 KiB
+    apart (1024 fp32: y's stores go column by column), against F.linear."""
+    g = torch.Generator().manual_seed(40 + n)
+    for out_f, in_f in ((1024, 64), (1029, 96)):
+        w = nmkern.apply_nm(torch.randn(out_f, in_f, generator=g), n, 4)
+        layer = _cpu.prepare_cpu_linear(w, "nm", n, 4)
+        bias = torch.randn(out_f, generator=g)
+        for batch in (9, 16, 24, 32, 48, 64, 80, 96, 113):
+            _check_linear(layer, w, torch.randn(batch, in_f, generator=g), bias if batch % 2 else None,
+                          _cpu.Algo.LARGE_BATCH)
+
+
 def test_1xn_all_zero_and_empty_batch(isa):
     w = torch.zeros(8, 12)
     layer = _cpu.prepare_cpu_linear(w, "1xn", block=4)
