@@ -294,6 +294,8 @@ inline void nm_large_rows_zmm(const float* __restrict panel, const float* __rest
         const float* xr;
         if constexpr (BITS > 0 && kLog2 > 0)
           xr = offset_by<kLog2>(xg, candidate_offset<BITS, kLog2>(word, r));
+        else if constexpr (BITS > 0)
+          xr = xg + ((word >> (r * BITS)) & ((1u << BITS) - 1u)) * W;
         else
           xr = xg + ((word >> (r * bits)) & mask) * W;
         const __m512 wb = _mm512_set1_ps(wj[r]);

@@ -7,7 +7,7 @@ for eight 2048x2048 2:4 fp32 layers (bench/memory_rss.py). Under measured dispat
 on, the default) a packed layer on the CPU keeps one:
 
 * **the CPU layout**, when the kernel won at the row counts this layer has met, or at some of them without
-  costing more at the others (``_form_of_row_counts_met``; before any is measured: when a path it takes, or its
+  costing more than 3% at any other (``_form_of_row_counts_met``; before any is measured: when a path it takes, or its
   compile plan names, is the CPU kernel). The N:M
   ``packed_values`` and ``packed_indices`` are then not held (the layout is built slot for slot from
   them and gives them back exactly, so ``state_dict``, ``.to()``, pickling and ``layer.packed_values``
@@ -195,14 +195,18 @@ class _ResidentForms:
         there are none, or one lacks a median (then the paths taken and the plan decide).
 
         The dense weight where dense won at every one of them; the CPU layout where the kernel won at every one;
-        in between, the layout unless it costs more, row counts weighed alike: the geometric mean over them of
-        (what a call costs holding the layout) / dense must be below ``1 - tuning.MIN_GAIN``. Holding the layout,
-        a row count where dense won runs the faster of the kernel and a decode plus dense (:meth:`_resident_path`).
-        Why a mean of ratios, not of times: the issue's model (eight 2048x2048 fp32 layers at 1, 16 and 256 rows;
-        kernel 0.74 and 0.82 of dense, decode plus dense 1.32 at 256 rows) keeps the layout (0.93), where summed
-        times, ruled by the 256-row calls, kept dense weights (1.12x the dense model's memory against 0.68x);
-        MiniLM-L6's fp32 1:4 384x384 layers (0.92 at 32 rows, 1.14 at 304) keep dense weights, where the kernel's
-        one win kept the layout and the 8-sentence encoder ran at 1.09-1.11x dense.
+        in between, the layout only if it makes no row count met slower than dense beyond the margin (each
+        (what a call costs holding the layout) / dense at most ``1 + tuning.MIN_GAIN``) and gains overall, row
+        counts weighed alike (the geometric mean of those ratios below ``1 - tuning.MIN_GAIN``). Holding the
+        layout, a row count where dense won runs the faster of the kernel and a decode plus dense
+        (:meth:`_resident_path`).
+        Why the cap: how often each row count comes is unknown here, and the mean alone let a win at one row count
+        pay for a loss at another that came far more often. Once the large-batch kernel won at 32 and 64 rows,
+        SmolLM2's fp32 2:4 layers that won at the 64-row prefill held the layout and lost at each of the 63
+        one-row decode steps (generation 1.13x dense), and MiniLM-L6's 2:4 layers that won at 1 sentence lost
+        at 8 (1.12x dense). The price is memory where a layer loses at some row count: the issue's model (eight
+        2048x2048 fp32 layers at 1, 16 and 256 rows; the kernel 1.13x dense at 256) now keeps dense weights.
+        MiniLM-L6's fp32 1:4 384x384 layers (0.92 at 32 rows, 1.14 at 304) kept dense weights under the mean too.
 
         Only this layer's own row counts count: MiniLM-L6's pooler (one row per sentence) recorded a kernel win
         for 384x384 at 1 row, and every 384x384 bf16 layer once held the layout for it and ran the kernel at 32 and
@@ -217,8 +221,11 @@ class _ResidentForms:
         wins = [cpu <= (1.0 - tuning.MIN_GAIN) * dense for cpu, dense in pairs]
         if not any(wins) or all(wins):
             return Backend.CPU if any(wins) else Backend.DENSE
-        decode = self._decode_ms()
-        log_ratio = sum(math.log(min(cpu, dense + decode) / dense) for cpu, dense in pairs) / len(pairs)
+        decode = 0.0 if keep_dense_cache() else self._decode_ms()  # NMKERN_DENSE_CACHE=1: the dense copy stays too
+        ratios = [min(cpu, dense + decode) / dense for cpu, dense in pairs]
+        if max(ratios) > 1.0 + tuning.MIN_GAIN:
+            return Backend.DENSE
+        log_ratio = sum(math.log(r) for r in ratios) / len(ratios)
         return Backend.CPU if math.exp(log_ratio) <= 1.0 - tuning.MIN_GAIN else Backend.DENSE
 
     def _note_medians(self, rows: int, decision) -> None:
