@@ -224,8 +224,8 @@ def amx_runs(kind, n: int, m: int, in_features: int, dtype: torch.dtype) -> bool
     """True where ``Algo.AMX`` (and AUTO from 8 rows) runs this layer: bf16 or fp16 N:M with m = 4, n <= 2 and
     ``in_features % 32 == 0`` (csrc/cpu/nm_linear_amx.cpp; fp16 as exact bf16 hi + lo parts), on a CPU with
     AMX-BF16."""
-    return (kind is Pattern.NM and dtype in (torch.bfloat16, torch.float16) and m == 4 and n in (1, 2) and in_features % 32 == 0
-            and amx_available())
+    return (kind is Pattern.NM and dtype in (torch.bfloat16, torch.float16) and m == 4 and n in (1, 2)
+            and in_features % 32 == 0 and amx_available())
 
 
 def _require(op: str):

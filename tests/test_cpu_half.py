@@ -285,5 +285,6 @@ def test_amx_refusal_names_what_it_needs():
         layer = _cpu.prepare_cpu_linear(nmkern.apply_nm(torch.randn(16, in_f, generator=g), n, m).to(dtype), "nm",
                                         n, m)
         assert _cpu.Algo.AMX not in layer.algos
-        with pytest.raises(RuntimeError, match=r"Algo.AMX needs bf16 or fp16, m = 4 with n <= 2, in_features % 32 == 0"):
+        with pytest.raises(RuntimeError,
+                           match=r"Algo.AMX needs bf16 or fp16, m = 4 with n <= 2, in_features % 32 == 0"):
             layer(torch.randn(2, in_f).to(dtype), algo=_cpu.Algo.AMX)

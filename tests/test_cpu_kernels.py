@@ -94,8 +94,8 @@ def test_1xn_linear_matches_reference(isa, block, out_f, in_f, batch, sparsity, 
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_large_batch_kernel_every_panel_tail_and_output_stride(isa, n):
-    """The large-batch N:M kernel's panel tails (16, 32 and 48 columns run the zmm tile with the 2-bit index
-    offsets known at compile time, other widths the ymm one) and outputs whose rows lie a multiple of 4 KiB
+    """The large-batch N:M kernel's panel tails (16, 32 and 48 columns run the zmm tile with the index bit width
+    known at compile time, other widths the ymm one) and outputs whose rows lie a multiple of 4 KiB
     apart (1024 fp32: y's stores go column by column), against F.linear."""
     g = torch.Generator().manual_seed(40 + n)
     for out_f, in_f in ((1024, 64), (1029, 96)):

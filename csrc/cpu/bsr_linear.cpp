@@ -211,13 +211,13 @@ int bsr_large(const BSRArgs<E, CT>& a) {
             bsr_large_rows_v<2>(panel, bv0, a.col + b0, count, N, r0, rg, out);
           else
             bsr_large_rows_v<1>(panel, bv0, a.col + b0, count, N, r0, rg, out);
-          // Column by column, so each y line is written once (see store_tile in nm_linear.cpp: row by row,
-          // stores O floats apart share L1 sets when O * 4 is a multiple of 4 KiB).
-          const int64_t row0 = br * N + r0;
-          float bv[4] = {};
-          for (int r = 0; r < rg; ++r) bv[r] = a.bias ? E::to_f32(a.bias[row0 + r]) : 0.0f;
-          for (int64_t c = 0; c < width; ++c)
-            for (int r = 0; r < rg; ++r) a.y[(c0 + c) * a.out_features + row0 + r] = E::from_f32(out[r * W + c] + bv[r]);
+          // Column by column, as nm_large (nm_linear.cpp) and for the same reason: row by row, stores O floats
+          // apart share L1 sets when O * 4 is a multiple of 4 KiB.
+          for (int64_t c = 0; c < width; ++c) {
+            float column[4];
+            for (int r = 0; r < rg; ++r) column[r] = out[r * W + c];
+            store_rows(a, c0 + c, br * N + r0, column, rg);
+          }
         }
       }
     }

@@ -216,22 +216,6 @@ int nm_small_dispatch(const NMArgs<E>& a) {
 // and one broadcast over 6 FMAs; batch tails use 4 rows x <= 3 vectors.
 constexpr int kPanelNM = 48;
 
-// Byte offset of a kept weight's x row within its group's panel rows: its in-group index (BITS bits at bit
-// BITS * r of word) times the panel row size, 2^LOG2 bytes. With both known at compile time and r unrolled
-// this is one shift and one and; with a runtime bit width the compiler emitted ~7 scalar uops per kept
-// weight (shifts by cl, k-register moves), which the two FMAs sharing their ports waited on: 32 rows,
-// 1 thread, 2:4 fp32 384x1536 1.67 -> 1.51 cycles per 16-wide FMA, 384x384 2.3 -> 1.8.
-template <int BITS, int LOG2>
-inline uint32_t candidate_offset(uint32_t word, int r) {
-  constexpr uint32_t kMask = ((1u << BITS) - 1u) << LOG2;
-  const int shift = LOG2 - r * BITS;
-  return (shift >= 0 ? word << shift : word >> -shift) & kMask;
-}
-
-inline const float* offset_by(const float* base, uint32_t bytes) {
-  return reinterpret_cast<const float*>(reinterpret_cast<const char*>(base) + bytes);
-}
-
 // R rows (lanes lane0 .. lane0+R-1) of one tile, groups [g0, g1), V vectors of
 // batch. NT: n at compile time (0 = runtime n_rt).
 template <int V, int NT, int R>
@@ -270,13 +254,15 @@ inline void nm_large_rows(const float* __restrict panel, const float* __restrict
 // decode and one 64-byte x load per FMA serve 16 batch columns instead of 8. Measured at
 // 4096x4096 batch 256, 1 thread, min of 7 (Xeon, shared machine), avx2 vs avx512 library:
 // bf16 2:4 194 -> 126 ms, 1:4 79 -> 62 ms; fp32 2:4 220 -> 146 ms, 1:4 110 -> 80 ms.
+// BITS: the index bit width at compile time (0 = runtime bits_rt). With a runtime width GCC emitted ~7 scalar
+// uops per kept weight (shifts by cl, k-register moves) that the FMAs waited on: 2:4 fp32 1536x384 at 32 rows,
+// 1 thread, 345 -> 310 us with BITS = 2.
 template <int VZ, int NT, int BITS>
 inline void nm_large_rows_zmm(const float* __restrict panel, const float* __restrict vt,
                               const uint8_t* __restrict it, int64_t g0, int64_t g1, int n_rt, int m, int bits_rt,
                               float* __restrict acc_io) {
   const int n = NT > 0 ? NT : n_rt, bits = BITS > 0 ? BITS : bits_rt;
   constexpr int W = 16 * VZ, R = 8;
-  constexpr int kLog2 = VZ == 1 ? 6 : VZ == 2 ? 7 : 0;  // panel row bytes 64 VZ: a power of two or not
   __m512 acc[R][VZ];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < VZ; ++v) acc[r][v] = _mm512_loadu_ps(acc_io + r * W + 16 * v);
@@ -290,13 +276,7 @@ inline void nm_large_rows_zmm(const float* __restrict panel, const float* __rest
       const float* wj = vt + j * 8;
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const float* xr;
-        if constexpr (BITS > 0 && kLog2 > 0)
-          xr = offset_by(xg, candidate_offset<BITS, kLog2>(word, r));
-        else if constexpr (BITS > 0)
-          xr = xg + ((word >> (r * BITS)) & ((1u << BITS) - 1u)) * W;
-        else
-          xr = xg + ((word >> (r * bits)) & mask) * W;
+        const float* xr = xg + ((word >> (r * bits)) & mask) * W;
         const __m512 wb = _mm512_set1_ps(wj[r]);
 #pragma GCC unroll 3
         for (int v = 0; v < VZ; ++v) acc[r][v] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(xr + 16 * v), acc[r][v]);
@@ -344,22 +324,6 @@ inline void nm_large_tile(const float* panel, const float* vt, const uint8_t* it
 using NMLargeTileFn = void (*)(const float*, const float*, const uint8_t*, int64_t, int64_t, int, int, int, float*);
 constexpr NMLargeTileFn kNMLargeTile[7] = {nullptr,          nm_large_tile<1>, nm_large_tile<2>, nm_large_tile<3>,
                                            nm_large_tile<4>, nm_large_tile<5>, nm_large_tile<6>};
-
-// y[b0 .. b0 + width) x rows 8t .. 8t + 7 (+ bias) from a tile's accumulators acc[l * W + c] (row l, column c).
-// Column by column: the 8 rows of one y row are adjacent, so each y line is written once. Row by row, the
-// stores of one row run O floats apart, and at O = 1536 or 6144 (6 or 24 KiB: multiples of the 4 KiB L1 set
-// period) the 32 lines of a 32-row panel share one or two L1 sets and evict each other on every pass: 32
-// rows, 1 thread, 1536x384 2:4 took 620 us, 6144x96 1727 us (56% of it in these stores).
-template <class E>
-inline void store_tile(const NMArgs<E>& a, const float* acc, int64_t W, int64_t t, int64_t b0, int64_t width) {
-  const int64_t rows = std::min<int64_t>(8, a.out_features - t * 8);
-  float bias[8] = {};
-  for (int64_t l = 0; l < rows; ++l) bias[l] = a.bias ? E::to_f32(a.bias[t * 8 + l]) : 0.0f;
-  for (int64_t c = 0; c < width; ++c) {
-    typename E::T* dst = a.y + (b0 + c) * a.out_features + t * 8;
-    for (int64_t l = 0; l < rows; ++l) dst[l] = E::from_f32(acc[l * W + c] + bias[l]);
-  }
-}
 
 template <class E>
 int nm_large(const NMArgs<E>& a) {
@@ -414,7 +378,18 @@ int nm_large(const NMArgs<E>& a) {
             fn(panel, wv + (t - t0) * J * 8, a.index_bytes + t * J * a.bits, g0, g1, a.n, a.m, a.bits,
                acc.p + (t - t0) * 8 * W);
         }
-        for (int64_t t = t0; t < t1; ++t) store_tile<E>(a, acc.p + (t - t0) * 8 * W, W, t, b0, width);
+        // y column by column: row by row, the stores of one output row run O floats apart, and where O * 4
+        // bytes is a multiple of the 4 KiB L1 set period (O = 1536, 6144) a 32-row panel's lines shared one or
+        // two L1 sets and evicted each other on every pass (32 rows, 1 thread, 2:4 fp32: 1536x384 620 -> 345
+        // us, 6144x96 1727 -> 555 us; 56% of the 6144x96 call was these stores).
+        for (int64_t t = t0; t < t1; ++t) {
+          const float* tile_acc = acc.p + (t - t0) * 8 * W;
+          for (int64_t c = 0; c < width; ++c) {
+            float column[8];
+            for (int l = 0; l < 8; ++l) column[l] = tile_acc[l * W + c];
+            store_tile_column(a, t, b0 + c, column);
+          }
+        }
       }
     }
   });

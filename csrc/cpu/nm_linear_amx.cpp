@@ -211,6 +211,11 @@ inline __m256i bf16x16_from_f32(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
 }
 
+// 16 bf16 -> fp32 (exact: the bits shifted up by 16).
+inline __m512 f32_from_bf16x16(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // 32 inputs of one row of x into its A-tile rows: bf16 copied; fp16 split into hi (rounded to nearest
 // even) and the exact rest, written plane words apart.
 template <int P>
@@ -221,7 +226,7 @@ inline void pack_x_row(const uint16_t* src, uint16_t* dst, int64_t plane) {
     for (int h = 0; h < 2; ++h) {
       const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * h)));
       const __m256i hi = bf16x16_from_f32(v);
-      const __m512i hi_bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16);
+      const __m512i hi_bits = _mm512_castps_si512(f32_from_bf16x16(hi));
       const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(exact_rest(v, hi_bits)), 16);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * h), hi);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + plane + 16 * h), _mm512_cvtepi32_epi16(lo));
@@ -357,12 +362,13 @@ inline void store_blocks(const AmxArgs& a, int64_t nb, int64_t xb0, const float*
   __m512 bias = _mm512_setzero_ps();
   if (a.bias) {
     const __m256i b = _mm256_maskz_loadu_epi16(keep, a.bias + o0);
-    bias = P == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)) : _mm512_cvtph_ps(b);
+    bias = P == 1 ? f32_from_bf16x16(b) : _mm512_cvtph_ps(b);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float* cr = cbuf + (r / a.rows) * 256 + (r % a.rows) * 16;
     const __m512 v = _mm512_add_ps(_mm512_load_ps(cr), bias);
-    const __m256i out = P == 1 ? bf16x16_from_f32(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i out =
+        P == 1 ? bf16x16_from_f32(v) : _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_mask_storeu_epi16(a.y + (r0 + r) * a.out_features + o0, keep, out);
   }
 }
