@@ -60,6 +60,19 @@ def test_nm_linear_half(isa, dtype, n, m):
             _check(layer, w, x, b, f"{n}:{m} {out_f}x{in_f} batch {batch} bias {bias}")
 
 
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("groups", [1, 5, 6, 129])
+def test_bf16_two_slot_small_batch_kernel(isa, n, groups):
+    # bf16 m = 4 at 1-8 rows takes two slots per step (one 32-byte load for 16 values): 1:4 with an odd
+    # group count ends on one slot alone; every column count 1..8 and a ragged last tile (out 21).
+    g = torch.Generator().manual_seed(7 * groups + n)
+    w = nmkern.apply_nm(torch.randn(21, 4 * groups, generator=g), n, 4).to(torch.bfloat16)
+    layer = _cpu.prepare_cpu_linear(w, "nm", n, 4)
+    for batch in range(1, 9):
+        x, b = _data(g, 21, 4 * groups, batch, torch.bfloat16, batch % 2 == 0)
+        _check(layer, w, x, b, f"{n}:4 21x{4 * groups} batch {batch}")
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("n,m,out_f,in_f", [(2, 4, 37, 1024), (1, 4, 21, 776), (3, 16, 45, 272)])
 def test_nm_linear_half_wider(isa, dtype, n, m, out_f, in_f):
