@@ -9,7 +9,9 @@ the model built, then ``sparsify(pack=True)``, then :func:`nmkern.tune` at batch
 measurement every packed layer makes on its first calls, which settles its one resident form; its own
 cache folder), then one forward at each batch, with
 :func:`nmkern.memory_report`'s bytes per form beside each stage. Reported: the model's share
-(RSS minus the import baseline).
+(RSS minus the import baseline), split into private memory (RssAnon: weights, buffers, the heap) and
+resident pages of mapped files (RssFile: the code of torch's and nmkern's libraries that the calls touched
+first, shared with other processes and reclaimable; packing a 2048x2048 model touches ~13 MB of it).
 
 ``--warmup``: before the baseline, each process first runs a tiny model (two 64x64 Linear layers) through
 the same stages (packed and tuned when the case is), so the baseline also holds what the code touches on
@@ -30,9 +32,11 @@ from pathlib import Path
 LAYERS, WIDTH = 8, 2048  # the issue's model; --width 4096 for a 4x bigger one
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """``field`` of /proc/self/status in MB: VmRSS (all resident pages), RssAnon (private heap and
+    buffers) or RssFile (resident pages of mapped files: the libraries' code that calls have touched)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -64,12 +68,14 @@ def child(pattern: str, width: int, warmup: bool = False) -> dict:
     torch.set_num_threads(2)
     if warmup:
         _warm_up(pattern)
-    base = _rss_mb()
+    base, base_anon, base_file = _rss_mb(), _rss_mb("RssAnon"), _rss_mb("RssFile")
     stages = []
 
     def stage(name: str, model) -> None:
         forms = {k: round(v / 2**20, 1) for k, v in nmkern.memory_report(model).by_form().items()}
-        stages.append({"stage": name, "rss_mb": round(_rss_mb() - base, 1), "forms_mb": forms})
+        stages.append({"stage": name, "rss_mb": round(_rss_mb() - base, 1),
+                       "anon_mb": round(_rss_mb("RssAnon") - base_anon, 1),
+                       "file_mb": round(_rss_mb("RssFile") - base_file, 1), "forms_mb": forms})
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(width, width) for _ in range(LAYERS)]).eval()
@@ -113,16 +119,19 @@ def main(argv=None) -> int:
                 cmd.append("--warmup")
             out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=env).stdout
         results.append(dict(json.loads(out.strip().splitlines()[-1]), pattern=case))
-    dense = {s["stage"]: s["rss_mb"] for s in results[0]["stages"]} if results[0]["pattern"] == "dense" else {}
+    first = results[0]["stages"] if results[0]["pattern"] == "dense" else []
+    dense = {s["stage"]: s for s in first}
     above = "a tiny model's warm-up" if args.warmup else "`import torch, nmkern`"
-    print(f"eight {args.width}x{args.width} fp32 Linear: process RSS above {above}, MB")
+    print(f"eight {args.width}x{args.width} fp32 Linear: process RSS above {above}, MB "
+          "(anon: private memory; file: library code pages touched)")
     for r in results:
         if r["paths_by_rows"]:
             print(f"{r['pattern']:>6} paths taken by rows: {r['paths_by_rows']}")
         for s in r["stages"]:
-            ratio = s["rss_mb"] / dense[s["stage"]] if s["stage"] in dense and r is not results[0] else None
-            print(f"{r['pattern']:>6} {s['stage']:<12} {s['rss_mb']:>8.1f}" + (f"  ({ratio:.2f}x dense)" if ratio else "")
-                  + f"  forms {s['forms_mb']}")
+            d = dense.get(s["stage"]) if r is not results[0] else None
+            ratio = f"  ({s['rss_mb'] / d['rss_mb']:.2f}x dense, anon {s['anon_mb'] / d['anon_mb']:.2f}x)" if d else ""
+            print(f"{r['pattern']:>6} {s['stage']:<12} {s['rss_mb']:>8.1f} = anon {s['anon_mb']:>6.1f} + file "
+                  f"{s['file_mb']:>5.1f}{ratio}  forms {s['forms_mb']}")
     if args.out:
         doc = {"width": args.width, "warmup": args.warmup, "results": results}
         Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
