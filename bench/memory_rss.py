@@ -32,13 +32,18 @@ from pathlib import Path
 LAYERS, WIDTH = 8, 2048  # the issue's model; --width 4096 for a 4x bigger one
 
 
-def _rss_mb(field: str = "VmRSS") -> float:
-    """``field`` of /proc/self/status in MB: VmRSS (all resident pages), RssAnon (private heap and
-    buffers) or RssFile (resident pages of mapped files: the libraries' code that calls have touched)."""
+_FIELDS = {"VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
+
+
+def _rss_mb() -> dict[str, float]:
+    """From /proc/self/status, in MB: rss_mb (VmRSS, all resident pages), anon_mb (RssAnon: private heap and
+    buffers) and file_mb (RssFile: resident pages of mapped files, the libraries' code that calls have touched)."""
+    found = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        field, _, value = line.partition(":")
+        if field in _FIELDS:
+            found[_FIELDS[field]] = int(value.split()[0]) / 1024
+    return {key: found.get(key, float("nan")) for key in _FIELDS.values()}
 
 
 def _warm_up(pattern: str) -> None:
@@ -68,14 +73,13 @@ def child(pattern: str, width: int, warmup: bool = False) -> dict:
     torch.set_num_threads(2)
     if warmup:
         _warm_up(pattern)
-    base, base_anon, base_file = _rss_mb(), _rss_mb("RssAnon"), _rss_mb("RssFile")
+    base = _rss_mb()
     stages = []
 
     def stage(name: str, model) -> None:
         forms = {k: round(v / 2**20, 1) for k, v in nmkern.memory_report(model).by_form().items()}
-        stages.append({"stage": name, "rss_mb": round(_rss_mb() - base, 1),
-                       "anon_mb": round(_rss_mb("RssAnon") - base_anon, 1),
-                       "file_mb": round(_rss_mb("RssFile") - base_file, 1), "forms_mb": forms})
+        now = _rss_mb()
+        stages.append({"stage": name, **{key: round(now[key] - base[key], 1) for key in now}, "forms_mb": forms})
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(width, width) for _ in range(LAYERS)]).eval()
@@ -94,7 +98,7 @@ def child(pattern: str, width: int, warmup: bool = False) -> dict:
         for x in inputs:
             model(x)
             stage(f"forward {x.shape[0]}", model)
-    return {"pattern": pattern, "import_rss_mb": round(base, 1), "paths_by_rows": paths, "stages": stages}
+    return {"pattern": pattern, "import_rss_mb": round(base["rss_mb"], 1), "paths_by_rows": paths, "stages": stages}
 
 
 def main(argv=None) -> int:

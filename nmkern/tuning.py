@@ -561,5 +561,5 @@ def tune(model: torch.nn.Module, example_inputs, *, force: bool = False) -> Tune
 
 __all__ = ["CACHE_FORMAT", "CANDIDATES", "MEASUREMENT", "Decision", "DispatchCache", "ENV_CACHE_DIR", "ENV_TUNE",
            "MIN_GAIN", "BLOCK", "SAMPLES", "Source", "Trial", "TuneReport", "cache_dir", "cache_state", "candidates",
-           "decide", "dispatch_cache", "enabled", "forget", "key_of", "lookup", "model_weight_bytes", "note_packed", "pick", "row_bucket",
-           "tune", "working_set_bytes"]
+           "decide", "dispatch_cache", "enabled", "forget", "key_of", "lookup", "model_weight_bytes", "note_packed",
+           "pick", "row_bucket", "tune", "working_set_bytes"]

@@ -173,16 +173,24 @@ void nm_small_tile(const NMArgs<E>& a, const float* xp, int64_t xstride, int64_t
   }
 }
 
-template <class E, int NT, bool BIG, bool SMALLM>
-void nm_small_tile_columns(const NMArgs<E>& a, const float* xp, int64_t xstride, int64_t t) {
+// Calls tile(std::integral_constant<int, NC>, c0) over the batch in blocks of NC = 4 columns, then the 1-3 left.
+template <class Tile>
+inline void for_column_blocks(int64_t batch, Tile&& tile) {
   int64_t c = 0;
-  for (; c + 4 <= a.batch; c += 4) nm_small_tile<E, NT, 4, BIG, SMALLM>(a, xp + c * xstride, xstride, t, c);
-  switch (a.batch - c) {
-    case 3: nm_small_tile<E, NT, 3, BIG, SMALLM>(a, xp + c * xstride, xstride, t, c); break;
-    case 2: nm_small_tile<E, NT, 2, BIG, SMALLM>(a, xp + c * xstride, xstride, t, c); break;
-    case 1: nm_small_tile<E, NT, 1, BIG, SMALLM>(a, xp + c * xstride, xstride, t, c); break;
+  for (; c + 4 <= batch; c += 4) tile(std::integral_constant<int, 4>{}, c);
+  switch (batch - c) {
+    case 3: tile(std::integral_constant<int, 3>{}, c); break;
+    case 2: tile(std::integral_constant<int, 2>{}, c); break;
+    case 1: tile(std::integral_constant<int, 1>{}, c); break;
     default: break;
   }
+}
+
+template <class E, int NT, bool BIG, bool SMALLM>
+void nm_small_tile_columns(const NMArgs<E>& a, const float* xp, int64_t xstride, int64_t t) {
+  for_column_blocks(a.batch, [&](auto nc, int64_t c) {
+    nm_small_tile<E, NT, decltype(nc)::value, BIG, SMALLM>(a, xp + c * xstride, xstride, t, c);
+  });
 }
 
 // bf16 2:4 and 1:4 (m = 4, 2-bit indices) take two slots per step. Slots j and j+1 are 16 contiguous bf16
@@ -260,18 +268,6 @@ void nm_small_tile_bf16_pairs(const NMArgs<BF16>& a, const float* xp, int64_t xs
   }
 }
 
-template <int NT>
-inline void bf16_pair_columns(const NMArgs<BF16>& a, const float* xp, int64_t xstride, int64_t t) {
-  int64_t c = 0;
-  for (; c + 4 <= a.batch; c += 4) nm_small_tile_bf16_pairs<NT, 4>(a, xp + c * xstride, xstride, t, c);
-  switch (a.batch - c) {
-    case 3: nm_small_tile_bf16_pairs<NT, 3>(a, xp + c * xstride, xstride, t, c); break;
-    case 2: nm_small_tile_bf16_pairs<NT, 2>(a, xp + c * xstride, xstride, t, c); break;
-    case 1: nm_small_tile_bf16_pairs<NT, 1>(a, xp + c * xstride, xstride, t, c); break;
-    default: break;
-  }
-}
-
 template <class E, int NT>
 int nm_small_dispatch(const NMArgs<E>& a) {
   // Padded copy of x: the 8-wide loads of the last group (16-wide for m > 8) may
@@ -288,7 +284,9 @@ int nm_small_dispatch(const NMArgs<E>& a) {
     for (int64_t t = t0; t < t1; ++t) {
       if constexpr (kBf16Pairs && std::is_same_v<E, BF16> && (NT == 1 || NT == 2)) {
         if (a.m == 4) {
-          bf16_pair_columns<NT>(a, xp.p, xstride, t);
+          for_column_blocks(a.batch, [&](auto nc, int64_t c) {
+            nm_small_tile_bf16_pairs<NT, decltype(nc)::value>(a, xp.p + c * xstride, xstride, t, c);
+          });
           continue;
         }
       }
@@ -304,6 +302,22 @@ int nm_small_dispatch(const NMArgs<E>& a) {
 }
 
 // ------------------------------------------------------------ large-batch AVX2
+// Calls f(std::integral_constant<int, NT>, std::integral_constant<int, BITS>): n at compile time for 1, 2 and 4
+// (NT 0: runtime), and for 2:4 / 1:4 the 2-bit index width too (BITS 0: runtime), which the large-batch kernels
+// need to decode indices without shifts by a register (see nm_large_rows_zmm).
+template <class F>
+inline void with_compile_time_n_bits(int n, int bits, F&& f) {
+  using std::integral_constant;
+  if (bits == 2 && n == 1) return f(integral_constant<int, 1>{}, integral_constant<int, 2>{});
+  if (bits == 2 && n == 2) return f(integral_constant<int, 2>{}, integral_constant<int, 2>{});
+  switch (n) {
+    case 1: return f(integral_constant<int, 1>{}, integral_constant<int, 0>{});
+    case 2: return f(integral_constant<int, 2>{}, integral_constant<int, 0>{});
+    case 4: return f(integral_constant<int, 4>{}, integral_constant<int, 0>{});
+    default: return f(integral_constant<int, 0>{}, integral_constant<int, 0>{});
+  }
+}
+
 // Panel width of the N:M large-batch kernel: 48 batch columns = 6 vectors, so a
 // 2-row x 6-vector register tile (12 accumulators) amortizes one index decode
 // and one broadcast over 6 FMAs; batch tails use 4 rows x <= 3 vectors.
@@ -388,37 +402,18 @@ inline void nm_large_tile(const float* panel, const float* vt, const uint8_t* it
                           int m, int bits, float* acc_io) {
 #ifdef __AVX512F__
   if constexpr (V % 2 == 0) {  // panel widths 16, 32, 48: whole zmm vectors
-    if (bits == 2 && (n == 1 || n == 2)) {  // 1:4 and 2:4
-      if (n == 1)
-        nm_large_rows_zmm<V / 2, 1, 2>(panel, vt, it, g0, g1, n, m, bits, acc_io);
-      else
-        nm_large_rows_zmm<V / 2, 2, 2>(panel, vt, it, g0, g1, n, m, bits, acc_io);
-      return;
-    }
-    switch (n) {
-      case 1: nm_large_rows_zmm<V / 2, 1, 0>(panel, vt, it, g0, g1, n, m, bits, acc_io); break;
-      case 2: nm_large_rows_zmm<V / 2, 2, 0>(panel, vt, it, g0, g1, n, m, bits, acc_io); break;
-      case 4: nm_large_rows_zmm<V / 2, 4, 0>(panel, vt, it, g0, g1, n, m, bits, acc_io); break;
-      default: nm_large_rows_zmm<V / 2, 0, 0>(panel, vt, it, g0, g1, n, m, bits, acc_io); break;
-    }
+    with_compile_time_n_bits(n, bits, [&](auto nt, auto bt) {
+      nm_large_rows_zmm<V / 2, decltype(nt)::value, decltype(bt)::value>(panel, vt, it, g0, g1, n, m, bits, acc_io);
+    });
     return;
   }
 #endif
   constexpr int R = V >= 4 ? 2 : 4;
-  for (int lane0 = 0; lane0 < 8; lane0 += R) {
-    float* out = acc_io + lane0 * 8 * V;
-    if (bits == 2 && n == 1)
-      nm_large_rows<V, 1, R, 2>(panel, vt, it, g0, g1, n, m, bits, lane0, out);
-    else if (bits == 2 && n == 2)
-      nm_large_rows<V, 2, R, 2>(panel, vt, it, g0, g1, n, m, bits, lane0, out);
-    else
-      switch (n) {
-        case 1: nm_large_rows<V, 1, R, 0>(panel, vt, it, g0, g1, n, m, bits, lane0, out); break;
-        case 2: nm_large_rows<V, 2, R, 0>(panel, vt, it, g0, g1, n, m, bits, lane0, out); break;
-        case 4: nm_large_rows<V, 4, R, 0>(panel, vt, it, g0, g1, n, m, bits, lane0, out); break;
-        default: nm_large_rows<V, 0, R, 0>(panel, vt, it, g0, g1, n, m, bits, lane0, out); break;
-      }
-  }
+  with_compile_time_n_bits(n, bits, [&](auto nt, auto bt) {
+    for (int lane0 = 0; lane0 < 8; lane0 += R)
+      nm_large_rows<V, decltype(nt)::value, R, decltype(bt)::value>(panel, vt, it, g0, g1, n, m, bits, lane0,
+                                                                    acc_io + lane0 * 8 * V);
+  });
 }
 
 using NMLargeTileFn = void (*)(const float*, const float*, const uint8_t*, int64_t, int64_t, int, int, int, float*);
