@@ -35,7 +35,7 @@ from .reference.linear import conv_out_size, fold_rows_nchw, unfold_nhwc
 from .reference.nm_pack import first_overfull_group_ref
 from .spec import Pattern, pattern_in
 
-ABI_VERSION = 5  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
+ABI_VERSION = 6  # NMKERN_CPU_ABI_VERSION in csrc/cpu/nmkern_cpu.h
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
 ENV_ISA = "NMKERN_CPU_ISA"
 # Threading of the C kernels (NMKERN_CPU_THREADING; README, "CPU kernels"): "openmp", an OpenMP parallel
@@ -110,6 +110,12 @@ def _declare(lib) -> None:
         nm.restype = bsr.restype = c_int
         nm.argtypes = [c_vp, c_i64, c_i64, c_vp, c_vp, c_i64, c_int, c_int, c_vp, c_vp, c_int, c_int]
         bsr.argtypes = [c_vp, c_i64, c_i64, c_vp, c_vp, c_vp, c_int, c_i64, c_i64, c_int, c_vp, c_vp, c_int, c_int]
+    lib.nmkern_nm_mask.restype = lib.nmkern_nm_pack.restype = c_int
+    lib.nmkern_nm_mask.argtypes = [c_vp, c_int, c_i64, c_int, c_int, c_vp, c_int, c_int]
+    lib.nmkern_nm_pack.argtypes = [c_vp, c_int, c_i64, c_i64, c_int, c_int, c_vp, c_vp, c_i64, c_vp, c_int]
+    lib.nmkern_nm_tiles_from_packed.restype = lib.nmkern_nm_words_from_tiles.restype = c_int
+    lib.nmkern_nm_tiles_from_packed.argtypes = [c_vp, c_vp, c_int, c_i64, c_i64, c_int, c_int, c_i64, c_vp, c_vp, c_int]
+    lib.nmkern_nm_words_from_tiles.argtypes = [c_vp, c_i64, c_i64, c_int, c_int, c_i64, c_vp, c_int]
     lib.nmkern_nm_decode.restype = lib.nmkern_bsr_decode.restype = c_int
     lib.nmkern_nm_decode.argtypes = [c_vp, c_vp, c_int, c_i64, c_i64, c_int, c_int, c_i64, c_i64, c_vp, c_int]
     lib.nmkern_bsr_decode.argtypes = [c_vp, c_vp, c_vp, c_int, c_int, c_i64, c_i64, c_int, c_i64, c_i64, c_vp, c_int]

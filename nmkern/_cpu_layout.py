@@ -19,22 +19,29 @@ from __future__ import annotations
 import torch
 
 from . import _cpu as cpu
-from .reference.cpu_layouts import TILE_ROWS, UINT16_MAX_K, nm_tile_positions_ref, nm_tiles_from_slots_ref
-from .reference.nm_pack import pack_words, unpack_words
+from .reference.cpu_layouts import INDEX_PAD_BYTES, TILE_ROWS, UINT16_MAX_K
+from .reference.nm_pack import index_bits, indices_per_word
 from .spec import Pattern
 
 
 def layout_from_nm_packed(values: torch.Tensor, indices: torch.Tensor, n: int, m: int, k: int) -> cpu.CpuLinear:
     """The N:M row-tile layout of the packed rows ``values (O, J)`` / ``indices`` (int32 words) of an ``(O, k)``
-    weight, in the values' dtype (one of ``cpu.KERNEL_DTYPES``)."""
+    weight, in the values' dtype (one of ``cpu.KERNEL_DTYPES``): csrc/cpu/nm_tiles.cpp, equal to
+    :func:`nmkern.reference.cpu_layouts.nm_layout_from_packed_ref` (tests/test_cpu_nm_pack.py)."""
+    op = "nmkern cpu layout_from_nm_packed"
+    lib = cpu._require(op)
+    values, indices = values.contiguous(), indices.contiguous()
     rows, slots = values.shape
     tiles = -(-rows // TILE_ROWS)
-    padded = torch.zeros(tiles * TILE_ROWS, slots, dtype=values.dtype)
-    padded[:rows] = values
-    # padding rows keep the first n positions of each group (any in-range position reads a zero value)
-    positions = torch.arange(n, dtype=torch.int64).repeat(slots // n).expand(tiles * TILE_ROWS, slots).clone()
-    positions[:rows] = unpack_words(indices, m, slots)
-    tile_values, index = nm_tiles_from_slots_ref(padded, positions, m)
+    tile_values = torch.empty(tiles * slots * TILE_ROWS, dtype=values.dtype)
+    index = torch.empty(tiles * slots * index_bits(m) + INDEX_PAD_BYTES, dtype=torch.uint8)
+    rc = lib.nmkern_nm_tiles_from_packed(cpu._ptr(values), cpu._ptr(indices), values.element_size(), rows, k, n, m,
+                                         indices.shape[1], cpu._ptr(tile_values), cpu._ptr(index),
+                                         torch.get_num_threads())
+    if rc == 1:
+        raise ValueError(f"{op}: packed indices {tuple(indices.shape)} for values {tuple(values.shape)} are not "
+                         f"{n}:{m} indices of a {rows}x{k} weight (a position >= {m}, or the wrong word count)")
+    cpu._check_status(op, rc)
     return cpu.CpuLinear(Pattern.NM, n, m, 0, rows, k, {"values": tile_values, "index": index})
 
 
@@ -45,22 +52,16 @@ def nm_values_from_layout(layout: cpu.CpuLinear) -> torch.Tensor:
     return tile_values.transpose(1, 2).reshape(-1, slots)[:layout.out_features].contiguous()
 
 
-def nm_indices_from_layout(layout: cpu.CpuLinear, tiles_per_step: int = 64) -> torch.Tensor:
+def nm_indices_from_layout(layout: cpu.CpuLinear) -> torch.Tensor:
     """``packed_indices`` (int32 words ``(O, W)``, unused bits zero) of a layout made by :func:`layout_from_nm_packed`
-    (a new tensor). ``tiles_per_step`` tiles at a time: the int64 positions of a 4096x4096 2:4 layer at once would be a
-    64 MB temporary."""
+    (a new tensor; csrc/cpu/nm_tiles.cpp, equal to :func:`nmkern.reference.cpu_layouts.nm_words_from_layout_ref`)."""
+    op = "nmkern cpu nm_indices_from_layout"
+    lib = cpu._require(op)
     slots = layout.in_features // layout.m * layout.n
-    rows = layout.out_features
-    words = None
-    for tile0 in range(0, -(-rows // TILE_ROWS), tiles_per_step):
-        row0 = tile0 * TILE_ROWS
-        row1 = min(rows, row0 + tiles_per_step * TILE_ROWS)
-        tile1 = -(-row1 // TILE_ROWS)
-        lanes = nm_tile_positions_ref(layout.tensors["index"], tile0, tile1, slots, layout.m)  # (tiles, J, 8)
-        step = pack_words(lanes.transpose(1, 2).reshape(-1, slots)[:row1 - row0], layout.m)
-        if words is None:
-            words = torch.empty(rows, step.shape[1], dtype=torch.int32)
-        words[row0:row1] = step
+    words = torch.empty(layout.out_features, -(-slots // indices_per_word(layout.m)), dtype=torch.int32)
+    cpu._check_status(op, lib.nmkern_nm_words_from_tiles(
+        cpu._ptr(layout.tensors["index"]), layout.out_features, layout.in_features, layout.n, layout.m,
+        words.shape[1], cpu._ptr(words), torch.get_num_threads()))
     return words
 
 

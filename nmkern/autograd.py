@@ -6,7 +6,8 @@ gradient plus ``lambda_w * (1 - mask) * w``. Because the mask is a pure function
 the weight, replicas that hold the same weights (DistributedDataParallel) compute the
 same mask with no communication.
 
-Backends: ``reference`` (pure torch; saves the boolean mask for the backward) and
+Backends: ``reference`` (pure torch; saves the boolean mask for the backward),
+``cpu`` (the reference with the native CPU mask, csrc/cpu/nm_mask.cpp) and
 ``triton`` (one fused pass each way; the backward recomputes the mask from the saved
 weight, see :mod:`nmkern.kernels.srste`).
 """
@@ -19,7 +20,8 @@ import torch
 
 from . import _validate as v
 from .backend import Backend, parse_backend
-from .dispatch import TRITON_DTYPES, resolve_backend
+from ._cpu_nm_pack import nm_mask_rows, resolve_path
+from .dispatch import TRITON_DTYPES
 from .reference.srste import DEFAULT_LAMBDA_W, srste_backward_ref, srste_forward_ref
 
 _OP = "srste_weight"
@@ -37,7 +39,7 @@ class SRSTEFunction(torch.autograd.Function):
     """Forward: N:M-masked weight. Backward: dense gradient + ``lambda_w * (1 - mask) * w``.
 
     ``apply(w, n, m, dim, lambda_w, backend)`` with ``backend`` a concrete
-    :class:`~nmkern.Backend` (REFERENCE or TRITON); :func:`srste_weight` is the
+    :class:`~nmkern.Backend` (REFERENCE, CPU or TRITON); :func:`srste_weight` is the
     validated entry point.
     """
 
@@ -49,7 +51,12 @@ class SRSTEFunction(torch.autograd.Function):
             ctx.save_for_backward(w_last)
             masked = _kernels().srste_forward_triton(w_last, n, m)
             return masked.movedim(-1, dim).contiguous()
-        masked, mask = srste_forward_ref(w, n, m, dim)
+        if backend is Backend.CPU:  # the native mask; the rest is the reference's
+            x = w.movedim(dim, -1)
+            mask = nm_mask_rows(x.detach().reshape(-1, x.shape[-1]), n, m).reshape(x.shape).movedim(-1, dim)
+            masked = w * mask
+        else:
+            masked, mask = srste_forward_ref(w, n, m, dim)
         ctx.save_for_backward(w, mask)
         return masked
 
@@ -89,8 +96,9 @@ def srste_weight(
     of the masked weight plus ``lambda_w * (1 - mask) * w``; ``lambda_w=0`` gives the
     plain straight-through estimator.
 
-    ``backend``: ``"auto"`` (Triton on CUDA and under ``TRITON_INTERPRET=1``, the torch
-    reference otherwise), ``"reference"`` or ``"triton"``. Weights are not checked for
+    ``backend``: ``"auto"`` (Triton on CUDA and under ``TRITON_INTERPRET=1``, else the native
+    CPU mask for fp32 / bf16 / fp16 CPU weights, else the torch reference), ``"reference"``,
+    ``"cpu"`` or ``"triton"``. Weights are not checked for
     NaN/Inf here (that would cost a device sync every step); a NaN weight gives an
     unspecified mask in its group.
     """
@@ -98,7 +106,7 @@ def srste_weight(
     n, m = v.check_nm(_OP, n, m)
     dim = v.check_group_dim(_OP, w, dim, m)
     lambda_w = check_lambda_w(_OP, lambda_w)
-    b = resolve_backend(_OP, backend, w)
+    b = resolve_path(_OP, backend, w)
     if b is Backend.TRITON and w.dtype not in TRITON_DTYPES:
         if parse_backend(_OP, backend) is Backend.TRITON:
             raise TypeError(

@@ -481,28 +481,34 @@ def run(path: Backend, layer, x: torch.Tensor) -> torch.Tensor:
 
 def resolve_backend(op: str, backend, tensor: torch.Tensor,
                     supported=(Backend.REFERENCE, Backend.TRITON)) -> Backend:
-    """The path of a functional op / mask or pack kernel (``supported``: the paths it has).
+    """The path of a functional op / mask or pack kernel (``supported``: the paths it has; an op lists
+    ``Backend.CPU`` only when its native CPU kernel takes this tensor's dtype and the library loaded).
 
     auto: ``NMKERN_BACKEND`` when the op has that path and it can run here (the same rule
     as for layers), else Triton for CUDA tensors and for CPU tensors under
-    ``TRITON_INTERPRET=1``, else the reference.
+    ``TRITON_INTERPRET=1``, else the native CPU kernel for CPU tensors, else the reference.
     """
     b = parse_backend(op, backend)
     device = tensor.device.type
 
     def runs(path: Backend) -> bool:
-        return path in supported and (path is not Backend.TRITON or _triton_device(device) is None)
+        if path is Backend.TRITON:
+            return path in supported and _triton_device(device) is None
+        return path in supported and (path is not Backend.CPU or device == "cpu")
 
     if b is Backend.AUTO:
         env = env_backend(op)
         if env is not None and runs(env):
             return env
-        return Backend.TRITON if runs(Backend.TRITON) else Backend.REFERENCE
+        return next((path for path in (Backend.TRITON, Backend.CPU) if runs(path)), Backend.REFERENCE)
     if b not in supported:
         raise ValueError(f"{op}: backend {b.value!r} is not available for this op; "
                          f"choose one of {[s.value for s in supported]}")
     if b is Backend.TRITON and (why := _triton_device(device)) is not None:
         raise ValueError(f"{op}: {why}, or use backend='reference'")
+    if b is Backend.CPU and device != "cpu":
+        raise ValueError(f"{op}: backend 'cpu' runs CPU tensors, got one on {tensor.device}; move it with .cpu() "
+                         "or use backend='auto'")
     return b
 
 

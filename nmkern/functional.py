@@ -2,8 +2,9 @@
 
 Each op checks its input at the boundary (``ValueError``/``TypeError`` naming the
 op, the shape/dtype and the fix), then runs the pure-torch reference
-(:mod:`nmkern.reference`) or the Triton kernel (:mod:`nmkern.kernels`), chosen by
-``backend=`` (see :func:`nmkern.backend.resolve_backend`).
+(:mod:`nmkern.reference`), the Triton kernel (:mod:`nmkern.kernels`) or, for the N:M
+mask and pack ops on CPU tensors, the native CPU kernel (:mod:`nmkern._cpu_nm_pack`),
+chosen by ``backend=`` (see :func:`nmkern.dispatch.resolve_backend`).
 
 NaN/Inf: ops that rank magnitudes (``nm_mask``, ``apply_nm``, ``block_mask_1xn``)
 reject non-finite input with ``ValueError``; ops that only move values
@@ -28,6 +29,7 @@ import enum
 
 import torch
 
+from . import _cpu_nm_pack
 from . import _validate as v
 from .backend import Backend
 from .dispatch import resolve_backend
@@ -73,9 +75,19 @@ def _masked_op(op: str, w, n, m, dim, backend):
     v.check_tensor(op, "w", w, v.FLOAT_DTYPES)
     v.check_nm(op, n, m)
     dim = v.check_group_dim(op, w, dim, m)
-    if not w.is_meta:  # meta: shape only
+    b = _cpu_nm_pack.resolve_path(op, backend, w)
+    if not w.is_meta and b is not Backend.CPU:  # meta: shape only; the CPU kernel scans w itself
         v.check_finite(op, "w", w)
-    return dim, resolve_backend(op, backend, w)
+    return dim, b
+
+
+def _nm_mask_cpu(op: str, w: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    x = w.movedim(dim, -1)
+    keep = _cpu_nm_pack.nm_mask_rows(x.reshape(-1, x.shape[-1]), n, m, check_finite=True)
+    if keep is None:  # w holds a NaN or an Inf: the message names the first one
+        v.check_finite(op, "w", w)
+        raise RuntimeError(f"{op}: the CPU kernel found a NaN or an Inf in w that torch.isfinite did not")
+    return keep.reshape(x.shape).movedim(-1, dim)
 
 
 def _nm_mask_triton(w: torch.Tensor, n: int, m: int, dim: int, apply: bool) -> torch.Tensor:
@@ -109,6 +121,8 @@ def nm_mask(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -
     dim, b = _masked_op("nm_mask", w, n, m, dim, backend)
     if b is Backend.REFERENCE:
         return nm_mask_ref(w, n, m, dim)
+    if b is Backend.CPU:
+        return _nm_mask_cpu("nm_mask", w, n, m, dim)
     return _nm_mask_triton(w, n, m, dim, apply=False)
 
 
@@ -120,6 +134,8 @@ def apply_nm(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") 
     dim, b = _masked_op("apply_nm", w, n, m, dim, backend)
     if b is Backend.REFERENCE:
         return apply_nm_ref(w, n, m, dim)
+    if b is Backend.CPU:  # torch.where carries the gradient, grad * mask, as in the reference
+        return torch.where(_nm_mask_cpu("apply_nm", w, n, m, dim), w, torch.zeros((), dtype=w.dtype))
     return _ApplyNMTriton.apply(w, n, m, dim)
 
 
@@ -196,11 +212,13 @@ def pack_nm(w: torch.Tensor, n: int, m: int, dim: int = -1, *, backend="auto") -
     v.check_nm(op, n, m)
     dim = v.check_group_dim(op, w, dim, m)
     w2 = as_rows(w, dim).contiguous()
-    b = resolve_backend(op, backend, w)
+    b = _cpu_nm_pack.resolve_path(op, backend, w)
     if b is Backend.REFERENCE:
         first_bad = first_overfull_group_ref(w2, n, m) if not w.is_meta else -1
         if first_bad < 0:
             values, indices = pack_nm_ref(w2, n, m)
+    elif b is Backend.CPU:
+        values, indices, first_bad = _cpu_nm_pack.pack_nm_rows(w2, n, m)
     else:
         values, indices, first_bad = _kernels().pack_nm_triton(w2, n, m)
     if first_bad >= 0:

@@ -32,7 +32,8 @@
 // 2: the _bf16 / _f16 linear entry points. 3: nmkern_nm_decode / nmkern_bsr_decode.
 // 4: NMKERN_ALGO_AMX, nmkern_cpu_supports_amx_bf16, NMKERN_EUNSUPPORTED.
 // 5: NMKERN_FLAG_CHECK_FINITE, NMKERN_ENONFINITE.
-#define NMKERN_CPU_ABI_VERSION 5
+// 6: nmkern_nm_mask, nmkern_nm_pack, nmkern_nm_tiles_from_packed, nmkern_nm_words_from_tiles, NMKERN_DTYPE_*.
+#define NMKERN_CPU_ABI_VERSION 6
 
 #define NMKERN_OK 0
 #define NMKERN_EBADARG 1
@@ -52,6 +53,10 @@
 // dense 0 * NaN; the caller then runs the dense op instead. The scan reads x once (B x K elements, 8-32 per
 // vector compare), where the caller's own torch reduction cost ~5 us per call even at 1 row.
 #define NMKERN_FLAG_CHECK_FINITE 0x100
+// Element types, where an entry point takes any of them (nmkern_nm_mask).
+#define NMKERN_DTYPE_F32 0
+#define NMKERN_DTYPE_BF16 1
+#define NMKERN_DTYPE_F16 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -105,6 +110,28 @@ int nmkern_nm_decode(const void* values, const uint8_t* index_bytes, int elem_by
 int nmkern_bsr_decode(const void* values, const int32_t* rowptr, const void* col, int col_bytes, int elem_bytes,
                       int64_t rows, int64_t k, int block, int64_t row0, int64_t row1, void* out, int nthreads);
 
+// N:M magnitude mask (nm_mask.cpp): w holds groups x m consecutive elements of dtype (NMKERN_DTYPE_*);
+// keep[g * m + i] = 1 for the n largest |w| of group g, else 0: larger first, ties to the lower index,
+// every NaN above every number (a stable descending sort's order). flags: NMKERN_FLAG_CHECK_FINITE
+// returns NMKERN_ENONFINITE when w holds a NaN or an Inf (keep is still written, in that order).
+int nmkern_nm_mask(const void* w, int dtype, int64_t groups, int n, int m, uint8_t* keep, int flags, int nthreads);
+// Pack a rows x k N:M-sparse matrix (nm_pack.cpp): each group of m along k keeps its non-zeros plus, when
+// it has fewer than n, its lowest-index zeros, ascending; values (rows x k/m*n, elem_bytes 4 or 2, copied
+// bit for bit) and int32 words (rows x words_per_row): slot s of a row is bits s % per_word * b of word
+// s / per_word, b = ceil(log2 m) bits a slot, per_word = 32 / b. *first_overfull = -1, or the smallest
+// row * (k/m) + group of a group holding more than n non-zeros (then values and words are incomplete).
+int nmkern_nm_pack(const void* w, int elem_bytes, int64_t rows, int64_t k, int n, int m, void* values,
+                   int32_t* words, int64_t words_per_row, int64_t* first_overfull, int nthreads);
+// The N:M row-tile layout above from packed rows (nm_tiles.cpp): values (rows x J, elem_bytes 4 or 2) and words
+// (rows x words_per_row) as nmkern_nm_pack writes them, into tile_values (tiles x J x 8) and index_bytes
+// (tiles x J x bits + 4 zero pad bytes). The last tile's padding rows get zero values and positions j % n.
+// NMKERN_EBADARG also when a packed position is >= m (the layout is then unusable).
+int nmkern_nm_tiles_from_packed(const void* values, const int32_t* words, int elem_bytes, int64_t rows, int64_t k,
+                                int n, int m, int64_t words_per_row, void* tile_values, uint8_t* index_bytes,
+                                int nthreads);
+// The packed words (rows x words_per_row, unused bits zero) of a row-tile layout's index bytes: the inverse.
+int nmkern_nm_words_from_tiles(const uint8_t* index_bytes, int64_t rows, int64_t k, int n, int m,
+                               int64_t words_per_row, int32_t* words, int nthreads);
 #ifdef __cplusplus
 }
 #endif

@@ -42,6 +42,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .. import _cpu_nm_pack
 from .. import _validate as v
 from .. import dispatch, ops, tuning  # noqa: F401  (ops registers torch.ops.nmkern.*)
 from ..autograd import srste_weight
@@ -83,6 +84,12 @@ def _mask_backend(t: torch.Tensor) -> str:
     # the Triton interpreter, which "auto" picks under TRITON_INTERPRET=1, costs
     # seconds per call on the CPU; CUDA tensors get the kernels.
     return "auto" if t.is_cuda else "reference"
+
+
+def _nm_backend(t: torch.Tensor) -> str:
+    """:func:`_mask_backend` for the N:M mask and pack ops, which have native CPU kernels (csrc/cpu/nm_mask.cpp,
+    nm_pack.cpp; README, "Packing")."""
+    return "cpu" if _cpu_nm_pack.runs(t) else _mask_backend(t)
 
 
 def fit_reason(op: LayerOp, in_channels: int, out_channels: int, pattern: Pattern, n: int, m: int, block: int,
@@ -251,7 +258,7 @@ class _SparseLayer(_PackedExecution, _ResidentForms, nn.Module):
         if not self._packed:
             if self.pattern is Pattern.NM:
                 w = self.weight.detach()
-                return nm_mask(w, self.n, self.m, dim=1, backend=_mask_backend(w))
+                return nm_mask(w, self.n, self.m, dim=1, backend=_nm_backend(w))
             return self.weight_mask.clone()
         if self.pattern is Pattern.NM:
             ones = torch.ones_like(self.packed_values)
@@ -312,7 +319,7 @@ class _SparseLayer(_PackedExecution, _ResidentForms, nn.Module):
     def _train_weight(self) -> torch.Tensor:
         if self.pattern is Pattern.NM:
             lam = self.lambda_w if self.srste else 0.0
-            return srste_weight(self.weight, self.n, self.m, 1, lam, backend=_mask_backend(self.weight))
+            return srste_weight(self.weight, self.n, self.m, 1, lam, backend=_nm_backend(self.weight))
         return self.weight * self.weight_mask
 
     # -- packing ------------------------------------------------------------------
@@ -354,7 +361,7 @@ class _SparseLayer(_PackedExecution, _ResidentForms, nn.Module):
         """The packed buffers from the masked weight (its temporaries are freed when this returns)."""
         w = self.dense_weight()
         if self.pattern is Pattern.NM:
-            packed = pack_nm(w, self.n, self.m, dim=1, backend=_mask_backend(w))
+            packed = pack_nm(w, self.n, self.m, dim=1, backend=_nm_backend(w))
             self._set_buffer("packed_values", packed.values.contiguous())
             self._set_buffer("packed_indices", packed.indices.contiguous())
         else:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .block_1xn import to_bsr_1xn_ref
-from .nm_pack import index_bits, kept_positions_ref
+from .nm_pack import index_bits, kept_positions_ref, pack_words, unpack_words
 
 TILE_ROWS = 8
 INDEX_PAD_BYTES = 4
@@ -67,6 +67,34 @@ def nm_tile_positions_ref(index: torch.Tensor, tile0: int, tile1: int, j: int, m
     field_bytes = index[tile0 * j * bits: tile1 * j * bits].to(torch.int64).reshape(tile1 - tile0, j, bits)
     fields = (field_bytes << (torch.arange(bits) * 8)).sum(-1)  # (tiles, J)
     return (fields.unsqueeze(-1) >> (torch.arange(TILE_ROWS) * bits)) & ((1 << bits) - 1)
+
+
+def nm_layout_from_packed_ref(values: torch.Tensor, indices: torch.Tensor, n: int, m: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values ``(tiles*J*8,)``, index bytes) of the row-tile layout from packed rows: ``values (O, J)`` and
+    ``indices`` (int32 words, :func:`nmkern.reference.nm_pack.pack_words`); the last tile's padding rows keep
+    the first n positions of each group (any in-range position reads a zero value)."""
+    rows, slots = values.shape
+    tiles = -(-rows // TILE_ROWS)
+    padded = torch.zeros(tiles * TILE_ROWS, slots, dtype=values.dtype)
+    padded[:rows] = values
+    positions = torch.arange(n, dtype=torch.int64).repeat(slots // n).expand(tiles * TILE_ROWS, slots).clone()
+    positions[:rows] = unpack_words(indices, m, slots)
+    return nm_tiles_from_slots_ref(padded, positions, m)
+
+
+def nm_words_from_layout_ref(index: torch.Tensor, rows: int, k: int, n: int, m: int,
+                             tiles_per_step: int = 64) -> torch.Tensor:
+    """The packed int32 words ``(rows, W)`` (unused bits zero) of a row-tile layout's index bytes: the inverse of
+    :func:`nm_layout_from_packed_ref` for the indices. ``tiles_per_step`` tiles at a time: the int64 positions of
+    a 4096x4096 2:4 layer at once would be a 64 MB temporary."""
+    slots = k // m * n
+    words = torch.empty(rows, -(-slots // (32 // index_bits(m))), dtype=torch.int32)
+    for tile0 in range(0, -(-rows // TILE_ROWS), tiles_per_step):
+        row0, row1 = tile0 * TILE_ROWS, min(rows, (tile0 + tiles_per_step) * TILE_ROWS)
+        lanes = nm_tile_positions_ref(index, tile0, -(-row1 // TILE_ROWS), slots, m)  # (tiles, J, 8)
+        words[row0:row1] = pack_words(lanes.transpose(1, 2).reshape(-1, slots)[:row1 - row0], m)
+    return words
 
 
 def nm_tile_unpack_ref(values: torch.Tensor, index: torch.Tensor, rows: int, k: int, n: int, m: int) -> torch.Tensor:

@@ -303,6 +303,77 @@ void run_bsr(Dt dt, int block, int64_t rows, int64_t k, int64_t batch, double ke
 
 }  // namespace
 
+// nmkern_nm_mask then nmkern_nm_pack on exactly sized buffers: tie-heavy values (-2..2, both zeros), so the
+// mask must keep exactly n a group, the masked matrix must pack, unpack to itself, and the unmasked matrix
+// (whole groups non-zero) must be refused at its first group.
+template <typename Word>
+void run_mask_pack(Dt dt, int n, int m, int64_t rows, int64_t k) {
+  std::vector<float> w(rows * k);
+  for (auto& e : w) e = static_cast<float>(static_cast<int>(randf() * 2.5f));
+  w[0] = -0.0f;
+  std::vector<Word> bits(w.size());
+  for (size_t i = 0; i < w.size(); ++i) {
+    if constexpr (sizeof(Word) == 4) bits[i] = nmkern::f32_to_bits(w[i]);
+    else bits[i] = to_half(w[i], dt);
+  }
+  const int dtype = dt == kF32 ? NMKERN_DTYPE_F32 : (dt == kBF16 ? NMKERN_DTYPE_BF16 : NMKERN_DTYPE_F16);
+  Exact<Word> ew(bits);
+  Exact<uint8_t> keep(std::vector<uint8_t>(w.size(), 7));
+  if (!returned_ok("nm_mask", nmkern_nm_mask(ew.p, dtype, rows * k / m, n, m, keep.p, 0, 2), false)) return;
+  std::vector<Word> masked(bits);
+  for (int64_t g = 0; g < rows * k / m; ++g) {
+    int kept = 0;
+    for (int i = 0; i < m; ++i) {
+      kept += keep.p[g * m + i];
+      if (!keep.p[g * m + i]) masked[g * m + i] = 0;
+    }
+    if (kept != n) ++failures, std::printf("FAIL nm_mask %s %d:%d group %lld keeps %d\n", kDtName[dt], n, m,
+                                            static_cast<long long>(g), kept);
+  }
+  int bits_per = 1;
+  while ((1 << bits_per) < m) ++bits_per;
+  const int64_t slots = k / m * n, per_word = 32 / bits_per, words = (slots + per_word - 1) / per_word;
+  Exact<Word> em(masked), values(std::vector<Word>(rows * slots));
+  Exact<int32_t> idx(std::vector<int32_t>(rows * words));
+  int64_t first = 0;
+  const int elem = static_cast<int>(sizeof(Word));
+  if (!returned_ok("nm_pack", nmkern_nm_pack(em.p, elem, rows, k, n, m, values.p, idx.p, words, &first, 2), false))
+    return;
+  std::vector<Word> back(rows * k, 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t s = 0; s < slots; ++s) {
+      const uint32_t word = static_cast<uint32_t>(idx.p[r * words + s / per_word]);
+      const int64_t pos = (word >> (s % per_word * bits_per)) & ((1u << bits_per) - 1);
+      back[r * k + s / n * m + pos] = values.p[r * slots + s];
+    }
+  const bool same = first == -1 && std::equal(back.begin(), back.end(), masked.begin(), [](Word a, Word b) {
+    return static_cast<Word>(a << 1) == static_cast<Word>(b << 1);  // a dropped -0.0 comes back as +0.0
+  });
+  if (!same) ++failures, std::printf("FAIL nm_pack %s %d:%d round trip (first %lld)\n", kDtName[dt], n, m,
+                                     static_cast<long long>(first));
+  // The row-tile layout from the packed rows must decode to the masked matrix and give the words back.
+  const int64_t tiles = (rows + 7) / 8;
+  Exact<Word> tile_values(std::vector<Word>(tiles * slots * 8));
+  Exact<uint8_t> index(std::vector<uint8_t>(tiles * slots * bits_per + 4));
+  Exact<int32_t> words_back(std::vector<int32_t>(rows * words));
+  Exact<Word> decoded(std::vector<Word>(rows * k));
+  const bool tiled =
+      returned_ok("nm_tiles_from_packed", nmkern_nm_tiles_from_packed(values.p, idx.p, elem, rows, k, n, m, words,
+                                                                      tile_values.p, index.p, 2), false) &&
+      returned_ok("nm_words_from_tiles", nmkern_nm_words_from_tiles(index.p, rows, k, n, m, words, words_back.p, 2),
+                  false) &&
+      returned_ok("nm_decode", nmkern_nm_decode(tile_values.p, index.p, elem, rows, k, n, m, 0, rows, decoded.p, 2),
+                  false);
+  if (!tiled || !std::equal(idx.p, idx.p + rows * words, words_back.p) ||
+      !std::equal(decoded.p, decoded.p + rows * k, back.begin()))
+    ++failures, std::printf("FAIL nm_tiles %s %d:%d rows %lld\n", kDtName[dt], n, m, static_cast<long long>(rows));
+  std::vector<Word> dense(rows * k, static_cast<Word>(dt == kF32 ? 0x3f800000u : to_half(1.0f, dt)));
+  Exact<Word> ed(dense);
+  nmkern_nm_pack(ed.p, elem, rows, k, n, m, values.p, idx.p, words, &first, 2);
+  if (first != 0) ++failures, std::printf("FAIL nm_pack %s %d:%d overfull at %lld\n", kDtName[dt], n, m,
+                                          static_cast<long long>(first));
+}
+
 int main() {
   std::printf("isa %s amx %d\n", nmkern_cpu_isa(), nmkern_cpu_supports_amx_bf16());
   const int nm_cases[][2] = {{2, 4}, {1, 4}, {1, 2}, {2, 3}, {3, 8}, {5, 16}, {7, 12}};
@@ -323,6 +394,13 @@ int main() {
       run_bsr<int32_t>(dt, block, block * 3, 45, 26, 0.4, false);
     }
     run_bsr<uint16_t>(dt, 4, 8, 16, 3, 0.0, true);  // no blocks at all
+    for (auto& nm : nm_cases)
+      for (int64_t rows : {1, 7, 300}) {
+        if (dt == kF32)
+          run_mask_pack<uint32_t>(dt, nm[0], nm[1], rows, nm[1] * 5);
+        else
+          run_mask_pack<uint16_t>(dt, nm[0], nm[1], rows, nm[1] * 5);
+      }
   }
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
