@@ -35,6 +35,8 @@ def layout_from_nm_packed(values: torch.Tensor, indices: torch.Tensor, n: int, m
     tiles = -(-rows // TILE_ROWS)
     tile_values = torch.empty(tiles * slots * TILE_ROWS, dtype=values.dtype)
     index = torch.empty(tiles * slots * index_bits(m) + INDEX_PAD_BYTES, dtype=torch.uint8)
+    if rows == 0:  # no tile: the C side takes at least one row
+        return cpu.CpuLinear(Pattern.NM, n, m, 0, rows, k, {"values": tile_values, "index": index.zero_()})
     rc = lib.nmkern_nm_tiles_from_packed(cpu._ptr(values), cpu._ptr(indices), values.element_size(), rows, k, n, m,
                                          indices.shape[1], cpu._ptr(tile_values), cpu._ptr(index),
                                          torch.get_num_threads())
@@ -59,6 +61,8 @@ def nm_indices_from_layout(layout: cpu.CpuLinear) -> torch.Tensor:
     lib = cpu._require(op)
     slots = layout.in_features // layout.m * layout.n
     words = torch.empty(layout.out_features, -(-slots // indices_per_word(layout.m)), dtype=torch.int32)
+    if words.shape[0] == 0:
+        return words
     cpu._check_status(op, lib.nmkern_nm_words_from_tiles(
         cpu._ptr(layout.tensors["index"]), layout.out_features, layout.in_features, layout.n, layout.m,
         words.shape[1], cpu._ptr(words), torch.get_num_threads()))

@@ -50,6 +50,8 @@ def nm_mask_rows(w2: torch.Tensor, n: int, m: int, *, check_finite: bool = False
     lib = _cpu._require(op)
     w2 = w2.contiguous()
     keep = torch.empty(w2.shape, dtype=torch.bool)
+    if keep.numel() == 0:  # no group (0 rows): the C side takes at least one
+        return keep
     rc = lib.nmkern_nm_mask(_cpu._ptr(w2), _DTYPE_CODE[w2.dtype], w2.numel() // m, n, m, _cpu._ptr(keep),
                             _cpu.CHECK_FINITE if check_finite else 0, torch.get_num_threads())
     if rc == _cpu.NONFINITE and check_finite:
@@ -71,6 +73,8 @@ def pack_nm_rows(w2: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor | None,
     values = torch.empty(rows, kept, dtype=w2.dtype)
     indices = torch.empty(rows, words, dtype=torch.int32)
     first_bad = ctypes.c_int64(-1)
+    if rows == 0:
+        return values, indices, -1
     rc = lib.nmkern_nm_pack(_cpu._ptr(w2), w2.element_size(), rows, k, n, m, _cpu._ptr(values), _cpu._ptr(indices),
                             words, ctypes.byref(first_bad), torch.get_num_threads())
     _cpu._check_status(op, rc)

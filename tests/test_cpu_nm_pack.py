@@ -204,3 +204,17 @@ def test_row_tiles_refuse_a_position_outside_the_group():
     with pytest.raises(ValueError, match=r"layout_from_nm_packed: packed indices \(5, 1\) for values \(5, 4\) are not "
                                          r"2:3 indices of a 5x6 weight \(a position >= 3"):
         _cpu_layout.layout_from_nm_packed(values, indices, 2, 3, 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_rows_match_the_reference(dtype):
+    w = torch.empty(0, 8, dtype=dtype)
+    assert torch.equal(nmkern.nm_mask(w, 2, 4, backend="cpu"), nm_mask_ref(w, 2, 4))
+    assert nmkern.apply_nm(torch.empty(3, 0, 8, dtype=dtype), 1, 4, backend="cpu").shape == (3, 0, 8)
+    values, indices, first_bad = _cpu_nm_pack.pack_nm_rows(w, 2, 4)
+    ref_values, ref_indices = pack_nm_ref(w, 2, 4)
+    assert first_bad == -1 and values.shape == ref_values.shape and indices.shape == ref_indices.shape
+    layout = _cpu_layout.layout_from_nm_packed(values, indices, 2, 4, 8)
+    ref_tile_values, ref_index = nm_layout_from_packed_ref(values, indices, 2, 4)
+    assert torch.equal(layout.tensors["values"], ref_tile_values) and torch.equal(layout.tensors["index"], ref_index)
+    assert torch.equal(_cpu_layout.nm_indices_from_layout(layout), ref_indices)
