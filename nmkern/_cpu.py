@@ -270,8 +270,11 @@ def _check_block(op: str, block, out_features: int) -> int:
     return block
 
 
-def _check_nm_sparse(op: str, w2: torch.Tensor, n: int, m: int) -> None:
-    first_bad = first_overfull_group_ref(w2, n, m)
+def _check_nm_sparse(op: str, w2: torch.Tensor, n: int, m: int, first_bad: int | None = None) -> None:
+    """ValueError naming the first group of ``w2`` with more than n non-zeros (``first_bad``: its flat index when
+    the caller found it, -1 for none)."""
+    if first_bad is None:
+        first_bad = first_overfull_group_ref(w2, n, m)
     if first_bad >= 0:
         row, group = divmod(first_bad, w2.shape[1] // m)
         count = int((w2[row, group * m:(group + 1) * m] != 0).sum())
@@ -474,6 +477,8 @@ def _prepare_rows(op: str, w2: torch.Tensor, kind, n, m, block) -> CpuLinear:
             raise ValueError(
                 f"{op}: in_features={in_features} is not divisible by m={m}; N:M groups run along in_features"
             )
+        if available():  # the native pack and layout kernels (the references' result, bit for bit)
+            return _nm_layout_native(op, w2, n, m)
         _check_nm_sparse(op, w2, n, m)
         values, index = nm_tile_pack_ref(w2, n, m)
         return CpuLinear(kind, n, m, 0, out_features, in_features, _owned({"values": values, "index": index}))
@@ -481,6 +486,15 @@ def _prepare_rows(op: str, w2: torch.Tensor, kind, n, m, block) -> CpuLinear:
     rowptr, col, values = bsr_1xn_pack_ref(w2.contiguous(), block)
     return CpuLinear(kind, 0, 0, block, out_features, in_features,
                      _owned({"values": values, "rowptr": rowptr, "col": col}))
+
+
+def _nm_layout_native(op: str, w2: torch.Tensor, n: int, m: int) -> CpuLinear:
+    from ._cpu_layout import layout_from_nm_packed  # both import this module
+    from ._cpu_nm_pack import pack_nm_rows
+
+    values, indices, first_bad = pack_nm_rows(w2, n, m)
+    _check_nm_sparse(op, w2, n, m, first_bad)
+    return layout_from_nm_packed(values, indices, n, m, w2.shape[1])
 
 
 def _owned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 
 import nmkern
 from nmkern import _cpu, _cpu_layout, _cpu_nm_pack
-from nmkern.reference.cpu_layouts import nm_layout_from_packed_ref, nm_words_from_layout_ref
+from nmkern.reference.cpu_layouts import nm_layout_from_packed_ref, nm_tile_pack_ref, nm_words_from_layout_ref
 from nmkern.reference.nm_mask import apply_nm_ref, nm_mask_ref
 from nmkern.reference.nm_pack import first_overfull_group_ref, pack_nm_ref
 
@@ -218,3 +218,19 @@ def test_empty_rows_match_the_reference(dtype):
     ref_tile_values, ref_index = nm_layout_from_packed_ref(values, indices, 2, 4)
     assert torch.equal(layout.tensors["values"], ref_tile_values) and torch.equal(layout.tensors["index"], ref_index)
     assert torch.equal(_cpu_layout.nm_indices_from_layout(layout), ref_indices)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prepare_cpu_linear_builds_the_reference_layout(isa, dtype):
+    for n, m in [(2, 4), (1, 4), (1, 2), (2, 3), (3, 8), (5, 16)]:
+        for rows in (1, 8, 21):
+            w = apply_nm_ref(_ties(rows, 4 * m, dtype, seed=rows + m), n, m)
+            layout = _cpu.prepare_cpu_linear(w, "nm", n, m)
+            values, index = nm_tile_pack_ref(w, n, m)
+            assert torch.equal(_bits(layout.tensors["values"]), _bits(values)), (dtype, n, m, rows)
+            assert torch.equal(layout.tensors["index"], index), (dtype, n, m, rows)
+    bad = apply_nm_ref(torch.randn(4, 16), 2, 4)
+    bad[1, 8:12] = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    bad[3, :4] = 1.0  # a later overfull group: the message names the first
+    with pytest.raises(ValueError, match=r"prepare_cpu_linear: weight is not 2:4 sparse: row 1, group 2 has 3 "):
+        _cpu.prepare_cpu_linear(bad, "nm", 2, 4)
